@@ -1,0 +1,144 @@
+"""`pnpguide` command line: a thin layer over the library; each handler builds a config and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per dataclass field, so each default lives in the config alone (guided-diffusion's idea)."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        help_text = f"default: {field.default}"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+            parser.add_argument(flag, type=base, default=field.default, help=help_text)
+
+
+def config_from_args(config_class, args: argparse.Namespace):
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def _threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def cmd_train_vae(args) -> None:
+    from .base import VAETrainConfig, train_vae
+
+    config = config_from_args(VAETrainConfig, args)
+    train_vae(config)
+    print(f"VAE saved to {Path(config.output_dir) / 'vae'}")
+
+
+def cmd_train_base(args) -> None:
+    from .base import BaseTrainConfig, train_base
+
+    config = config_from_args(BaseTrainConfig, args)
+    train_base(config)
+    print(f"pipeline saved to {Path(config.output_dir) / 'pipeline'}")
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import FinetuneConfig, finetune
+
+    config = config_from_args(FinetuneConfig, args)
+    path = finetune(config)
+    print(f"fine-tune saved to {path}")
+
+
+def cmd_judge_accuracy(args) -> None:
+    from .data import STYLES
+    from .evaluation.adherence import judge_accuracy
+
+    print("| style | images | accepts true captions | rejects wrong captions |\n|---|---|---|---|")
+    for style in args.styles or STYLES:
+        result = judge_accuracy(style, args.images)
+        print(f"| {style} | {result.images} | {result.accepts_true_captions:.3f} | {result.rejects_wrong_captions:.3f} |")
+
+
+def cmd_sample_grid(args) -> None:
+    from .evaluation.base_report import base_grid
+
+    path = base_grid(args.base, args.out, args.lora, args.style, args.steps, args.seed)
+    print(f"grid written to {path}")
+
+
+def cmd_base_adherence(args) -> None:
+    from .evaluation.base_report import base_adherence_table
+
+    print(base_adherence_table(args.base, args.lora, args.style, args.prompts, args.steps, args.scales, args.seed))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .base import BaseTrainConfig, VAETrainConfig
+    from .finetune import FinetuneConfig
+
+    parser = argparse.ArgumentParser(prog="pnpguide", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-vae", help="train the embedded model's VAE on the shapes data (all styles)")
+    add_config_flags(p, VAETrainConfig)
+    p.set_defaults(handler=cmd_train_vae)
+
+    p = sub.add_parser("train-base", help="train the embedded text-to-image UNet (needs a VAE from train-vae)")
+    add_config_flags(p, BaseTrainConfig)
+    p.set_defaults(handler=cmd_train_base)
+
+    p = sub.add_parser("finetune", help="fine-tune a base on another style: the whole UNet or a LoRA")
+    add_config_flags(p, FinetuneConfig)
+    p.set_defaults(handler=cmd_finetune)
+
+    p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
+    p.add_argument("--styles", nargs="*", help="styles to measure (default: all)")
+    p.add_argument("--images", type=int, default=500, help="images per style")
+    p.set_defaults(handler=cmd_judge_accuracy)
+
+    p = sub.add_parser("base-grid", help="image grid of a base or fine-tune at w = 1 and w = 7.5")
+    _add_model_flags(p)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(handler=cmd_sample_grid)
+
+    p = sub.add_parser("base-adherence", help="held-out prompt adherence of a base or fine-tune at several w")
+    _add_model_flags(p)
+    p.add_argument("--prompts", type=int, default=100, help="held-out captions per object count")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales")
+    p.set_defaults(handler=cmd_base_adherence)
+    return parser
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
+    p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
+    p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(args)
+    try:
+        args.handler(args)
+    except USER_ERRORS as error:
+        print(f"pnpguide {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Measuring pnpguide: prompt adherence, fidelity to the teacher, compute and speed."""

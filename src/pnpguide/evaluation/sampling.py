@@ -1,0 +1,50 @@
+"""Generating evaluation images: one seed per image, so batching never changes a picture."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..pipeline import PlugAndPlayPipeline
+
+
+def as_plug_and_play(pipe) -> PlugAndPlayPipeline:
+    return pipe if isinstance(pipe, PlugAndPlayPipeline) else PlugAndPlayPipeline.from_pipe(pipe)
+
+
+def generate_images(
+    pipe,
+    prompts: list[str],
+    guidance_scale: float,
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    mode: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[Image.Image]:
+    """Image i uses the generator seeded with `seed + i`, whatever the batch size or mode."""
+    pipe = as_plug_and_play(pipe)
+    images: list[Image.Image] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"sampling w={guidance_scale}", disable=not progress):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        images += pipe(batch, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators, mode=mode).images
+    return images
+
+
+def image_grid(rows: list[list[Image.Image]], scale: int = 2) -> Image.Image:
+    """Paste rows of equally sized images into one picture, enlarged `scale` times without smoothing."""
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """Peak signal-to-noise ratio in dB between two 8-bit images (inf when identical)."""
+    mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

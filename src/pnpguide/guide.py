@@ -1,0 +1,262 @@
+"""The guide: a small ControlNet-like encoder that makes one UNet pass behave like classifier-free guidance.
+
+It reads what the UNet reads (noisy latent, timestep, prompt embeddings) plus the guidance scale w, and
+returns one residual per UNet skip connection and one for the mid block, through zero-initialised 1x1
+convolutions. An untrained guide therefore changes nothing, and the frozen UNet it is trained on, or
+any fine-tune of it, stays untouched (Hsiao et al., "Plug-and-Play Diffusion Distillation", CVPR 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
+from diffusers.utils import BaseOutput
+from torch import nn
+
+GUIDE_SIZES = ("tiny", "full")
+TINY_WIDTH_DIVISOR = 8  # tiny guides are 1/8 of the UNet's width: ~0.6% of SD1.5's parameters
+TINY_MIN_CHANNELS = 16
+W_EMBED_SCALE = 100.0  # w in [1, 15] -> [100, 1500]: the range the sinusoidal timestep embedding is built for
+
+
+@dataclass
+class GuideOutput(BaseOutput):
+    """Residuals named and shaped as UNet2DConditionModel's keyword arguments expect them.
+
+    down_block_additional_residuals: one (batch, channels_i, h_i, w_i) tensor per UNet skip connection.
+    mid_block_additional_residual: (batch, channels_mid, h_mid, w_mid).
+    """
+
+    down_block_additional_residuals: tuple[torch.Tensor, ...]
+    mid_block_additional_residual: torch.Tensor
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def residual_channels(block_out_channels, layers_per_block: int) -> list[int]:
+    """Channels of the UNet's skip connections: conv_in, then each resnet and downsampler of each block."""
+    channels = [block_out_channels[0]]
+    for i, width in enumerate(block_out_channels):
+        is_final = i == len(block_out_channels) - 1
+        channels += [width] * (layers_per_block + (0 if is_final else 1))
+    return channels
+
+
+def _tiny_width(channels: int, divisor: int) -> int:
+    return max(TINY_MIN_CHANNELS, math.ceil(channels / divisor / 8) * 8)
+
+
+class GuideModel(ModelMixin, ConfigMixin):
+    """ControlNet-like guide for a frozen UNet2DConditionModel; build one with :meth:`from_unet`.
+
+    The `unet_*` arguments record the architecture the guide fits, so plugging it into another UNet
+    fails with a clear error instead of silently producing garbage. Training records the range of w it
+    saw in `trained_guidance_range`, so the pipeline can warn outside it.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        size: str = "tiny",
+        block_out_channels: tuple[int, ...] = (16, 16, 16),
+        unet_block_out_channels: tuple[int, ...] = (48, 96, 96),
+        unet_in_channels: int = 4,
+        unet_cross_attention_dim: int = 384,
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        layers_per_block: int = 1,
+        transformer_layers_per_block: int = 1,
+        num_attention_heads: int = 4,
+        use_linear_projection: bool = False,
+        norm_num_groups: int = 8,
+        norm_eps: float = 1e-5,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        guidance_embed_dim: int = 64,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        projection_class_embeddings_input_dim: int | None = None,
+        trained_guidance_range: tuple[float, float] | None = None,
+    ):
+        super().__init__()
+        _check_config(size, block_out_channels, unet_block_out_channels, down_block_types, norm_num_groups, num_attention_heads)
+        width0, time_embed_dim = block_out_channels[0], block_out_channels[0] * 4
+        self.conv_in = nn.Conv2d(unet_in_channels, width0, kernel_size=3, padding=1)
+        self.time_proj = Timesteps(width0, flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(width0, time_embed_dim)
+        self.guidance_proj = Timesteps(guidance_embed_dim, flip_sin_to_cos, freq_shift)
+        self.guidance_embedding = TimestepEmbedding(guidance_embed_dim, time_embed_dim)
+        if addition_embed_type == "text_time":  # SDXL's size/crop conditioning, as its ControlNet reads it
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+            self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
+        elif addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported; only 'text_time' (SDXL)")
+
+        self.down_blocks = nn.ModuleList()
+        widths_in = (width0,) + tuple(block_out_channels[:-1])
+        for i, (block_type, width_in, width) in enumerate(zip(down_block_types, widths_in, block_out_channels)):
+            self.down_blocks.append(
+                get_down_block(
+                    block_type,
+                    num_layers=layers_per_block,
+                    transformer_layers_per_block=transformer_layers_per_block,
+                    in_channels=width_in,
+                    out_channels=width,
+                    temb_channels=time_embed_dim,
+                    add_downsample=i < len(block_out_channels) - 1,
+                    resnet_eps=norm_eps,
+                    resnet_act_fn="silu",
+                    resnet_groups=norm_num_groups,
+                    cross_attention_dim=unet_cross_attention_dim,
+                    num_attention_heads=num_attention_heads,
+                    attention_head_dim=width // num_attention_heads,
+                    downsample_padding=1,
+                    use_linear_projection=use_linear_projection,
+                )
+            )
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            in_channels=block_out_channels[-1],
+            temb_channels=time_embed_dim,
+            transformer_layers_per_block=transformer_layers_per_block,
+            resnet_eps=norm_eps,
+            resnet_groups=norm_num_groups,
+            cross_attention_dim=unet_cross_attention_dim,
+            num_attention_heads=num_attention_heads,
+            use_linear_projection=use_linear_projection,
+        )
+        # Zero-initialised projections from the guide's widths to the UNet's: an untrained guide adds exact zeros.
+        pairs = zip(residual_channels(block_out_channels, layers_per_block), residual_channels(unet_block_out_channels, layers_per_block))
+        self.down_projections = nn.ModuleList(zero_module(nn.Conv2d(c_in, c_out, 1)) for c_in, c_out in pairs)
+        self.mid_projection = zero_module(nn.Conv2d(block_out_channels[-1], unet_block_out_channels[-1], 1))
+
+    @classmethod
+    def from_unet(cls, unet, size: str = "tiny", width_divisor: int = TINY_WIDTH_DIVISOR, guidance_embed_dim: int = 64) -> "GuideModel":
+        """Build a guide that fits `unet`: `full` copies its encoder and weights, `tiny` is 1/`width_divisor` as wide."""
+        config = unet.config
+        if size not in GUIDE_SIZES:
+            raise ValueError(f"size must be one of {GUIDE_SIZES}, got {size!r}")
+        _check_unet_supported(config)
+        full = size == "full"
+        heads = config.num_attention_heads or config.attention_head_dim  # the UNet's historical naming (diffusers#2011)
+        heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+        widths = tuple(config.block_out_channels) if full else tuple(_tiny_width(c, width_divisor) for c in config.block_out_channels)
+        guide = cls(
+            size=size,
+            block_out_channels=widths,
+            unet_block_out_channels=tuple(config.block_out_channels),
+            unet_in_channels=config.in_channels,
+            unet_cross_attention_dim=config.cross_attention_dim,
+            down_block_types=tuple(config.down_block_types),
+            layers_per_block=config.layers_per_block,
+            transformer_layers_per_block=_single(config.transformer_layers_per_block),
+            num_attention_heads=heads if full else _tiny_heads(heads, widths),
+            use_linear_projection=config.use_linear_projection,
+            norm_num_groups=config.norm_num_groups if full else 8,
+            norm_eps=config.norm_eps,
+            flip_sin_to_cos=config.flip_sin_to_cos,
+            freq_shift=config.freq_shift,
+            guidance_embed_dim=guidance_embed_dim,
+            addition_embed_type=config.addition_embed_type,
+            addition_time_embed_dim=config.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=config.projection_class_embeddings_input_dim,
+        )
+        if full:  # start from the UNet's own encoder, as ControlNet does
+            for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block", "add_time_proj", "add_embedding"):
+                if hasattr(guide, name) and hasattr(unet, name):
+                    getattr(guide, name).load_state_dict(getattr(unet, name).state_dict())
+        return guide
+
+    def check_compatible(self, unet) -> None:
+        """Raise ValueError naming the first architecture value in which `unet` differs from the guide's."""
+        config = unet.config
+        expected = {
+            "in_channels": (self.config.unet_in_channels, config.in_channels),
+            "cross_attention_dim": (self.config.unet_cross_attention_dim, config.cross_attention_dim),
+            "block_out_channels": (tuple(self.config.unet_block_out_channels), tuple(config.block_out_channels)),
+            "layers_per_block": (self.config.layers_per_block, config.layers_per_block),
+            "down_block_types": (tuple(self.config.down_block_types), tuple(config.down_block_types)),
+        }
+        for name, (ours, theirs) in expected.items():
+            if ours != theirs:
+                raise ValueError(f"guide built for {name}={ours}, this UNet has {theirs}; retrain or pick the matching guide")
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        guidance_scale: torch.Tensor | float,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> GuideOutput:
+        """sample: (batch, C, h, w) noisy latents; encoder_hidden_states: (batch, tokens, dim);
+        timestep and guidance_scale: scalars or (batch,) tensors. Returns :class:`GuideOutput`."""
+        # 1. time and guidance-scale embeddings (the time embedding is cast to the sample's dtype: the
+        #    sinusoidal projection is always fp32, and the MLP may run in fp16)
+        batch = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device).expand(batch)
+        w = torch.as_tensor(guidance_scale, device=sample.device, dtype=torch.float32).expand(batch)
+        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
+        emb = emb + self.guidance_embedding(self.guidance_proj(w * W_EMBED_SCALE).to(sample.dtype))
+        if self.config.addition_embed_type == "text_time":
+            emb = emb + self._added_embedding(added_cond_kwargs, sample.dtype)
+        # 2. encoder, collecting a residual after conv_in and after every resnet and downsampler
+        hidden = self.conv_in(sample)
+        residuals = [hidden]
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                hidden, outputs = block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                hidden, outputs = block(hidden, emb)
+            residuals.extend(outputs)
+        hidden = self.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+        # 3. zero-initialised projections to the UNet's widths
+        down = tuple(project(r) for project, r in zip(self.down_projections, residuals, strict=True))
+        return GuideOutput(down_block_additional_residuals=down, mid_block_additional_residual=self.mid_projection(hidden))
+
+    def _added_embedding(self, added_cond_kwargs, dtype) -> torch.Tensor:
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            raise ValueError("this guide fits an SDXL-style UNet: pass added_cond_kwargs with 'text_embeds' and 'time_ids'")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)  # (B, 6 * dim)
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
+
+
+def _single(value):
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if len(set(values)) != 1:
+        raise ValueError(f"UNets with per-block transformer_layers_per_block={value} are not supported yet")
+    return values[0]
+
+
+def _tiny_heads(heads: int, widths: tuple[int, ...]) -> int:
+    """The largest head count <= the UNet's that divides every tiny width."""
+    return max(h for h in range(1, heads + 1) if all(w % h == 0 for w in widths))
+
+
+def _check_unet_supported(config) -> None:
+    if config.mid_block_type not in (None, "UNetMidBlock2DCrossAttn"):
+        raise ValueError(f"UNets with mid_block_type={config.mid_block_type!r} are not supported")
+    if config.addition_embed_type not in (None, "text_time"):
+        raise ValueError(f"UNets with addition_embed_type={config.addition_embed_type!r} are not supported")
+
+
+def _check_config(size, block_out_channels, unet_block_out_channels, down_block_types, norm_num_groups, heads) -> None:
+    if size not in GUIDE_SIZES:
+        raise ValueError(f"size must be one of {GUIDE_SIZES}, got {size!r}")
+    if not len(block_out_channels) == len(unet_block_out_channels) == len(down_block_types):
+        raise ValueError(
+            f"block_out_channels {block_out_channels}, unet_block_out_channels {unet_block_out_channels} and "
+            f"down_block_types {down_block_types} must have one entry per UNet down block"
+        )
+    for width in block_out_channels:
+        if width % norm_num_groups or width % heads:
+            raise ValueError(f"guide width {width} must be divisible by norm_num_groups={norm_num_groups} and heads={heads}")

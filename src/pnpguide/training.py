@@ -1,0 +1,195 @@
+"""What every training command shares: config fields, the accelerate loop, checkpoints, resume, logs.
+
+Each stage (VAE, base UNet, fine-tune, guide distillation, step distillation) only supplies a
+`make_batch(step)` and a `compute_loss(model, batch)`. Batches are a pure function of the step, so a
+resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainingConfig:
+    """Loop settings shared by all training commands; stage configs inherit from it."""
+
+    output_dir: str = "runs/train"  # where checkpoints, logs and the final weights go
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # samples per process per micro-batch
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 100
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16", passed to accelerate
+    gradient_accumulation_steps: int = 1
+    checkpointing_steps: int = 500  # save a resumable checkpoint every N steps
+    checkpoints_total_limit: int = 2  # keep only the newest N checkpoints
+    resume: str | None = None  # "latest" or a checkpoint folder
+    use_ema: bool = False  # keep an exponential moving average of the weights (with warm-up)
+    ema_decay: float = 0.999  # the EMA's final decay
+    seed: int = 0
+    log_every: int = 25  # steps between log lines
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+
+
+def save_config(config, output_dir: str | Path) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, rank): batches reproduce across resumes."""
+    return torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = _checkpoints(Path(output_dir))
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {resume!r} does not exist; pass 'latest' or a checkpoint-N folder")
+    return path
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    """Write to a temporary folder and rename it, so a crash never leaves a half-written checkpoint."""
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    if accelerator.is_main_process:
+        (partial / "step.json").write_text(json.dumps({"step": step}))
+        if final.exists():  # a rerun of the same step replaces it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in _checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def run_training(
+    config: TrainingConfig,
+    model: torch.nn.Module,
+    make_batch: Callable[[int, torch.Generator], dict],
+    compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
+    accelerator: Accelerator | None = None,
+    description: str = "training",
+) -> tuple[torch.nn.Module, EMAModel | None]:
+    """Train `model`'s parameters that require grad; return the unwrapped model and its EMA.
+
+    `make_batch(step, generator)` builds the batch for an optimizer step; `compute_loss(model, batch)`
+    returns a scalar loss. The loop checkpoints with `accelerator.save_state`, resumes from
+    `config.resume`, clips gradients and stops with :class:`NonFiniteLossError` on NaN/inf.
+    """
+    accelerator = accelerator or make_accelerator(config)
+    output_dir = Path(config.output_dir)
+    set_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=1e-2)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps
+    )
+    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=True, power=2 / 3) if config.use_ema else None
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    checkpoint = resolve_resume(output_dir, config.resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        step = json.loads((checkpoint / "step.json").read_text())["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+
+    log_path = output_dir / "log.jsonl"
+    progress = tqdm(total=config.max_steps, initial=step, desc=description, disable=not accelerator.is_local_main_process)
+    started = time.time()
+    while step < config.max_steps:
+        for micro in range(config.gradient_accumulation_steps):
+            generator = step_generator(config.seed, step * config.gradient_accumulation_steps + micro, accelerator.process_index)
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, make_batch(step, generator))
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at step {step}; lower --learning-rate or check the data "
+                        f"(the last good checkpoint, if any, is in {output_dir})"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if ema is not None:
+            ema.step(params)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
+            _append_log(log_path, step, loss.item(), lr_scheduler.get_last_lr()[0], time.time() - started)
+        if step % config.checkpointing_steps == 0 or step == config.max_steps:
+            _save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
+    progress.close()
+    return accelerator.unwrap_model(model), ema
+
+
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def _append_log(path: Path, step: int, loss: float, lr: float, elapsed: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "elapsed_s": round(elapsed, 1)}) + "\n")
+
+
+def copy_ema_into(model: torch.nn.Module, ema: EMAModel | None) -> torch.nn.Module:
+    """Put the EMA weights into `model` (if EMA was used) before it is saved."""
+    if ema is not None:
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    return model

@@ -1,0 +1,64 @@
+"""Tiny random Stable Diffusion parts built in code (fully offline), like diffusers' get_dummy_components."""
+
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from pnpguide import data
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+WORDS = sorted({"a", "an", "on", "background", "of", "small", "large", *data.SHAPES, *data.COLOURS, *data.BACKGROUNDS,
+                *(w for r in data.RELATIONS for w in r.split())})
+
+
+def tiny_unet(cross_attention_dim: int = 32, **overrides) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    return UNet2DConditionModel(**(config | overrides))
+
+
+@pytest.fixture
+def unet():
+    return tiny_unet().eval()
+
+
+@pytest.fixture
+def tiny_components(tmp_path_factory):
+    """Components for StableDiffusionPipeline: 16x16 images, 8x8x4 latents, a 2-layer BERT."""
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizer(str(vocab), model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = BertModel(
+        BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        add_pooling_layer=False,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
+    return dict(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet().eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

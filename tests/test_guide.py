@@ -1,0 +1,80 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from conftest import tiny_unet
+from pnpguide.guide import GuideModel, residual_channels
+from pnpguide.teacher import guided_noise_pred
+
+
+def _inputs(batch=2, dim=32):
+    torch.manual_seed(1)
+    return torch.randn(batch, 4, 8, 8), torch.tensor([10, 700])[:batch], torch.randn(batch, 6, dim)
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_an_untrained_guide_leaves_the_unet_output_unchanged(unet, size):
+    guide = GuideModel.from_unet(unet, size=size)
+    sample, t, embeds = _inputs()
+    plain = unet(sample, t, embeds).sample
+    guided = guided_noise_pred(unet, guide, sample, t, embeds, torch.tensor([3.0, 8.0]))
+    assert torch.equal(plain, guided)
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_residuals_match_the_unet_skip_connections(unet, size):
+    guide = GuideModel.from_unet(unet, size=size)
+    sample, t, embeds = _inputs()
+    out = guide(sample, t, embeds, 5.0)
+    expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
+    assert [r.shape[1] for r in out.down_block_additional_residuals] == expected
+    assert out.mid_block_additional_residual.shape == (2, 32, 4, 4)
+
+
+def test_full_guide_starts_from_the_unet_encoder_weights(unet):
+    guide = GuideModel.from_unet(unet, size="full")
+    assert torch.equal(guide.conv_in.weight, unet.conv_in.weight)
+    assert torch.equal(guide.down_blocks[1].attentions[0].proj_in.weight, unet.down_blocks[1].attentions[0].proj_in.weight)
+
+
+def test_guidance_scale_changes_the_guide_output(unet):
+    guide = GuideModel.from_unet(unet, size="tiny")
+    torch.nn.init.normal_(guide.mid_projection.weight)  # non-zero, so that w becomes visible
+    sample, t, embeds = _inputs()
+    a = guide(sample, t, embeds, 2.0).mid_block_additional_residual
+    b = guide(sample, t, embeds, 9.0).mid_block_additional_residual
+    assert not torch.allclose(a, b)
+
+
+def test_tiny_guide_is_at_most_one_percent_of_sd15():
+    sd15 = UNet2DConditionModel(
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    ratio = sum(p.numel() for p in GuideModel.from_unet(sd15, "tiny").parameters()) / sum(p.numel() for p in sd15.parameters())
+    assert ratio <= 0.01
+
+
+def test_plugging_into_another_architecture_is_a_clear_error(unet):
+    guide = GuideModel.from_unet(unet, size="tiny")
+    other = tiny_unet(cross_attention_dim=48)
+    with pytest.raises(ValueError, match="guide built for cross_attention_dim=32, this UNet has 48"):
+        guide.check_compatible(other)
+
+
+def test_save_and_load_round_trip(unet, tmp_path):
+    guide = GuideModel.from_unet(unet, size="tiny")
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    guide.save_pretrained(tmp_path / "guide")
+    assert (tmp_path / "guide" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = GuideModel.from_pretrained(tmp_path / "guide")
+    sample, t, embeds = _inputs()
+    assert torch.equal(guide(sample, t, embeds, 4.0).mid_block_additional_residual, loaded(sample, t, embeds, 4.0).mid_block_additional_residual)
+
+
+@pytest.mark.parametrize("bad", [dict(size="huge"), dict(block_out_channels=(16,)), dict(block_out_channels=(12, 16, 16))])
+def test_bad_config_raises_value_error(bad):
+    with pytest.raises(ValueError):
+        GuideModel(**bad)

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+
+from pnpguide.guide import GuideModel
+from pnpguide.pipeline import PlugAndPlayPipeline
+
+PROMPTS = ["a red circle on a black background", "a blue square above a green triangle on a white background"]
+
+
+def _pipe(components, guide=True, trained=False):
+    pipe = PlugAndPlayPipeline(**components, guide=GuideModel.from_unet(components["unet"], "tiny") if guide else None)
+    if trained:  # stand-in for training: non-zero projections make the guide change the output
+        torch.manual_seed(3)
+        for p in pipe.guide.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, **kwargs):
+    args = dict(prompt=PROMPTS, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0))
+    return pipe(**(args | kwargs)).images
+
+
+def test_cfg_mode_reproduces_stable_diffusion_pipeline(tiny_components):
+    reference = StableDiffusionPipeline(**tiny_components)
+    reference.set_progress_bar_config(disable=True)
+    expected = _run(reference, guidance_scale=6.0)
+    got = _run(_pipe(tiny_components), guidance_scale=6.0, mode="cfg")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_untrained_guide_gives_the_unguided_image(tiny_components):
+    pipe = _pipe(tiny_components)
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=6.0), _run(pipe, guidance_scale=6.0, mode="none"))
+
+
+def test_trained_guide_changes_the_image_and_w_1_skips_it(tiny_components):
+    pipe = _pipe(tiny_components, trained=True)
+    guided, unguided = _run(pipe, guidance_scale=6.0), _run(pipe, guidance_scale=6.0, mode="none")
+    assert np.abs(guided - unguided).max() > 1e-3
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=1.0), unguided)
+
+
+def test_guide_mode_makes_one_unet_call_per_step(tiny_components):
+    pipe = _pipe(tiny_components, trained=True)
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    _run(pipe, guidance_scale=6.0)
+    assert calls == [2] * 4  # batch of 2 prompts, 4 steps, no doubled CFG batch
+
+
+def test_same_generator_same_image(tiny_components):
+    pipe = _pipe(tiny_components, trained=True)
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=4.0), _run(pipe, guidance_scale=4.0))
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler])
+def test_any_diffusers_scheduler_works(tiny_components, scheduler_class):
+    pipe = _pipe(tiny_components, trained=True)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    images = _run(pipe, guidance_scale=4.0)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_from_pipe_attaches_a_guide_to_a_loaded_sd_pipeline(tiny_components):
+    sd = StableDiffusionPipeline(**tiny_components)
+    guide = GuideModel.from_unet(sd.unet, "tiny")
+    pipe = PlugAndPlayPipeline.from_pipe(sd, guide=guide)
+    assert pipe.guide is guide and pipe.unet is sd.unet
+
+
+def test_save_and_load_with_guide(tiny_components, tmp_path):
+    pipe = _pipe(tiny_components, trained=True)
+    pipe.save_pretrained(tmp_path / "pnp")
+    loaded = PlugAndPlayPipeline.from_pretrained(tmp_path / "pnp")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(_run(loaded, guidance_scale=5.0), _run(pipe, guidance_scale=5.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=0.0), "guidance_scale must be a finite number"),
+    (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+    (dict(mode="fast"), "mode must be one of"),
+])
+def test_bad_arguments_are_clear_errors(tiny_components, bad, match):
+    with pytest.raises(ValueError, match=match):
+        _run(_pipe(tiny_components), **bad)
+
+
+def test_guide_mode_without_a_guide_is_a_clear_error(tiny_components):
+    with pytest.raises(ValueError, match="needs a guide"):
+        _run(_pipe(tiny_components, guide=False), guidance_scale=5.0, mode="guide")
+
+
+def test_w_outside_the_trained_range_warns(tiny_components):
+    pipe = _pipe(tiny_components)
+    pipe.guide.register_to_config(trained_guidance_range=(2.0, 9.0))
+    with pytest.warns(UserWarning, match="outside the range"):
+        _run(pipe, guidance_scale=12.0)
