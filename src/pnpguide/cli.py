@@ -4,20 +4,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import os
+import re
 import sys
 import typing
 from pathlib import Path
 
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "CLIPImageProcessor requires torchvision": not ours to act on
+
+
+def field_comments(config_class) -> dict[str, str]:
+    """The `# comment` beside each field in the config's source: the field's documentation, written once."""
+    comments: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for match in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(klass), re.MULTILINE):
+                comments[match.group(1)] = match.group(2)
+    return comments
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
     """One flag per dataclass field, so each default lives in the config alone (guided-diffusion's idea)."""
     hints = typing.get_type_hints(config_class)
+    comments = field_comments(config_class)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = f"default: {field.default}"
+        help_text = f"{comments.get(field.name, field.name.replace('_', ' '))} (default: {field.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         else:
@@ -60,6 +75,39 @@ def cmd_finetune(args) -> None:
     print(f"fine-tune saved to {path}")
 
 
+def cmd_distill(args) -> None:
+    from .distill_guidance import GuidanceDistillConfig, train_guide
+
+    config = config_from_args(GuidanceDistillConfig, args)
+    train_guide(config)
+    print(f"guide saved to {Path(config.output_dir) / 'guide'}")
+
+
+def cmd_generate(args) -> None:
+    from .loading import load_plug_and_play
+
+    pipe = load_plug_and_play(args.base, args.guide, args.lora)
+    w = 1.0 if args.mode == "none" else args.w
+    image = pipe(args.prompt, guidance_scale=w, num_inference_steps=args.steps, generator=torch_generator(args.seed), mode=args.mode).images[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"image written to {args.out}")
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo, timing_table
+
+    grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed)
+    print(timing_table(timings))
+    print(f"\ngrid (no guidance | CFG teacher | guide) written to {grid}")
+
+
 def cmd_judge_accuracy(args) -> None:
     from .data import STYLES
     from .evaluation.adherence import judge_accuracy
@@ -85,11 +133,36 @@ def cmd_base_adherence(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .base import BaseTrainConfig, VAETrainConfig
+    from .distill_guidance import GuidanceDistillConfig
     from .finetune import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="pnpguide", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the main job: no guidance | CFG | guide on the embedded model, grid + timing table")
+    p.add_argument("--out-dir", default="pnpguide-demo", help="folder for grid.png (default: pnpguide-demo)")
+    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--w", type=float, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("generate", help="one image from a prompt, with the guide (default), CFG or no guidance")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
+    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
+    p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: 1 UNet pass per step; cfg: 2; none: w=1")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--w", type=float, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("distill", help="stage 1: train a guide so one UNet pass matches CFG (the base stays frozen)")
+    add_config_flags(p, GuidanceDistillConfig)
+    p.set_defaults(handler=cmd_distill)
 
     p = sub.add_parser("train-vae", help="train the embedded model's VAE on the shapes data (all styles)")
     add_config_flags(p, VAETrainConfig)
@@ -132,6 +205,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its "expected CLIPTextModel" warning is noise for a BERT text encoder
     try:
         args.handler(args)
     except USER_ERRORS as error:

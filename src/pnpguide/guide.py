@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
@@ -56,7 +57,7 @@ def _tiny_width(channels: int, divisor: int) -> int:
     return max(TINY_MIN_CHANNELS, math.ceil(channels / divisor / 8) * 8)
 
 
-class GuideModel(ModelMixin, ConfigMixin):
+class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
     """ControlNet-like guide for a frozen UNet2DConditionModel; build one with :meth:`from_unet`.
 
     The `unet_*` arguments record the architecture the guide fits, so plugging it into another UNet

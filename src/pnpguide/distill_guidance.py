@@ -1,0 +1,150 @@
+"""Stage 1, guidance distillation: train only the guide so that one guided UNet pass matches CFG.
+
+For random w ~ U[w_min, w_max], the loss is
+    || unet(x_t, t, c, residuals=guide(x_t, t, c, w)) - cfg(x_t, t, c, w) ||^2
+with the base UNet frozen (Hsiao et al. 2024, sec. 3.2). The noisy states x_t come from dataset
+latents noised by the scheduler (`data`), or from the teacher's own CFG sampling trajectories
+(`trajectories`: prompts only, and the states the student will actually meet at inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from . import data
+from .base import cache_dataset, encode_captions, load_pipeline
+from .guide import GUIDE_SIZES, TINY_WIDTH_DIVISOR, GuideModel
+from .teacher import cfg_noise_pred, guided_noise_pred
+from .training import TrainingConfig, copy_ema_into, run_training, save_config
+
+SOURCES = ("data", "trajectories")
+
+
+@dataclass
+class GuidanceDistillConfig(TrainingConfig):
+    output_dir: str = "runs/guide"
+    base: str | None = None  # SD folder whose UNet the guide serves (default: the embedded model)
+    size: str = "tiny"  # "tiny" (1/8 of the UNet's width) or "full" (a copy of the UNet's encoder)
+    width_divisor: int = TINY_WIDTH_DIVISOR  # tiny guides only: how much narrower than the UNet
+    w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
+    w_max: float = 9.0
+    source: str = "data"  # where x_t comes from: "data" (noised dataset latents) or "trajectories" (teacher sampling)
+    prompts: str | None = None  # text/JSONL prompt file (default: the embedded shapes captions)
+    num_samples: int = 20000  # data: images to encode; trajectories: not used
+    trajectories: int = 512  # trajectories: teacher sampling runs whose states are recorded
+    trajectory_steps: int = 25  # trajectories: DDIM steps per run (one state per step)
+    max_steps: int = 1500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_warmup_steps: int = 50
+    checkpointing_steps: int = 250
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.size not in GUIDE_SIZES:
+            raise ValueError(f"size must be one of {GUIDE_SIZES}, got {self.size!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if not 1.0 <= self.w_min <= self.w_max <= 14.0:
+            raise ValueError(f"need 1 <= w_min <= w_max <= 14, got w_min={self.w_min}, w_max={self.w_max}")
+
+
+@dataclass
+class NoisyStates:
+    """Where the student is trained: latents, their timesteps (None: draw per batch), prompts and w."""
+
+    latents: torch.Tensor  # (N, C, h, w): clean latents (data) or noisy states x_t (trajectories)
+    prompt_ids: torch.Tensor  # (N,) rows of the prompt-embedding table
+    timesteps: torch.Tensor | None = None  # (N,) for trajectory states
+    guidance: torch.Tensor | None = None  # (N,) the w each trajectory was sampled with
+
+
+def freeze(pipe) -> None:
+    """The base stays frozen: eval mode and no gradients (the guide is the only trained part)."""
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+
+
+def _training_prompts(config: GuidanceDistillConfig) -> list[str]:
+    if config.prompts is not None:
+        return data.read_prompt_file(config.prompts)
+    dataset = data.ShapesDataset(config.num_samples, seed=config.seed + 7)
+    return sorted({dataset.scene(i).caption for i in range(config.num_samples)})
+
+
+@torch.no_grad()
+def teacher_trajectories(pipe, embeddings, config: GuidanceDistillConfig) -> NoisyStates:
+    """Run the CFG teacher from noise for random prompts and w, recording x_t at every step."""
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.trajectory_steps)
+    generator = torch.Generator().manual_seed(config.seed + 11)
+    negative = embeddings[-1:]
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    states, ids, times, scales = [], [], [], []
+    for start in tqdm(range(0, config.trajectories, 64), desc="teacher trajectories"):
+        n = min(64, config.trajectories - start)
+        prompt_ids = torch.randint(len(embeddings) - 1, (n,), generator=generator)
+        w = config.w_min + (config.w_max - config.w_min) * torch.rand(n, generator=generator)
+        x = torch.randn((n, *shape), generator=generator) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            states.append(x), ids.append(prompt_ids), times.append(t.expand(n)), scales.append(w)
+            x_in = scheduler.scale_model_input(x, t)
+            output = cfg_noise_pred(pipe.unet, x_in, t, embeddings[prompt_ids], negative.expand(n, -1, -1), w)
+            x = scheduler.step(output, t, x).prev_sample
+    return NoisyStates(torch.cat(states), torch.cat(ids), torch.cat(times), torch.cat(scales))
+
+
+def _noisy_batch(states: NoisyStates, scheduler, config: GuidanceDistillConfig, generator: torch.Generator) -> dict:
+    rows = torch.randint(len(states.latents), (config.batch_size,), generator=generator)
+    if states.timesteps is None:  # data: noise clean latents at a uniformly random timestep
+        latents = states.latents[rows]
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
+        sample = scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps)
+        w = config.w_min + (config.w_max - config.w_min) * torch.rand(len(rows), generator=generator)
+    else:
+        sample, timesteps, w = states.latents[rows], states.timesteps[rows], states.guidance[rows]
+    return {"sample": sample, "timesteps": timesteps, "prompt_ids": states.prompt_ids[rows], "guidance_scale": w}
+
+
+def distillation_loss(unet, guide, batch: dict, embeddings: torch.Tensor) -> torch.Tensor:
+    """MSE between the guided student's and the CFG teacher's output at the same (x_t, t, c, w)."""
+    prompt_embeds = embeddings[batch["prompt_ids"]]
+    negative = embeddings[-1:].expand_as(prompt_embeds)
+    with torch.no_grad():
+        target = cfg_noise_pred(unet, batch["sample"], batch["timesteps"], prompt_embeds, negative, batch["guidance_scale"])
+    prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], prompt_embeds, batch["guidance_scale"])
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def train_guide(config: GuidanceDistillConfig) -> GuideModel:
+    """Distill CFG into a new guide for `config.base`; saves it to `output_dir/guide` and returns it."""
+    save_config(config, config.output_dir)
+    pipe = load_pipeline(config.base)
+    freeze(pipe)
+    guide = GuideModel.from_unet(pipe.unet, size=config.size, width_divisor=config.width_divisor)
+    if config.source == "data":
+        if config.prompts is not None:
+            raise ValueError("source='data' trains on the embedded shapes images and their captions; use source='trajectories' with --prompts")
+        cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 7)
+        states, embeddings = NoisyStates(cached.latents, cached.caption_ids), cached.embeddings
+    else:
+        embeddings = encode_captions(pipe, _training_prompts(config) + [""])  # last row: the empty prompt
+        states = teacher_trajectories(pipe, embeddings, config)
+
+    def make_batch(step, generator):
+        return _noisy_batch(states, pipe.scheduler, config, generator)
+
+    def compute_loss(model, batch):
+        return distillation_loss(pipe.unet, model, batch, embeddings)
+
+    guide, ema = run_training(config, guide, make_batch, compute_loss, description=f"distill-{config.size}")
+    guide = copy_ema_into(guide, ema).eval()
+    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max))
+    guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)
+    return guide

@@ -1,0 +1,105 @@
+"""Compute and speed: parameters, FLOPs (attention counted), UNet evaluations and wall time per image."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..teacher import cfg_noise_pred, guided_noise_pred
+
+
+@contextmanager
+def plain_attention(*models):
+    """Swap SDPA for diffusers' matmul attention: FlopCounterMode counts 0 FLOPs for CPU SDPA."""
+    saved = [m.attn_processors for m in models]
+    for m in models:
+        m.set_attn_processor(AttnProcessor())
+    try:
+        yield
+    finally:
+        for m, processors in zip(models, saved):
+            m.set_attn_processor(processors)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """FLOPs of one denoising step for one image."""
+
+    unet: int  # one UNet evaluation at batch 1
+    guide: int  # one guide evaluation at batch 1
+    tokens: int
+
+    @property
+    def cfg(self) -> int:
+        return 2 * self.unet
+
+    @property
+    def guided(self) -> int:
+        return self.unet + self.guide
+
+    @property
+    def ratio(self) -> float:
+        """(UNet + guide) / (2 x UNet): the paper's headline compute saving."""
+        return self.guided / self.cfg
+
+
+@torch.no_grad()
+def step_cost(unet, guide, tokens: int | None = None, sample_size: int | None = None) -> StepCost:
+    """Count FLOPs of the CFG teacher and the guided student for one image and step (attention counted)."""
+    size = sample_size or unet.config.sample_size
+    tokens = tokens or 77
+    param = next(unet.parameters())
+    sample = torch.randn(1, unet.config.in_channels, size, size, dtype=param.dtype, device=param.device)
+    embeds = torch.randn(1, tokens, unet.config.cross_attention_dim, dtype=param.dtype, device=param.device)
+    t = torch.tensor([500], device=param.device)
+    with plain_attention(unet, guide):
+        unet_flops = count_flops(lambda: unet(sample, t, embeds))
+        both = count_flops(lambda: guided_noise_pred(unet, guide, sample, t, embeds, 5.0))
+        teacher = count_flops(lambda: cfg_noise_pred(unet, sample, t, embeds, embeds, 5.0))
+    assert abs(teacher - 2 * unet_flops) <= 0.01 * teacher, "the teacher should cost two UNet evaluations"
+    return StepCost(unet=unet_flops, guide=both - unet_flops, tokens=tokens)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class UNetCallCounter:
+    """Counts UNet forward calls and the images they processed (a 2B CFG batch counts 2B)."""
+
+    def __init__(self, unet):
+        self.calls = self.images = 0
+        self._handle = unet.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        self.images += args[0].shape[0]
+
+    def close(self):
+        self._handle.remove()
+
+
+def median_seconds(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of `fn()` after warm-up runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,47 @@
+"""Finding and loading models: the shipped guides, user guides, and a base + guide (+ LoRA) pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .base import ASSETS_DIR, load_pipeline
+from .guide import GuideModel
+from .pipeline import PlugAndPlayPipeline
+
+GUIDE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def default_guide_dir(size: str = "tiny") -> Path:
+    """The guide shipped for the embedded base model."""
+    return ASSETS_DIR / "guides" / size
+
+
+def load_guide(path: str | Path) -> GuideModel:
+    """Load a guide folder, refusing pickles and checking the safetensors file before torch reads it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"guide folder {str(path)!r} does not exist")
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ValueError(f"{path} holds pickle weights {pickles}; pnpguide never unpickles (it can run code): convert them to safetensors")
+    if not (path / "config.json").is_file() or not (path / GUIDE_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} is not a guide folder: it needs config.json and {GUIDE_WEIGHTS} (made by `pnpguide distill`)")
+    try:
+        with safe_open(str(path / GUIDE_WEIGHTS), framework="pt") as weights:
+            list(weights.keys())
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path / GUIDE_WEIGHTS} is corrupt or truncated ({error}); re-download or retrain the guide") from error
+    return GuideModel.from_pretrained(str(path), use_safetensors=True)
+
+
+def load_plug_and_play(base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None) -> PlugAndPlayPipeline:
+    """Base SD folder (default: embedded) + guide folder (default: the shipped tiny guide) + optional LoRA."""
+    sd = load_pipeline(base, lora)
+    guide_model = load_guide(guide or default_guide_dir("tiny"))
+    guide_model.check_compatible(sd.unet)
+    pipe = PlugAndPlayPipeline.from_pipe(sd, guide=guide_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,35 @@
+import torch
+
+from pnpguide.evaluation.speed import UNetCallCounter, count_flops, plain_attention, step_cost
+from pnpguide.guide import GuideModel
+
+
+def test_plain_attention_makes_attention_flops_visible(unet):
+    sample, t, embeds = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 6, 32)
+    default = count_flops(lambda: unet(sample, t, embeds))
+    with plain_attention(unet):
+        counted = count_flops(lambda: unet(sample, t, embeds))
+    assert counted > default  # SDPA on CPU counts 0; the plain processor's matmuls count
+
+
+def test_plain_attention_restores_the_processors(unet):
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    with plain_attention(unet):
+        pass
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_guided_step_costs_about_half_of_cfg(unet):
+    cost = step_cost(unet, GuideModel.from_unet(unet, "tiny"), tokens=6)
+    assert cost.cfg == 2 * cost.unet
+    assert 0 < cost.guide < cost.unet
+    assert 0.5 < cost.ratio < 1.0
+
+
+def test_call_counter_counts_images_per_call(unet):
+    counter = UNetCallCounter(unet)
+    with torch.no_grad():
+        unet(torch.randn(3, 4, 8, 8), 10, torch.randn(3, 6, 32))
+    counter.close()
+    unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 6, 32))
+    assert (counter.calls, counter.images) == (1, 3)
