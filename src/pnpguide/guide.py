@@ -75,8 +75,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         unet_cross_attention_dim: int = 384,
         down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         layers_per_block: int = 1,
-        transformer_layers_per_block: int = 1,
-        num_attention_heads: int = 4,
+        transformer_layers_per_block: int | tuple[int, ...] = 1,  # one value, or one per down block
+        num_attention_heads: int | tuple[int, ...] = 4,  # one value, or one per down block
         use_linear_projection: bool = False,
         norm_num_groups: int = 8,
         norm_eps: float = 1e-5,
@@ -89,7 +89,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         trained_guidance_range: tuple[float, float] | None = None,
     ):
         super().__init__()
-        _check_config(size, block_out_channels, unet_block_out_channels, down_block_types, norm_num_groups, num_attention_heads)
+        layers, heads = _per_block(transformer_layers_per_block, block_out_channels), _per_block(num_attention_heads, block_out_channels)
+        _check_config(size, block_out_channels, unet_block_out_channels, down_block_types, norm_num_groups, heads)
         width0, time_embed_dim = block_out_channels[0], block_out_channels[0] * 4
         self.conv_in = nn.Conv2d(unet_in_channels, width0, kernel_size=3, padding=1)
         self.time_proj = Timesteps(width0, flip_sin_to_cos, freq_shift)
@@ -104,12 +105,12 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         self.down_blocks = nn.ModuleList()
         widths_in = (width0,) + tuple(block_out_channels[:-1])
-        for i, (block_type, width_in, width) in enumerate(zip(down_block_types, widths_in, block_out_channels)):
+        for i, (block_type, width_in, width) in enumerate(zip(down_block_types, widths_in, block_out_channels, strict=True)):
             self.down_blocks.append(
                 get_down_block(
                     block_type,
                     num_layers=layers_per_block,
-                    transformer_layers_per_block=transformer_layers_per_block,
+                    transformer_layers_per_block=layers[i],
                     in_channels=width_in,
                     out_channels=width,
                     temb_channels=time_embed_dim,
@@ -118,8 +119,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
                     resnet_act_fn="silu",
                     resnet_groups=norm_num_groups,
                     cross_attention_dim=unet_cross_attention_dim,
-                    num_attention_heads=num_attention_heads,
-                    attention_head_dim=width // num_attention_heads,
+                    num_attention_heads=heads[i],
+                    attention_head_dim=width // heads[i],
                     downsample_padding=1,
                     use_linear_projection=use_linear_projection,
                 )
@@ -127,11 +128,11 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         self.mid_block = UNetMidBlock2DCrossAttn(
             in_channels=block_out_channels[-1],
             temb_channels=time_embed_dim,
-            transformer_layers_per_block=transformer_layers_per_block,
+            transformer_layers_per_block=layers[-1],
             resnet_eps=norm_eps,
             resnet_groups=norm_num_groups,
             cross_attention_dim=unet_cross_attention_dim,
-            num_attention_heads=num_attention_heads,
+            num_attention_heads=heads[-1],
             use_linear_projection=use_linear_projection,
         )
         # Zero-initialised projections from the guide's widths to the UNet's: an untrained guide adds exact zeros.
@@ -148,7 +149,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         _check_unet_supported(config)
         full = size == "full"
         heads = config.num_attention_heads or config.attention_head_dim  # the UNet's historical naming (diffusers#2011)
-        heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+        heads = _per_block(heads, config.block_out_channels)
+        layers = _per_block(config.transformer_layers_per_block, config.block_out_channels)
         widths = tuple(config.block_out_channels) if full else tuple(_tiny_width(c, width_divisor) for c in config.block_out_channels)
         guide = cls(
             size=size,
@@ -156,10 +158,10 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             unet_block_out_channels=tuple(config.block_out_channels),
             unet_in_channels=config.in_channels,
             unet_cross_attention_dim=config.cross_attention_dim,
-            down_block_types=tuple(config.down_block_types),
+            down_block_types=tuple(config.down_block_types) if full else _tiny_block_types(config.down_block_types),
             layers_per_block=config.layers_per_block,
-            transformer_layers_per_block=_single(config.transformer_layers_per_block),
-            num_attention_heads=heads if full else _tiny_heads(heads, widths),
+            transformer_layers_per_block=layers if full else (1,) * len(widths),  # tiny: one transformer layer a block
+            num_attention_heads=heads if full else tuple(_tiny_heads(h, w) for h, w in zip(heads, widths)),
             use_linear_projection=config.use_linear_projection,
             norm_num_groups=config.norm_num_groups if full else 8,
             norm_eps=config.norm_eps,
@@ -184,7 +186,6 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             "cross_attention_dim": (self.config.unet_cross_attention_dim, config.cross_attention_dim),
             "block_out_channels": (tuple(self.config.unet_block_out_channels), tuple(config.block_out_channels)),
             "layers_per_block": (self.config.layers_per_block, config.layers_per_block),
-            "down_block_types": (tuple(self.config.down_block_types), tuple(config.down_block_types)),
         }
         for name, (ours, theirs) in expected.items():
             if ours != theirs:
@@ -231,16 +232,22 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
 
 
-def _single(value):
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if len(set(values)) != 1:
-        raise ValueError(f"UNets with per-block transformer_layers_per_block={value} are not supported yet")
-    return values[0]
+def _per_block(value, block_out_channels) -> tuple[int, ...]:
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * len(block_out_channels)
+    if len(values) != len(block_out_channels):
+        raise ValueError(f"{value} must have one entry per down block ({len(block_out_channels)})")
+    return values
 
 
-def _tiny_heads(heads: int, widths: tuple[int, ...]) -> int:
-    """The largest head count <= the UNet's that divides every tiny width."""
-    return max(h for h in range(1, heads + 1) if all(w % h == 0 for w in widths))
+def _tiny_block_types(block_types) -> tuple[str, ...]:
+    """No attention at the highest resolution: there, attention's cost grows with tokens squared,
+    not with width, and would dominate a tiny guide's FLOPs (~half of them on SD1.5)."""
+    return ("DownBlock2D",) + tuple(block_types[1:])
+
+
+def _tiny_heads(heads: int, width: int) -> int:
+    """The largest head count <= the UNet's that divides the tiny width."""
+    return max(h for h in range(1, heads + 1) if width % h == 0)
 
 
 def _check_unet_supported(config) -> None:
@@ -258,6 +265,6 @@ def _check_config(size, block_out_channels, unet_block_out_channels, down_block_
             f"block_out_channels {block_out_channels}, unet_block_out_channels {unet_block_out_channels} and "
             f"down_block_types {down_block_types} must have one entry per UNet down block"
         )
-    for width in block_out_channels:
-        if width % norm_num_groups or width % heads:
-            raise ValueError(f"guide width {width} must be divisible by norm_num_groups={norm_num_groups} and heads={heads}")
+    for width, head_count in zip(block_out_channels, heads):
+        if width % norm_num_groups or width % head_count:
+            raise ValueError(f"guide width {width} must be divisible by norm_num_groups={norm_num_groups} and heads={head_count}")

@@ -64,12 +64,26 @@ def step_cost(unet, guide, tokens: int | None = None, sample_size: int | None = 
     sample = torch.randn(1, unet.config.in_channels, size, size, dtype=param.dtype, device=param.device)
     embeds = torch.randn(1, tokens, unet.config.cross_attention_dim, dtype=param.dtype, device=param.device)
     t = torch.tensor([500], device=param.device)
+    added = _sdxl_conditioning(unet, param)
+    doubled = {k: torch.cat([v, v]) for k, v in added.items()} if added else None
     with plain_attention(unet, guide):
-        unet_flops = count_flops(lambda: unet(sample, t, embeds))
-        both = count_flops(lambda: guided_noise_pred(unet, guide, sample, t, embeds, 5.0))
-        teacher = count_flops(lambda: cfg_noise_pred(unet, sample, t, embeds, embeds, 5.0))
+        unet_flops = count_flops(lambda: unet(sample, t, embeds, added_cond_kwargs=added))
+        both = count_flops(lambda: guided_noise_pred(unet, guide, sample, t, embeds, 5.0, added_cond_kwargs=added))
+        teacher = count_flops(lambda: cfg_noise_pred(unet, sample, t, embeds, embeds, 5.0, added_cond_kwargs=doubled))
     assert abs(teacher - 2 * unet_flops) <= 0.01 * teacher, "the teacher should cost two UNet evaluations"
     return StepCost(unet=unet_flops, guide=both - unet_flops, tokens=tokens)
+
+
+def _sdxl_conditioning(unet, like: torch.Tensor) -> dict | None:
+    """Random pooled-text and size/crop conditioning for SDXL-style UNets (`addition_embed_type="text_time"`)."""
+    config = unet.config
+    if config.addition_embed_type != "text_time":
+        return None
+    text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return {
+        "text_embeds": torch.randn(1, text_dim, dtype=like.dtype, device=like.device),
+        "time_ids": torch.randn(1, 6, dtype=like.dtype, device=like.device),
+    }
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -1,0 +1,119 @@
+"""Compute and speed of the guided student vs diffusers' batched CFG, measured in one run.
+
+    python benchmarks/guide_cost.py                       # CPU: FLOPs for all, wall time on the embedded model
+    python benchmarks/guide_cost.py --device cuda          # GPU: wall time on SD1.5 / SDXL configs too
+
+FLOPs are counted with attention included (plain matmul attention; FlopCounterMode counts 0 for CPU
+SDPA) on meta tensors for the big configs, so they cost nothing. SD1.5 / SDXL UNets are built from
+their published config values with random weights: timing does not need trained weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from pnpguide.base import load_pipeline
+from pnpguide.evaluation.speed import median_seconds, parameter_count, step_cost
+from pnpguide.guide import GuideModel
+from pnpguide.loading import default_guide_dir, load_guide
+from pnpguide.pipeline import PlugAndPlayPipeline
+from pnpguide.teacher import cfg_noise_pred, guided_noise_pred
+
+SD15 = dict(
+    sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SDXL = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+TOKENS = {"sd15": 77, "sdxl": 77}
+
+
+def compute_table(models: dict[str, UNet2DConditionModel], tokens: dict[str, int]) -> None:
+    print("| UNet | UNet params | guide | guide params | params ratio | UNet GFLOPs/step | guide GFLOPs/step | (UNet+guide)/(2 UNet) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, unet in models.items():
+        for size in ("tiny", "full"):
+            guide = GuideModel.from_unet(unet, size)
+            cost = step_cost(unet, guide, tokens=tokens[name])
+            print(
+                f"| {name} | {parameter_count(unet) / 1e6:.1f}M | {size} | {parameter_count(guide) / 1e6:.2f}M | "
+                f"{parameter_count(guide) / parameter_count(unet):.4f} | {cost.unet / 1e9:.2f} | {cost.guide / 1e9:.3f} | {cost.ratio:.4f} |"
+            )
+
+
+def time_embedded(device: str, batch_sizes: list[int], steps: int, repeats: int) -> None:
+    """Whole pipelines: diffusers' StableDiffusionPipeline (batched CFG) vs PlugAndPlayPipeline (guide)."""
+    sd = load_pipeline().to(device)
+    pnp = PlugAndPlayPipeline.from_pipe(sd, guide=load_guide(default_guide_dir("tiny")).to(device))
+    print(f"\nembedded pipeline, {steps} DDIM steps, w=7.5, device={device}, median of {repeats}")
+    print("| batch | diffusers CFG s/image | guide s/image | speed-up |\n|---|---|---|---|")
+    for batch in batch_sizes:
+        prompts = ["a red circle above a blue square on a black background"] * batch
+        cfg = median_seconds(lambda: sd(prompts, guidance_scale=7.5, num_inference_steps=steps), repeats) / batch
+        guided = median_seconds(lambda: pnp(prompts, guidance_scale=7.5, num_inference_steps=steps), repeats) / batch
+        print(f"| {batch} | {cfg:.4f} | {guided:.4f} | {cfg / guided:.2f}x |")
+
+
+@torch.no_grad()
+def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int], steps: int, repeats: int) -> None:
+    """Denoising steps alone (no text encoder, no VAE), fp16 on GPU: CFG's 2B call vs UNet + tiny guide."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    unet = UNet2DConditionModel(**config).to(device, dtype).eval()
+    guide = GuideModel.from_unet(unet, "tiny").to(device, dtype).eval()
+    print(f"\n{name} UNet, random weights, {steps} steps, device={device}, {dtype}, median of {repeats}")
+    print("| batch | CFG s/image | guide s/image | speed-up |\n|---|---|---|---|")
+    for batch in batch_sizes:
+        size = config["sample_size"]
+        x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
+        c = torch.randn(batch, TOKENS[name], config["cross_attention_dim"], device=device, dtype=dtype)
+        added = _added(config, batch, device, dtype)
+        doubled = {k: torch.cat([v, v]) for k, v in added.items()} if added else None
+
+        def cfg():
+            for _ in range(steps):
+                cfg_noise_pred(unet, x, 500, c, c, 7.5, added_cond_kwargs=doubled)
+
+        def guided():
+            for _ in range(steps):
+                guided_noise_pred(unet, guide, x, 500, c, 7.5, added_cond_kwargs=added)
+
+        t_cfg, t_guide = median_seconds(cfg, repeats) / batch, median_seconds(guided, repeats) / batch
+        print(f"| {batch} | {t_cfg:.4f} | {t_guide:.4f} | {t_cfg / t_guide:.2f}x |")
+
+
+def _added(config, batch, device, dtype):
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    return {"text_embeds": torch.randn(batch, text_dim, device=device, dtype=dtype), "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to time (default: 1 8)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps per timed run (default: 25)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default: 3)")
+    parser.add_argument("--big-timing", action="store_true", help="also time SD1.5/SDXL configs (default: only on cuda)")
+    args = parser.parse_args()
+
+    embedded = load_pipeline()
+    with torch.device("meta"):
+        big = {"sd15": UNet2DConditionModel(**SD15), "sdxl": UNet2DConditionModel(**SDXL)}
+    compute_table({"embedded": embedded.unet} | big, {"embedded": embedded.tokenizer.model_max_length} | TOKENS)
+    time_embedded(args.device, args.batch_sizes, args.steps, args.repeats)
+    if args.device == "cuda" or args.big_timing:
+        for name, config in (("sd15", SD15), ("sdxl", SDXL)):
+            time_unet_steps(name, config, args.device, args.batch_sizes, args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

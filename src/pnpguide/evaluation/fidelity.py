@@ -1,0 +1,56 @@
+"""Fidelity of the guided student to its CFG teacher: adherence of both, and PSNR from the same noise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import data
+from .adherence import adherence
+from .sampling import generate_images, psnr
+
+
+@dataclass(frozen=True)
+class FidelityRow:
+    guidance_scale: float
+    steps: int
+    images: int
+    teacher_adherence: float
+    guide_adherence: float
+    psnr_db: float  # mean PSNR of guide images against teacher images from the same seeds
+
+    @property
+    def adherence_ratio(self) -> float:
+        return self.guide_adherence / self.teacher_adherence if self.teacher_adherence else float("nan")
+
+
+def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: list[int], seed: int = 0) -> list[FidelityRow]:
+    """Compare `pipe`'s guide with `pipe`'s own CFG teacher on `prompts` one- and `prompts` two-object held-out captions."""
+    captions = data.heldout_captions(prompts, objects=1) + data.heldout_captions(prompts, objects=2)
+    rows = []
+    for steps in steps_list:
+        for w in scales:
+            teacher = generate_images(pipe, captions, w, steps, seed, mode="cfg")
+            guided = generate_images(pipe, captions, w, steps, seed, mode="guide")
+            rows.append(
+                FidelityRow(
+                    guidance_scale=w,
+                    steps=steps,
+                    images=len(captions),
+                    teacher_adherence=adherence(teacher, captions, style),
+                    guide_adherence=adherence(guided, captions, style),
+                    psnr_db=float(np.mean([min(psnr(a, b), 60.0) for a, b in zip(guided, teacher)])),
+                )
+            )
+    return rows
+
+
+def fidelity_markdown(rows: list[FidelityRow], title: str) -> str:
+    lines = [f"**{title}**", "", "| w | steps | images | teacher adherence | guide adherence | guide / teacher | PSNR vs teacher (dB) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.guidance_scale} | {r.steps} | {r.images} | {r.teacher_adherence:.3f} | {r.guide_adherence:.3f} | "
+            f"{r.adherence_ratio:.3f} | {r.psnr_db:.1f} |"
+        )
+    return "\n".join(lines)
