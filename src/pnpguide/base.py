@@ -74,6 +74,9 @@ def save_pipeline(pipe: StableDiffusionPipeline, path: str | Path, half: bool = 
         pipe = pipe.to(torch.float16)
     pipe.save_pretrained(str(path), safe_serialization=True)
     pipe.to(torch.float32)
+    if half:  # transformers loads in the config's dtype by default: fp16 text embeddings would meet an fp32 UNet
+        config_file = Path(path) / "text_encoder" / "config.json"
+        config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"dtype": "float32"}, indent=2))
     return Path(path)
 
 

@@ -108,6 +108,16 @@ def cmd_demo(args) -> None:
     print(f"\ngrid (no guidance | CFG teacher | guide) written to {grid}")
 
 
+def cmd_fidelity(args) -> None:
+    from .evaluation.fidelity import fidelity, fidelity_markdown
+    from .loading import load_plug_and_play
+
+    pipe = load_plug_and_play(args.base, args.guide, args.lora)
+    rows = fidelity(pipe, args.style, args.prompts, args.scales, args.steps_list, args.seed)
+    name = f"{args.base or 'embedded base'}{' + ' + args.lora if args.lora else ''}, guide {args.guide or 'shipped tiny'}"
+    print(fidelity_markdown(rows, name))
+
+
 def cmd_judge_accuracy(args) -> None:
     from .data import STYLES
     from .evaluation.adherence import judge_accuracy
@@ -175,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a base on another style: the whole UNet or a LoRA")
     add_config_flags(p, FinetuneConfig)
     p.set_defaults(handler=cmd_finetune)
+
+    p = sub.add_parser("fidelity", help="guide vs its CFG teacher on held-out captions: adherence and PSNR")
+    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
+    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
+    p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette (default: flat)")
+    p.add_argument("--prompts", type=int, default=40, help="held-out captions per object count (default: 40)")
+    p.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales (default: 3 5 7.5)")
+    p.add_argument("--steps-list", type=int, nargs="+", default=[16, 25], help="step counts (default: 16 25)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(handler=cmd_fidelity)
 
     p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
     p.add_argument("--styles", nargs="*", help="styles to measure (default: all)")

@@ -40,7 +40,7 @@ def build_text_encoder() -> tuple[BertTokenizer, BertModel]:
     """
     source = minilm_path()
     tokenizer = BertTokenizer.from_pretrained(str(source))
-    model = BertModel.from_pretrained(str(source), add_pooling_layer=False)
+    model = BertModel.from_pretrained(str(source))  # the unused pooler stays: loading then warns of nothing missing
     needed = {i for w in dataset_words() for i in tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))}
     specials = set(tokenizer.all_special_ids)
     keep = sorted({0} | specials | set(KEEP_VOCAB_IDS) | needed)  # [PAD] stays id 0 (config.pad_token_id)
