@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from pnpguide import data
@@ -62,3 +62,35 @@ def tiny_components(tmp_path_factory):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet().eval(), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+@pytest.fixture
+def tiny_base_dir(tiny_components, tmp_path):
+    """The tiny components saved as a Stable Diffusion folder, as `--base` expects."""
+    StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle on a black background\na blue square above a green triangle on a white background\n")
+    return path
+
+
+def distill_flags(base_dir, prompt_file, output_dir, **overrides) -> list[str]:
+    """`pnpguide distill` flags for a run of a few seconds on the tiny base (trajectories, 1 thread)."""
+    settings = dict(
+        base=base_dir, source="trajectories", prompts=prompt_file, trajectories=8, trajectory_steps=4, max_steps=6,
+        batch_size=4, lr_warmup_steps=0, checkpointing_steps=3, output_dir=output_dir,
+    )
+    flags = ["--threads", "1", "distill"]  # one thread: deterministic sums, and two ranks fit on two cores
+    for name, value in (settings | overrides).items():
+        flags += [f"--{name.replace('_', '-')}"] if value is True else [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def subprocess_env(**extra) -> dict:
+    """Offline, and on the CPU even where a GPU is present: the tests compare weights exactly, and CPU kernels are
+    deterministic while some CUDA ones (convolution backward) are not."""
+    return os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"} | extra

@@ -1,23 +1,10 @@
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from pnpguide.base import encode_captions, load_pipeline
 from pnpguide.distill_guidance import GuidanceDistillConfig, _noisy_batch, distillation_loss, teacher_trajectories, train_guide
 from pnpguide.guide import GuideModel
-
-
-@pytest.fixture
-def tiny_base_dir(tiny_components, tmp_path):
-    StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
-
-
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("a red circle on a black background\na blue square above a green triangle on a white background\n")
-    return path
+from pnpguide.training import shard_rows
 
 
 def _config(tiny_base_dir, prompt_file, tmp_path, **overrides):
@@ -34,7 +21,8 @@ def test_distillation_brings_the_guided_unet_closer_to_the_teacher(tiny_base_dir
     pipe = load_pipeline(tiny_base_dir)
     embeddings = encode_captions(pipe, [l for l in prompt_file.read_text().splitlines()] + [""])
     states = teacher_trajectories(pipe, embeddings, config)  # the states training sees
-    batch = _noisy_batch(states, pipe.scheduler, config, torch.Generator().manual_seed(12345))
+    rows = shard_rows(len(states.latents), config.batch_size, step=12345, seed=0, rank=0, world_size=1)
+    batch = _noisy_batch(states, rows, pipe.scheduler, config, torch.Generator().manual_seed(12345))
     untrained = GuideModel.from_unet(pipe.unet, "tiny")
     trained = train_guide(config)
     with torch.no_grad():

@@ -42,7 +42,8 @@ def load_pipeline(
     """Load a Stable Diffusion folder (the embedded default when `path` is None) offline, plus LoRA weights."""
     path = check_model_dir(path or default_base_dir())
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        # use_safetensors: never fall back to unpickling a .bin file, which can run arbitrary code
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
     if lora is not None:

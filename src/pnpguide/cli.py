@@ -11,7 +11,7 @@ import sys
 import typing
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # OSError covers missing and unreadable files
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "CLIPImageProcessor requires torchvision": not ours to act on
 
 
@@ -32,7 +32,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = f"{comments.get(field.name, field.name.replace('_', ' '))} (default: {field.default})"
+        help_text = f"{comments.get(field.name, field.name.replace('_', ' '))} (default: {field.default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         else:
@@ -78,9 +78,19 @@ def cmd_finetune(args) -> None:
 def cmd_distill(args) -> None:
     from .distill_guidance import GuidanceDistillConfig, train_guide
 
+    from accelerate import PartialState
+
     config = config_from_args(GuidanceDistillConfig, args)
     train_guide(config)
-    print(f"guide saved to {Path(config.output_dir) / 'guide'}")
+    if PartialState().is_main_process:  # under `accelerate launch`, say it once
+        print(f"guide saved to {Path(config.output_dir) / 'guide'}")
+
+
+def cmd_distill_steps(args) -> None:
+    from .distill_steps import StepDistillConfig, distill_steps
+
+    for steps, folder in distill_steps(config_from_args(StepDistillConfig, args)).items():
+        print(f"{steps}-step guide saved to {folder}")
 
 
 def cmd_generate(args) -> None:
@@ -118,6 +128,14 @@ def cmd_fidelity(args) -> None:
     print(fidelity_markdown(rows, name))
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import check_pair, format_checks
+
+    checks = check_pair(args.base, args.guide)
+    print(format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def cmd_judge_accuracy(args) -> None:
     from .data import STYLES
     from .evaluation.adherence import judge_accuracy
@@ -144,6 +162,7 @@ def cmd_base_adherence(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .base import BaseTrainConfig, VAETrainConfig
     from .distill_guidance import GuidanceDistillConfig
+    from .distill_steps import StepDistillConfig
     from .finetune import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="pnpguide", description=__doc__)
@@ -174,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, GuidanceDistillConfig)
     p.set_defaults(handler=cmd_distill)
 
+    p = sub.add_parser("distill-steps", help="stage 2: progressive step distillation of a guide (32 -> 16 -> 8 steps)")
+    add_config_flags(p, StepDistillConfig)
+    p.set_defaults(handler=cmd_distill_steps)
+
     p = sub.add_parser("train-vae", help="train the embedded model's VAE on the shapes data (all styles)")
     add_config_flags(p, VAETrainConfig)
     p.set_defaults(handler=cmd_train_vae)
@@ -196,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-list", type=int, nargs="+", default=[16, 25], help="step counts (default: 16 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=cmd_fidelity)
+
+    p = sub.add_parser("doctor", help="check that a base folder and a guide fit together (exit 1 if not)")
+    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
+    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    p.set_defaults(handler=cmd_doctor)
 
     p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
     p.add_argument("--styles", nargs="*", help="styles to measure (default: all)")
@@ -230,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers_logging.set_verbosity_error()  # its "expected CLIPTextModel" warning is noise for a BERT text encoder
     try:
-        args.handler(args)
+        return args.handler(args) or 0
     except USER_ERRORS as error:
-        print(f"pnpguide {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, even for multi-line library messages
+        print(f"pnpguide {args.command}: error: {message}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from . import data
 from .base import cache_dataset, encode_captions, load_pipeline
 from .guide import GUIDE_SIZES, TINY_WIDTH_DIVISOR, GuideModel
 from .teacher import cfg_noise_pred, guided_noise_pred
-from .training import TrainingConfig, copy_ema_into, run_training, save_config
+from .training import TrainingConfig, copy_ema_into, make_accelerator, run_training, save_config, shard_rows
 
 SOURCES = ("data", "trajectories")
 
@@ -33,7 +33,7 @@ class GuidanceDistillConfig(TrainingConfig):
     size: str = "tiny"  # "tiny" (1/8 of the UNet's width) or "full" (a copy of the UNet's encoder)
     width_divisor: int = TINY_WIDTH_DIVISOR  # tiny guides only: how much narrower than the UNet
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
-    w_max: float = 9.0
+    w_max: float = 9.0  # upper end of that range (diffusers' convention, at most 14)
     source: str = "data"  # where x_t comes from: "data" (noised dataset latents) or "trajectories" (teacher sampling)
     prompts: str | None = None  # text/JSONL prompt file (default: the embedded shapes captions)
     num_samples: int = 20000  # data: images to encode; trajectories: not used
@@ -83,7 +83,9 @@ def teacher_trajectories(pipe, embeddings, config: GuidanceDistillConfig) -> Noi
     """Run the CFG teacher from noise for random prompts and w, recording x_t at every step."""
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(config.trajectory_steps)
-    generator = torch.Generator().manual_seed(config.seed + 11)
+    generator = torch.Generator().manual_seed(config.seed + 11)  # on the CPU: the same states on any device
+    device = pipe.unet.device
+    embeddings = embeddings.to(device)
     negative = embeddings[-1:]
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     states, ids, times, scales = [], [], [], []
@@ -91,17 +93,16 @@ def teacher_trajectories(pipe, embeddings, config: GuidanceDistillConfig) -> Noi
         n = min(64, config.trajectories - start)
         prompt_ids = torch.randint(len(embeddings) - 1, (n,), generator=generator)
         w = config.w_min + (config.w_max - config.w_min) * torch.rand(n, generator=generator)
-        x = torch.randn((n, *shape), generator=generator) * scheduler.init_noise_sigma
+        x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            states.append(x), ids.append(prompt_ids), times.append(t.expand(n)), scales.append(w)
+            states.append(x.cpu()), ids.append(prompt_ids), times.append(t.expand(n)), scales.append(w)
             x_in = scheduler.scale_model_input(x, t)
             output = cfg_noise_pred(pipe.unet, x_in, t, embeddings[prompt_ids], negative.expand(n, -1, -1), w)
             x = scheduler.step(output, t, x).prev_sample
     return NoisyStates(torch.cat(states), torch.cat(ids), torch.cat(times), torch.cat(scales))
 
 
-def _noisy_batch(states: NoisyStates, scheduler, config: GuidanceDistillConfig, generator: torch.Generator) -> dict:
-    rows = torch.randint(len(states.latents), (config.batch_size,), generator=generator)
+def _noisy_batch(states: NoisyStates, rows: torch.Tensor, scheduler, config: GuidanceDistillConfig, generator: torch.Generator) -> dict:
     if states.timesteps is None:  # data: noise clean latents at a uniformly random timestep
         latents = states.latents[rows]
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
@@ -123,10 +124,18 @@ def distillation_loss(unet, guide, batch: dict, embeddings: torch.Tensor) -> tor
 
 
 def train_guide(config: GuidanceDistillConfig) -> GuideModel:
-    """Distill CFG into a new guide for `config.base`; saves it to `output_dir/guide` and returns it."""
-    save_config(config, config.output_dir)
+    """Distill CFG into a new guide for `config.base`; saves it to `output_dir/guide` and returns it.
+
+    Runs as one process or data-parallel under `accelerate launch`: every rank builds the same states,
+    and :func:`shard_rows` gives the ranks disjoint rows of them at each step.
+    """
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        save_config(config, config.output_dir)
     pipe = load_pipeline(config.base)
     freeze(pipe)
+    pipe.unet.to(accelerator.device)  # the loop runs only the UNet; text encoder and VAE run once, up front, on the CPU
+    torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
     guide = GuideModel.from_unet(pipe.unet, size=config.size, width_divisor=config.width_divisor)
     if config.source == "data":
         if config.prompts is not None:
@@ -136,15 +145,20 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     else:
         embeddings = encode_captions(pipe, _training_prompts(config) + [""])  # last row: the empty prompt
         states = teacher_trajectories(pipe, embeddings, config)
+    embeddings = embeddings.to(accelerator.device)
 
-    def make_batch(step, generator):
-        return _noisy_batch(states, pipe.scheduler, config, generator)
+    def make_batch(batch_index, generator):
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        rows = shard_rows(len(states.latents), config.batch_size, batch_index, config.seed, rank, world_size)
+        batch = _noisy_batch(states, rows, pipe.scheduler, config, generator)  # drawn on the CPU: the same batch on any device
+        return {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
 
     def compute_loss(model, batch):
         return distillation_loss(pipe.unet, model, batch, embeddings)
 
-    guide, ema = run_training(config, guide, make_batch, compute_loss, description=f"distill-{config.size}")
+    guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}")
     guide = copy_ema_into(guide, ema).eval()
     guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max))
-    guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)
+    if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
+        guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)
     return guide

@@ -62,7 +62,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
 
     The `unet_*` arguments record the architecture the guide fits, so plugging it into another UNet
     fails with a clear error instead of silently producing garbage. Training records the range of w it
-    saw in `trained_guidance_range`, so the pipeline can warn outside it.
+    saw in `trained_guidance_range`, and step distillation the DDIM step counts it was distilled for
+    in `trained_step_counts` (None: any), so the pipeline can warn outside them.
     """
 
     @register_to_config
@@ -87,6 +88,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         addition_time_embed_dim: int | None = None,
         projection_class_embeddings_input_dim: int | None = None,
         trained_guidance_range: tuple[float, float] | None = None,
+        trained_step_counts: tuple[int, ...] | None = None,
     ):
         super().__init__()
         layers, heads = _per_block(transformer_layers_per_block, block_out_channels), _per_block(num_attention_heads, block_out_channels)

@@ -58,6 +58,9 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
             low, high = self.guide.config.trained_guidance_range or (1.0, float("inf"))
             if not low <= guidance_scale <= high:
                 warnings.warn(f"guidance_scale={guidance_scale} is outside the range the guide was trained on [{low}, {high}]")
+            step_counts = self.guide.config.trained_step_counts
+            if step_counts and num_inference_steps not in step_counts:
+                warnings.warn(f"this guide was step-distilled for {list(step_counts)} DDIM steps, not {num_inference_steps}")
 
     @torch.no_grad()
     def __call__(

@@ -1,13 +1,20 @@
 """What every training command shares: config fields, the accelerate loop, checkpoints, resume, logs.
 
 Each stage (VAE, base UNet, fine-tune, guide distillation, step distillation) only supplies a
-`make_batch(step)` and a `compute_loss(model, batch)`. Batches are a pure function of the step, so a
-resumed run sees exactly the batches an uninterrupted run would have seen.
+`make_batch(batch_index, generator)` and a `compute_loss(model, batch)`. Batches are a pure function of
+(seed, batch index, rank), so a resumed run sees exactly the batches an uninterrupted run would have seen;
+stages that sample rows of a pool use :func:`shard_rows`, so data-parallel ranks never train on the same rows
+in the same step.
+
+Every process writes `weights-rank-N.sha256` into the output folder, a digest of its final trained weights
+(before any EMA copy): data-parallel ranks must end with identical weights, so differing files reveal a
+broken all-reduce, and equal files across two runs prove they trained the same weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -66,6 +73,38 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF)
 
 
+SHARED_RANK = -1  # step_generator's rank for draws that every rank must make identically
+
+
+def shard_rows(length: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
+    """(batch_size,) row indices into a pool of `length` rows for `rank`'s batch at `step` (a batch index).
+
+    Every rank draws the same permutation (it depends on seed and step only) and takes its own slice, so
+    the ranks' batches are disjoint: together they are `batch_size * world_size` distinct rows, not
+    `world_size` copies of one batch. When the pool is smaller than that, further permutations are
+    appended (sampling without replacement, pass after pass), so within a step every row is used
+    either k or k + 1 times; repeats are then unavoidable, but no row is favoured.
+    """
+    if length < 1:
+        raise ValueError(f"cannot sample from an empty pool (length={length}); check the training data")
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size=}, {rank=}, {world_size=}")
+    generator = step_generator(seed, step, SHARED_RANK)
+    passes = -(-batch_size * world_size // length)  # ceil
+    order = torch.cat([torch.randperm(length, generator=generator) for _ in range(passes)])
+    return order[rank * batch_size : (rank + 1) * batch_size]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes): equal digests mean equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bfloat16
+    return digest.hexdigest()
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -95,6 +134,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank writes its own RNG state into `partial` before the rename
     if accelerator.is_main_process:
         (partial / "step.json").write_text(json.dumps({"step": step}))
         if final.exists():  # a rerun of the same step replaces it
@@ -146,9 +186,10 @@ def run_training(
     started = time.time()
     while step < config.max_steps:
         for micro in range(config.gradient_accumulation_steps):
-            generator = step_generator(config.seed, step * config.gradient_accumulation_steps + micro, accelerator.process_index)
+            batch_index = step * config.gradient_accumulation_steps + micro
+            generator = step_generator(config.seed, batch_index, accelerator.process_index)
             with accelerator.accumulate(model):
-                loss = compute_loss(model, make_batch(step, generator))
+                loss = compute_loss(model, make_batch(batch_index, generator))
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss became {loss.item()} at step {step}; lower --learning-rate or check the data "
@@ -171,7 +212,9 @@ def run_training(
         if step % config.checkpointing_steps == 0 or step == config.max_steps:
             _save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
     progress.close()
-    return accelerator.unwrap_model(model), ema
+    model = accelerator.unwrap_model(model)
+    (output_dir / f"weights-rank-{accelerator.process_index}.sha256").write_text(weights_digest(model) + "\n")
+    return model, ema
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Rebuild every shipped asset of the embedded default model from scratch, in order, on CPU.
+# Times are what each step took on the 2-core development machine (see docs/embedded-model.md).
+# Everything is deterministic from the seeds in the configs; each run writes runs/<name>/{config.json,log.jsonl}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ASSETS=src/pnpguide/assets
+
+# 1. VAE, 64x64x3 <-> 16x16x4, on all four styles (~10 min)
+pnpguide --threads 2 train-vae --output-dir runs/vae --max-steps 1200 --checkpointing-steps 250
+
+# 2. text-to-image UNet on cached latents, v-prediction, 10% empty captions, EMA (~55 min)
+pnpguide --threads 2 train-base --vae-dir runs/vae/vae --output-dir runs/base --max-steps 4500
+rm -rf "$ASSETS/base" && cp -r runs/base/pipeline "$ASSETS/base"
+
+# 3. fine-tunes the guide is later plugged into: a full UNet fine-tune (pastel) and a LoRA (outline)
+pnpguide --threads 2 finetune --base "$ASSETS/base" --style pastel --method full --output-dir runs/ft-pastel --max-steps 600
+pnpguide --threads 2 finetune --base "$ASSETS/base" --style outline --method lora --learning-rate 1e-3 --output-dir runs/lora-outline --max-steps 600
+python scripts/ship_finetunes.py runs/ft-pastel/pipeline runs/lora-outline/lora
+
+# 4. guides for the embedded base
+pnpguide --threads 2 distill --size tiny --output-dir runs/guide-tiny
+pnpguide --threads 2 distill --size full --learning-rate 2e-4 --output-dir runs/guide-full
+mkdir -p "$ASSETS/guides" && rm -rf "$ASSETS/guides/tiny" "$ASSETS/guides/full"
+cp -r runs/guide-tiny/guide "$ASSETS/guides/tiny" && cp -r runs/guide-full/guide "$ASSETS/guides/full"

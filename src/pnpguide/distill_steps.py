@@ -1,0 +1,169 @@
+"""Stage 2, step distillation of the guide: each round halves the number of DDIM steps (e.g. 32 -> 16 -> 8).
+
+Progressive distillation (Salimans & Ho 2022, Algorithm 2; Meng et al. 2023, stage two): the student
+learns to land, in one DDIM step, where its teacher lands in two. Only the guide is trained, the base
+UNet stays frozen, so the step-distilled guide still plugs into fine-tunes. w stays an input. The first
+teacher is base + stage-1 guide; each later round starts from, and is taught by, the previous student.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+
+from .base import cache_dataset, load_pipeline
+from .distill_guidance import freeze
+from .guide import GuideModel
+from .loading import default_guide_dir, load_guide
+from .teacher import guided_noise_pred
+from .training import TrainingConfig, copy_ema_into, run_training, save_config
+
+
+@dataclass
+class StepDistillConfig(TrainingConfig):
+    output_dir: str = "runs/steps"
+    base: str | None = None  # SD folder (default: the embedded model)
+    guide: str | None = None  # stage-1 guide to start from (default: the shipped tiny guide)
+    teacher_steps: int = 32  # DDIM steps of the first teacher
+    student_steps: int = 8  # stop when a student samples in this many steps
+    w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
+    w_max: float = 9.0  # upper end of that range (diffusers' convention)
+    num_samples: int = 10000  # dataset images whose latents are noised onto the student's timesteps
+    max_steps: int = 400  # optimizer steps per halving round
+    learning_rate: float = 2e-4
+    lr_warmup_steps: int = 20
+    checkpointing_steps: int = 200
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = self.teacher_steps
+        while n > self.student_steps:
+            n //= 2
+        if n != self.student_steps or self.student_steps < 1:
+            raise ValueError(f"student_steps ({self.student_steps}) must be teacher_steps ({self.teacher_steps}) halved one or more times")
+        if not 1.0 <= self.w_min <= self.w_max <= 14.0:
+            raise ValueError(f"need 1 <= w_min <= w_max <= 14, got w_min={self.w_min}, w_max={self.w_max}")
+
+
+def step_schedule(scheduler_config, num_steps: int) -> torch.Tensor:
+    """The timesteps a DDIM sampler with this config evaluates the model at in `num_steps` steps."""
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.timesteps
+
+
+def next_timestep(t: torch.Tensor, num_train_timesteps: int, num_steps: int) -> torch.Tensor:
+    """Where DDIMScheduler.step goes from t (t - T // steps); -1 stands for the end of sampling."""
+    t_next = t - num_train_timesteps // num_steps
+    return torch.where(t_next >= 0, t_next, torch.full_like(t_next, -1))
+
+
+def _alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, final_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) timesteps -> alpha_t, sigma_t shaped (B, 1, 1, 1); t = -1 is the end of sampling."""
+    a = torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.tensor(final_alpha))
+    return a.sqrt().view(-1, 1, 1, 1), (1 - a).sqrt().view(-1, 1, 1, 1)
+
+
+def predicted_x0(model_output, sample, alpha, sigma, prediction_type: str) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}; use epsilon or v_prediction")
+
+
+def ddim_step(x0, sample, alpha, sigma, alpha_next, sigma_next) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0): keep the implied noise, move to the next noise level."""
+    eps = (sample - alpha * x0) / sigma
+    return alpha_next * x0 + sigma_next * eps
+
+
+@dataclass
+class Denoiser:
+    """UNet + a guide as one x0-predictor at a given noise level (k-diffusion's wrapper idea)."""
+
+    unet: torch.nn.Module
+    scheduler_config: dict
+
+    def x0(self, guide, sample, t, prompt_embeds, w, alpha, sigma) -> torch.Tensor:
+        output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), prompt_embeds, w)
+        return predicted_x0(output.float(), sample, alpha, sigma, self.scheduler_config["prediction_type"])
+
+
+def teacher_target(denoiser: Denoiser, teacher: GuideModel, batch: dict, schedule, final_alpha: float) -> torch.Tensor:
+    """x0 target: the x0 that takes the student from t to where two teacher steps (t -> mid -> next) land.
+
+    Salimans & Ho (2022), Algorithm 2: x~ = (z_next - (sigma_next / sigma_t) z_t) / (alpha_next - (sigma_next / sigma_t) alpha_t).
+    """
+    acp = schedule["alphas_cumprod"]
+    z, t, mid, nxt = batch["sample"], batch["t"], batch["t_mid"], batch["t_next"]
+    a_t, s_t = _alpha_sigma(acp, t, final_alpha)
+    a_mid, s_mid = _alpha_sigma(acp, mid, final_alpha)
+    a_next, s_next = _alpha_sigma(acp, nxt, final_alpha)
+    with torch.no_grad():
+        z_mid = ddim_step(denoiser.x0(teacher, z, t, batch["prompt_embeds"], batch["w"], a_t, s_t), z, a_t, s_t, a_mid, s_mid)
+        last = mid < 0  # the teacher's first step already ended sampling
+        x0_mid = denoiser.x0(teacher, z_mid, mid, batch["prompt_embeds"], batch["w"], a_mid, s_mid)
+        z_next = torch.where(last.view(-1, 1, 1, 1), z_mid, ddim_step(x0_mid, z_mid, a_mid, s_mid, a_next, s_next))
+    ratio = s_next / s_t
+    return (z_next - ratio * z) / (a_next - ratio * a_t)
+
+
+def student_loss(denoiser: Denoiser, student, teacher, batch: dict, schedule, final_alpha: float) -> torch.Tensor:
+    """x0-space MSE with truncated-SNR weights max(SNR, 1) (Salimans & Ho 2022, sec. 4)."""
+    target = teacher_target(denoiser, teacher, batch, schedule, final_alpha)
+    a_t, s_t = _alpha_sigma(schedule["alphas_cumprod"], batch["t"], final_alpha)
+    prediction = denoiser.x0(student, batch["sample"], batch["t"], batch["prompt_embeds"], batch["w"], a_t, s_t)
+    weight = torch.clamp(a_t**2 / s_t**2, min=1.0)
+    return (weight * (prediction - target) ** 2).mean()
+
+
+def _round_batch(cached, pipe, student_grid, steps: int, config, generator) -> dict:
+    """Dataset latents noised onto a random student timestep, with the teacher's midpoint and the student's next step."""
+    base = cached.batch(config.batch_size, generator, caption_dropout=0.0)
+    t = student_grid[torch.randint(len(student_grid), (config.batch_size,), generator=generator)]
+    total = pipe.scheduler.config.num_train_timesteps
+    t_mid, t_next = next_timestep(t, total, 2 * steps), next_timestep(t, total, steps)
+    noise = torch.randn(base["latents"].shape, generator=generator)
+    sample = pipe.scheduler.add_noise(base["latents"], noise, t)
+    w = config.w_min + (config.w_max - config.w_min) * torch.rand(config.batch_size, generator=generator)
+    return {"sample": sample, "t": t, "t_mid": t_mid, "t_next": t_next, "prompt_embeds": base["prompt_embeds"], "w": w}
+
+
+def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
+    """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}."""
+    save_config(config, config.output_dir)
+    pipe = load_pipeline(config.base)
+    freeze(pipe)
+    teacher = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
+    teacher.check_compatible(pipe.unet)
+    cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 13)
+    denoiser = Denoiser(pipe.unet, dict(pipe.scheduler.config))
+    schedule = {"alphas_cumprod": pipe.scheduler.alphas_cumprod.float()}
+    final_alpha = float(pipe.scheduler.final_alpha_cumprod)
+    saved, steps = {}, config.teacher_steps
+    while steps > config.student_steps:
+        steps //= 2
+        student_grid = step_schedule(pipe.scheduler.config, steps)
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        round_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / f"round-{steps}"))
+
+        def make_batch(step, generator, student_grid=student_grid, steps=steps):
+            return _round_batch(cached, pipe, student_grid, steps, config, generator)
+
+        def compute_loss(model, batch, teacher=teacher):
+            return student_loss(denoiser, model, teacher, batch, schedule, final_alpha)
+
+        student, ema = run_training(round_config, student, make_batch, compute_loss, description=f"distill-steps {steps * 2}->{steps}")
+        student = copy_ema_into(student, ema).eval().requires_grad_(False)
+        student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max))
+        saved[steps] = Path(config.output_dir) / f"guide-{steps}"
+        student.save_pretrained(saved[steps], safe_serialization=True)
+        teacher = student
+    return saved

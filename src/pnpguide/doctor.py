@@ -1,0 +1,141 @@
+"""Check that a base folder and a guide fit together, without sampling anything.
+
+`check_pair` runs every check it can and reports each as a :class:`Check`, so one report lists all
+the problems instead of the first traceback. Nothing is ever unpickled: a folder holding pickle weights
+fails before anything is loaded from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from .base import check_model_dir, default_base_dir, load_pipeline
+from .guide import GuideModel, residual_channels
+from .loading import GUIDE_WEIGHTS, PICKLE_SUFFIXES, default_guide_dir, load_guide
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")  # what pnpguide's training losses implement
+CHECK_ERRORS = (OSError, ValueError, RuntimeError)  # what the loaders raise for bad folders; other errors are bugs
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, whether it passed, and the value or the problem."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_pair(base: str | Path | None = None, guide: str | Path | None = None) -> list[Check]:
+    """Validate a base SD folder (default: the embedded model) and a guide folder (default: the shipped tiny guide).
+
+    Checks the base folder's structure, that it holds no pickle weights and loads offline, that the guide
+    folder is safe and readable, the scheduler's prediction type, the guide's trained guidance range, and
+    that the guide fits the UNet (architecture and residuals). Checks that need a folder that failed are
+    left out.
+    """
+    base_dir = Path(base) if base is not None else default_base_dir()
+    guide_dir = Path(guide) if guide is not None else default_guide_dir("tiny")
+    checks: list[Check] = []
+    pipe = _check_base(base_dir, checks)
+    guide_model = _check_guide(guide_dir, checks)
+    if pipe is not None:
+        checks.append(_prediction_type(pipe.scheduler))
+    if guide_model is not None:
+        checks.append(_guidance_range(guide_model))
+    if pipe is not None and guide_model is not None:
+        checks += [_compatibility(guide_model, pipe.unet), _residuals(guide_model, pipe.unet)]
+    return checks
+
+
+def format_checks(checks: list[Check]) -> str:
+    """One line per check: `OK   name: detail` or `FAIL name: detail` (line breaks in a detail become spaces)."""
+    return "\n".join(f"{'OK' if check.ok else 'FAIL':<4} {check.name}: {_one_line(check.detail)}" for check in checks)
+
+
+def _check_base(path: Path, checks: list[Check]) -> StableDiffusionPipeline | None:
+    """Append the base folder checks; return the loaded pipeline, or None when a check failed."""
+    try:
+        check_model_dir(path)
+        _refuse_pickles(path)
+    except json.JSONDecodeError as error:  # its message does not name the file
+        checks.append(Check("base folder", False, f"{path / 'model_index.json'} is not valid JSON: {error}"))
+        return None
+    except CHECK_ERRORS as error:
+        checks.append(Check("base folder", False, _one_line(error)))
+        return None
+    components = sorted(p.name for p in path.iterdir() if p.is_dir())
+    checks.append(Check("base folder", True, f"{path}: model_index.json, {', '.join(components)}; no pickle weights"))
+    try:
+        pipe = load_pipeline(path)
+    except CHECK_ERRORS as error:
+        checks.append(Check("base loads offline", False, _one_line(error)))
+        return None
+    unet = pipe.unet.config
+    detail = f"UNet block_out_channels={tuple(unet.block_out_channels)}, cross_attention_dim={unet.cross_attention_dim}"
+    checks.append(Check("base loads offline", True, detail))
+    return pipe
+
+
+def _refuse_pickles(path: Path) -> None:
+    """diffusers falls back to `.bin` files when a safetensors file is missing, and unpickling can run code."""
+    pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{path} holds pickle weights {pickles}; pnpguide never unpickles: convert them to safetensors")
+
+
+def _check_guide(path: Path, checks: list[Check]) -> GuideModel | None:
+    """Append the guide folder check (load_guide refuses pickles and unreadable safetensors); return the guide or None."""
+    try:
+        guide = load_guide(path)
+    except CHECK_ERRORS as error:
+        checks.append(Check("guide files", False, _one_line(error)))
+        return None
+    parameters = sum(p.numel() for p in guide.parameters())
+    checks.append(Check("guide files", True, f"{path}: config.json, {GUIDE_WEIGHTS} ({parameters:,} parameters); no pickles"))
+    return guide
+
+
+def _prediction_type(scheduler) -> Check:
+    kind = scheduler.config.prediction_type
+    if kind in SUPPORTED_PREDICTION_TYPES:
+        return Check("prediction type", True, kind)
+    return Check("prediction type", False, f"{kind!r} is not supported; use a scheduler with epsilon or v_prediction")
+
+
+def _guidance_range(guide: GuideModel) -> Check:
+    trained = guide.config.trained_guidance_range
+    if trained is None:
+        return Check("trained guidance range", False, "not recorded: an untrained guide, or not saved by `pnpguide distill`")
+    low, high = trained
+    if not (math.isfinite(low) and math.isfinite(high) and 1 <= low <= high):
+        return Check("trained guidance range", False, f"[{low}, {high}] is not a range 1 <= w_min <= w_max; retrain the guide")
+    return Check("trained guidance range", True, f"w in [{low}, {high}]")
+
+
+def _compatibility(guide: GuideModel, unet) -> Check:
+    try:
+        guide.check_compatible(unet)
+    except ValueError as error:
+        return Check("guide fits the UNet", False, str(error))
+    return Check("guide fits the UNet", True, "in_channels, cross_attention_dim, block_out_channels and layers_per_block match")
+
+
+def _residuals(guide: GuideModel, unet) -> Check:
+    """The widths the guide's projections emit must be the UNet's skip-connection widths, one for one."""
+    expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
+    emitted = [conv.out_channels for conv in guide.down_projections]
+    mid_expected, mid_emitted = unet.config.block_out_channels[-1], guide.mid_projection.out_channels
+    if emitted != expected or mid_emitted != mid_expected:
+        detail = f"the guide emits {emitted} + mid {mid_emitted}, the UNet takes {expected} + mid {mid_expected}; retrain the guide"
+        return Check("residuals", False, detail)
+    return Check("residuals", True, f"{len(expected)} skip residuals + 1 mid residual with the UNet's widths")
+
+
+def _one_line(text: Exception | str) -> str:
+    return " ".join(str(text).split())

@@ -1,0 +1,51 @@
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from pnpguide.distill_steps import StepDistillConfig, ddim_step, distill_steps, next_timestep, predicted_x0, step_schedule
+from pnpguide.guide import GuideModel
+
+
+@pytest.fixture
+def tiny_pair(tiny_components, tmp_path):
+    pipe = StableDiffusionPipeline(**tiny_components)
+    pipe.save_pretrained(tmp_path / "base")
+    GuideModel.from_unet(pipe.unet, "tiny").save_pretrained(tmp_path / "guide")
+    return tmp_path / "base", tmp_path / "guide"
+
+
+def test_ddim_step_with_the_true_x0_and_noise_is_exact():
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    a, s, a2, s2 = torch.tensor(0.6), torch.tensor(0.8), torch.tensor(0.8), torch.tensor(0.6)
+    z = a * x0 + s * eps
+    torch.testing.assert_close(ddim_step(x0, z, a, s, a2, s2), a2 * x0 + s2 * eps)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_x0_inverts_both_parametrisations(prediction_type):
+    x0, eps = torch.randn(2, 4), torch.randn(2, 4)
+    a, s = torch.tensor(0.6), torch.tensor(0.8)
+    output = eps if prediction_type == "epsilon" else a * eps - s * x0
+    torch.testing.assert_close(predicted_x0(output, a * x0 + s * eps, a, s, prediction_type), x0)
+
+
+def test_next_timestep_follows_ddim_and_ends_at_minus_one(tiny_components):
+    grid = step_schedule(tiny_components["scheduler"].config, 4)
+    assert grid[0] == 999
+    assert next_timestep(grid, 1000, 4).tolist()[-1] == -1
+
+
+def test_each_round_halves_the_steps_and_records_them(tiny_pair, tmp_path):
+    base, guide = tiny_pair
+    config = StepDistillConfig(
+        output_dir=str(tmp_path / "steps"), base=str(base), guide=str(guide), teacher_steps=8, student_steps=2,
+        max_steps=3, batch_size=4, num_samples=16, lr_warmup_steps=0,
+    )
+    saved = distill_steps(config)
+    assert sorted(saved) == [2, 4]
+    assert tuple(GuideModel.from_pretrained(saved[2]).config.trained_step_counts) == (2,)
+
+
+def test_student_steps_must_be_a_halving_of_teacher_steps():
+    with pytest.raises(ValueError, match="halved one or more times"):
+        StepDistillConfig(teacher_steps=32, student_steps=12)

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_unet
+from pnpguide import doctor
+from pnpguide.doctor import Check, check_pair, format_checks
+from pnpguide.guide import GuideModel
+
+ALL_CHECKS = ["base folder", "guide files", "base loads offline", "prediction type", "trained guidance range", "guide fits the UNet", "residuals"]
+
+
+def _save_guide(unet, path, trained_guidance_range=(2.0, 9.0)):
+    guide = GuideModel.from_unet(unet, "tiny")
+    guide.register_to_config(trained_guidance_range=trained_guidance_range)
+    guide.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def guide_dir(tiny_components, tmp_path):
+    return _save_guide(tiny_components["unet"], tmp_path / "guide")
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    return {check.name: check for check in checks}
+
+
+def test_a_matching_pair_passes_every_check(tiny_base_dir, guide_dir):
+    checks = check_pair(tiny_base_dir, guide_dir)
+    assert sorted(c.name for c in checks) == sorted(ALL_CHECKS)
+    assert all(c.ok for c in checks), format_checks(checks)
+    assert _by_name(checks)["trained guidance range"].detail == "w in [2.0, 9.0]"
+    assert _by_name(checks)["prediction type"].detail == "v_prediction"
+
+
+def test_a_guide_for_another_unet_fails_naming_the_mismatch(tiny_base_dir, tmp_path):
+    foreign = _save_guide(tiny_unet(cross_attention_dim=48), tmp_path / "foreign")
+    checks = _by_name(check_pair(tiny_base_dir, foreign))
+    assert not checks["guide fits the UNet"].ok
+    assert "guide built for cross_attention_dim=48, this UNet has 32" in checks["guide fits the UNet"].detail
+    assert checks["base loads offline"].ok and checks["guide files"].ok  # the other checks still run
+    report = format_checks(list(checks.values())).splitlines()
+    assert "FAIL guide fits the UNet: guide built for cross_attention_dim=48, this UNet has 32; retrain or pick the matching guide" in report
+
+
+def test_residual_widths_that_do_not_match_the_unet_fail(unet):
+    """A second line of defence behind check_compatible: the projections the guide really has, against the UNet."""
+    guide = GuideModel.from_unet(unet, "tiny")
+    assert doctor._residuals(guide, unet).ok
+    guide.down_projections[-1] = torch.nn.Conv2d(guide.down_projections[-1].in_channels, 48, 1)
+    check = doctor._residuals(guide, unet)
+    assert not check.ok and "the guide emits [16, 16, 16, 48] + mid 32, the UNet takes [16, 16, 16, 32] + mid 32" in check.detail
+
+
+def test_pickle_weights_fail_and_are_never_unpickled(tiny_base_dir, guide_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tiny_base_dir / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # diffusers would fall back to the .bin
+    torch.save({"x": Payload()}, tiny_base_dir / "unet" / "diffusion_pytorch_model.bin")
+    torch.save({"x": Payload()}, guide_dir / "diffusion_pytorch_model.bin")
+    checks = _by_name(check_pair(tiny_base_dir, guide_dir))
+    assert not checks["base folder"].ok and "unet/diffusion_pytorch_model.bin" in checks["base folder"].detail
+    assert not checks["guide files"].ok and "never unpickles" in checks["guide files"].detail
+    assert set(checks) == {"base folder", "guide files"}  # nothing was loaded from either folder
+    assert not marker.exists()
+
+
+def test_missing_or_broken_folders_are_reported_not_raised(tmp_path, tiny_base_dir):
+    checks = _by_name(check_pair(tmp_path / "no-base", tmp_path / "no-guide"))
+    assert "does not exist" in checks["base folder"].detail and "does not exist" in checks["guide files"].detail
+    (tiny_base_dir / "model_index.json").write_text("{oops")
+    detail = _by_name(check_pair(tiny_base_dir, tmp_path / "no-guide"))["base folder"].detail
+    assert detail.startswith(f"{tiny_base_dir / 'model_index.json'} is not valid JSON")
+
+
+def test_an_unsupported_prediction_type_fails(tiny_base_dir, guide_dir):
+    config_file = tiny_base_dir / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"prediction_type": "sample"}))
+    check = _by_name(check_pair(tiny_base_dir, guide_dir))["prediction type"]
+    assert not check.ok and "'sample' is not supported" in check.detail
+
+
+def test_an_untrained_guide_has_no_guidance_range(tiny_base_dir, tiny_components, tmp_path):
+    untrained = _save_guide(tiny_components["unet"], tmp_path / "untrained", trained_guidance_range=None)
+    check = _by_name(check_pair(tiny_base_dir, untrained))["trained guidance range"]
+    assert not check.ok and "not recorded" in check.detail
+
+
+def test_defaults_are_the_embedded_base_and_the_shipped_tiny_guide(monkeypatch, tiny_base_dir, guide_dir):
+    monkeypatch.setattr(doctor, "default_base_dir", lambda: tiny_base_dir)
+    monkeypatch.setattr(doctor, "default_guide_dir", lambda size: guide_dir if size == "tiny" else None)
+    assert all(c.ok for c in check_pair())
+
+
+def test_the_report_has_one_line_per_check():
+    checks = [Check("a", True, "fine"), Check("b", False, "broken\nacross lines")]
+    assert format_checks(checks) == "OK   a: fine\nFAIL b: broken across lines"

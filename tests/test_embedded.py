@@ -1,0 +1,42 @@
+"""Integration tests on the shipped embedded model and guides (CPU, a few seconds each)."""
+
+import numpy as np
+import pytest
+
+from pnpguide import data
+from pnpguide.demo import run_demo
+from pnpguide.evaluation.adherence import adherence
+from pnpguide.evaluation.sampling import generate_images, psnr
+from pnpguide.loading import default_guide_dir, load_plug_and_play
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_plug_and_play()
+
+
+def test_shipped_guides_fit_the_embedded_base(pipe):
+    for size in ("tiny", "full"):
+        assert (default_guide_dir(size) / "config.json").is_file()
+    low, high = pipe.guide.config.trained_guidance_range
+    assert low <= 7.5 <= high
+
+
+def test_shipped_tiny_guide_is_closer_to_the_teacher_than_no_guidance(pipe):
+    captions = data.heldout_captions(6, objects=1) + data.heldout_captions(6, objects=2)
+    teacher = generate_images(pipe, captions, 7.5, 16, seed=3, mode="cfg", progress=False)
+    guided = generate_images(pipe, captions, 7.5, 16, seed=3, mode="guide", progress=False)
+    unguided = generate_images(pipe, captions, 7.5, 16, seed=3, mode="none", progress=False)
+    guided_psnr = np.mean([min(psnr(g, t), 60) for g, t in zip(guided, teacher)])
+    unguided_psnr = np.mean([min(psnr(u, t), 60) for u, t in zip(unguided, teacher)])
+    assert guided_psnr > unguided_psnr + 3
+    assert adherence(guided, captions) >= adherence(teacher, captions) - 0.2
+
+
+def test_demo_writes_a_grid_and_counts_unet_evaluations(tmp_path):
+    grid, timings = run_demo(tmp_path, steps=4)
+    assert grid.is_file()
+    evals = {t.label: t.unet_images_per_image for t in timings}
+    assert evals == {"no guidance (w=1)": 4, "CFG teacher": 8, "guide": 4}
