@@ -11,15 +11,17 @@ pnpguide --threads 2 train-vae --output-dir runs/vae --max-steps 1200 --checkpoi
 
 # 2. text-to-image UNet on cached latents, v-prediction, 10% empty captions, EMA (~55 min)
 pnpguide --threads 2 train-base --vae-dir runs/vae/vae --output-dir runs/base --max-steps 4500
-rm -rf "$ASSETS/base" && cp -r runs/base/pipeline "$ASSETS/base"
+python scripts/ship_base.py runs/base/pipeline
 
+# 3. and 4. run as two single-threaded tracks side by side (the 2 cores are used better that way)
 # 3. fine-tunes the guide is later plugged into: a full UNet fine-tune (pastel) and a LoRA (outline)
-pnpguide --threads 2 finetune --base "$ASSETS/base" --style pastel --method full --output-dir runs/ft-pastel --max-steps 600
-pnpguide --threads 2 finetune --base "$ASSETS/base" --style outline --method lora --learning-rate 1e-3 --output-dir runs/lora-outline --max-steps 600
+pnpguide --threads 1 finetune --base "$ASSETS/base" --style pastel --method full --output-dir runs/ft-pastel --max-steps 400 --batch-size 32
+pnpguide --threads 1 finetune --base "$ASSETS/base" --style outline --method lora --learning-rate 1e-3 --output-dir runs/lora-outline --max-steps 400 --batch-size 32
 python scripts/ship_finetunes.py runs/ft-pastel/pipeline runs/lora-outline/lora
 
-# 4. guides for the embedded base
-pnpguide --threads 2 distill --size tiny --output-dir runs/guide-tiny
-pnpguide --threads 2 distill --size full --learning-rate 2e-4 --output-dir runs/guide-full
+# 4. guides for the embedded base (x_t from noised dataset latents), and a tiny guide from teacher trajectories to compare
+pnpguide --threads 1 distill --size tiny --output-dir runs/guide-tiny --max-steps 1200
+pnpguide --threads 1 distill --size full --learning-rate 3e-4 --output-dir runs/guide-full --max-steps 600
+pnpguide --threads 1 distill --size tiny --source trajectories --output-dir runs/guide-tiny-traj --max-steps 800
 mkdir -p "$ASSETS/guides" && rm -rf "$ASSETS/guides/tiny" "$ASSETS/guides/full"
 cp -r runs/guide-tiny/guide "$ASSETS/guides/tiny" && cp -r runs/guide-full/guide "$ASSETS/guides/full"

@@ -1,0 +1,18 @@
+"""Copy a trained base pipeline into the package as the embedded default, re-saved by the current code.
+
+The text encoder is frozen during training, so it is rebuilt from the installed all-MiniLM-L6-v2
+(same pruned weights, plus the unused pooler that keeps transformers from warning about missing keys).
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+from pnpguide import components
+from pnpguide.base import default_base_dir, load_pipeline, save_pipeline
+
+if __name__ == "__main__":
+    pipe = load_pipeline(Path(sys.argv[1]))
+    pipe.tokenizer, pipe.text_encoder = components.build_text_encoder()
+    shutil.rmtree(default_base_dir(), ignore_errors=True)
+    print(save_pipeline(pipe, default_base_dir()))
