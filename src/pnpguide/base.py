@@ -43,7 +43,8 @@ def load_pipeline(
     path = check_model_dir(path or default_base_dir())
     try:
         # use_safetensors: never fall back to unpickling a .bin file, which can run arbitrary code
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+        dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default; the kwarg is being renamed
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
     if lora is not None:

@@ -19,6 +19,8 @@ class FidelityRow:
     teacher_adherence: float
     guide_adherence: float
     psnr_db: float  # mean PSNR of guide images against teacher images from the same seeds
+    unguided_adherence: float  # the baseline the guide should beat: no guidance (w = 1)
+    unguided_psnr_db: float
 
     @property
     def adherence_ratio(self) -> float:
@@ -33,6 +35,7 @@ def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: li
         for w in scales:
             teacher = generate_images(pipe, captions, w, steps, seed, mode="cfg")
             guided = generate_images(pipe, captions, w, steps, seed, mode="guide")
+            unguided = generate_images(pipe, captions, 1.0, steps, seed, mode="none")
             rows.append(
                 FidelityRow(
                     guidance_scale=w,
@@ -40,17 +43,29 @@ def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: li
                     images=len(captions),
                     teacher_adherence=adherence(teacher, captions, style),
                     guide_adherence=adherence(guided, captions, style),
-                    psnr_db=float(np.mean([min(psnr(a, b), 60.0) for a, b in zip(guided, teacher)])),
+                    psnr_db=_mean_psnr(guided, teacher),
+                    unguided_adherence=adherence(unguided, captions, style),
+                    unguided_psnr_db=_mean_psnr(unguided, teacher),
                 )
             )
     return rows
 
 
+def _mean_psnr(images, references) -> float:
+    """Mean PSNR, each image's capped at 60 dB so that one identical pair cannot dominate."""
+    return float(np.mean([min(psnr(a, b), 60.0) for a, b in zip(images, references)]))
+
+
 def fidelity_markdown(rows: list[FidelityRow], title: str) -> str:
-    lines = [f"**{title}**", "", "| w | steps | images | teacher adherence | guide adherence | guide / teacher | PSNR vs teacher (dB) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{title}**",
+        "",
+        "| w | steps | images | teacher adherence | guide adherence | guide / teacher | guide PSNR vs teacher (dB) | no-guidance adherence | no-guidance PSNR vs teacher (dB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r.guidance_scale} | {r.steps} | {r.images} | {r.teacher_adherence:.3f} | {r.guide_adherence:.3f} | "
-            f"{r.adherence_ratio:.3f} | {r.psnr_db:.1f} |"
+            f"{r.adherence_ratio:.3f} | {r.psnr_db:.1f} | {r.unguided_adherence:.3f} | {r.unguided_psnr_db:.1f} |"
         )
     return "\n".join(lines)
