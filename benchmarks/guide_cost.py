@@ -41,7 +41,8 @@ def compute_table(models: dict[str, UNet2DConditionModel], tokens: dict[str, int
     print("|---|---|---|---|---|---|---|---|")
     for name, unet in models.items():
         for size in ("tiny", "full"):
-            guide = GuideModel.from_unet(unet, size)
+            with torch.device(unet.device):  # meta for the big configs: FLOPs need shapes only
+                guide = GuideModel.from_unet(unet, size)
             cost = step_cost(unet, guide, tokens=tokens[name])
             print(
                 f"| {name} | {parameter_count(unet) / 1e6:.1f}M | {size} | {parameter_count(guide) / 1e6:.2f}M | "

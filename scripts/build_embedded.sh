@@ -19,9 +19,9 @@ pnpguide --threads 1 finetune --base "$ASSETS/base" --style pastel --method full
 pnpguide --threads 1 finetune --base "$ASSETS/base" --style outline --method lora --learning-rate 1e-3 --output-dir runs/lora-outline --max-steps 400 --batch-size 32
 python scripts/ship_finetunes.py runs/ft-pastel/pipeline runs/lora-outline/lora
 
-# 4. guides for the embedded base (x_t from noised dataset latents), and a tiny guide from teacher trajectories to compare
+# 4. guides for the embedded base (x_t from noised dataset latents), and a full guide from teacher trajectories to compare the sources
 pnpguide --threads 1 distill --size tiny --output-dir runs/guide-tiny --max-steps 1200
 pnpguide --threads 1 distill --size full --learning-rate 3e-4 --output-dir runs/guide-full --max-steps 600
-pnpguide --threads 1 distill --size tiny --source trajectories --output-dir runs/guide-tiny-traj --max-steps 800
-mkdir -p "$ASSETS/guides" && rm -rf "$ASSETS/guides/tiny" "$ASSETS/guides/full"
-cp -r runs/guide-tiny/guide "$ASSETS/guides/tiny" && cp -r runs/guide-full/guide "$ASSETS/guides/full"
+pnpguide --threads 1 distill --size full --learning-rate 3e-4 --source trajectories --output-dir runs/guide-full-traj --max-steps 600
+python scripts/ship_guide.py runs/guide-tiny/guide "$ASSETS/guides/tiny"
+python scripts/ship_guide.py runs/guide-full/guide "$ASSETS/guides/full"
