@@ -255,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()  # its "expected CLIPTextModel" warning is noise for a BERT text encoder
+    diffusers_logging.disable_progress_bar()  # component-loading bars; our own bars (training, sampling) stay
+    transformers_logging.disable_progress_bar()
     try:
         return args.handler(args) or 0
     except USER_ERRORS as error:

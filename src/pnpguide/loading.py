@@ -39,8 +39,8 @@ def load_guide(path: str | Path) -> GuideModel:
 
 def load_plug_and_play(base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None) -> PlugAndPlayPipeline:
     """Base SD folder (default: embedded) + guide folder (default: the shipped tiny guide) + optional LoRA."""
+    guide_model = load_guide(guide or default_guide_dir("tiny"))  # first: a bad guide path fails before the slow part
     sd = load_pipeline(base, lora)
-    guide_model = load_guide(guide or default_guide_dir("tiny"))
     guide_model.check_compatible(sd.unet)
     pipe = PlugAndPlayPipeline.from_pipe(sd, guide=guide_model)
     pipe.set_progress_bar_config(disable=True)
