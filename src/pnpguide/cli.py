@@ -179,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="one image from a prompt, with the guide (default), CFG or no guidance")
     p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
-    p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
+    _add_pipeline_flags(p)
     p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: 1 UNet pass per step; cfg: 2; none: w=1")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     p.add_argument("--w", type=float, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
@@ -189,30 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")
     p.set_defaults(handler=cmd_generate)
 
-    p = sub.add_parser("distill", help="stage 1: train a guide so one UNet pass matches CFG (the base stays frozen)")
-    add_config_flags(p, GuidanceDistillConfig)
-    p.set_defaults(handler=cmd_distill)
-
-    p = sub.add_parser("distill-steps", help="stage 2: progressive step distillation of a guide (32 -> 16 -> 8 steps)")
-    add_config_flags(p, StepDistillConfig)
-    p.set_defaults(handler=cmd_distill_steps)
-
-    p = sub.add_parser("train-vae", help="train the embedded model's VAE on the shapes data (all styles)")
-    add_config_flags(p, VAETrainConfig)
-    p.set_defaults(handler=cmd_train_vae)
-
-    p = sub.add_parser("train-base", help="train the embedded text-to-image UNet (needs a VAE from train-vae)")
-    add_config_flags(p, BaseTrainConfig)
-    p.set_defaults(handler=cmd_train_base)
-
-    p = sub.add_parser("finetune", help="fine-tune a base on another style: the whole UNet or a LoRA")
-    add_config_flags(p, FinetuneConfig)
-    p.set_defaults(handler=cmd_finetune)
+    training_commands = (
+        ("distill", "stage 1: train a guide so one UNet pass matches CFG (the base stays frozen)", GuidanceDistillConfig, cmd_distill),
+        ("distill-steps", "stage 2: progressive step distillation of a guide (32 -> 16 -> 8 steps)", StepDistillConfig, cmd_distill_steps),
+        ("train-vae", "train the embedded model's VAE on the shapes data (all styles)", VAETrainConfig, cmd_train_vae),
+        ("train-base", "train the embedded text-to-image UNet (needs a VAE from train-vae)", BaseTrainConfig, cmd_train_base),
+        ("finetune", "fine-tune a base on another style: the whole UNet or a LoRA", FinetuneConfig, cmd_finetune),
+    )
+    for name, help_text, config_class, handler in training_commands:
+        p = sub.add_parser(name, help=help_text)
+        add_config_flags(p, config_class)
+        p.set_defaults(handler=handler)
 
     p = sub.add_parser("fidelity", help="guide vs its CFG teacher on held-out captions: adherence and PSNR")
-    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
-    p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
+    _add_pipeline_flags(p)
     p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette (default: flat)")
     p.add_argument("--prompts", type=int, default=40, help="held-out captions per object count (default: 40)")
     p.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales (default: 3 5 7.5)")
@@ -221,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_fidelity)
 
     p = sub.add_parser("doctor", help="check that a base folder and a guide fit together (exit 1 if not)")
-    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    _add_pipeline_flags(p, lora=False)
     p.set_defaults(handler=cmd_doctor)
 
     p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
@@ -241,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales")
     p.set_defaults(handler=cmd_base_adherence)
     return parser
+
+
+def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
+    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
+    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    if lora:
+        p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
