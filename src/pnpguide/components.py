@@ -102,7 +102,3 @@ def build_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
         set_alpha_to_one=False,
         timestep_spacing="trailing",
     )
-
-
-def parameter_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
