@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import os
 import re
 import sys
 import typing
 from pathlib import Path
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # OSError covers missing and unreadable files
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "CLIPImageProcessor requires torchvision": not ours to act on
 
 
 def field_comments(config_class) -> dict[str, str]:
