@@ -51,8 +51,17 @@ class GuidanceDistillConfig(TrainingConfig):
             raise ValueError(f"size must be one of {GUIDE_SIZES}, got {self.size!r}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
-        if not 1.0 <= self.w_min <= self.w_max <= 14.0:
-            raise ValueError(f"need 1 <= w_min <= w_max <= 14, got w_min={self.w_min}, w_max={self.w_max}")
+        check_guidance_range(self.w_min, self.w_max)
+
+
+def check_guidance_range(w_min: float, w_max: float) -> None:
+    if not 1.0 <= w_min <= w_max <= 14.0:
+        raise ValueError(f"need 1 <= w_min <= w_max <= 14, got w_min={w_min}, w_max={w_max}")
+
+
+def sample_guidance_scales(count: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
+    """(count,) guidance scales w ~ U[w_min, w_max]: the guide learns every w of the range, not a few."""
+    return w_min + (w_max - w_min) * torch.rand(count, generator=generator)
 
 
 @dataclass
@@ -92,7 +101,7 @@ def teacher_trajectories(pipe, embeddings, config: GuidanceDistillConfig) -> Noi
     for start in tqdm(range(0, config.trajectories, 64), desc="teacher trajectories"):
         n = min(64, config.trajectories - start)
         prompt_ids = torch.randint(len(embeddings) - 1, (n,), generator=generator)
-        w = config.w_min + (config.w_max - config.w_min) * torch.rand(n, generator=generator)
+        w = sample_guidance_scales(n, config.w_min, config.w_max, generator)
         x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             states.append(x.cpu()), ids.append(prompt_ids), times.append(t.expand(n)), scales.append(w)
@@ -107,7 +116,7 @@ def _noisy_batch(states: NoisyStates, rows: torch.Tensor, scheduler, config: Gui
         latents = states.latents[rows]
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
         sample = scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), timesteps)
-        w = config.w_min + (config.w_max - config.w_min) * torch.rand(len(rows), generator=generator)
+        w = sample_guidance_scales(len(rows), config.w_min, config.w_max, generator)
     else:
         sample, timesteps, w = states.latents[rows], states.timesteps[rows], states.guidance[rows]
     return {"sample": sample, "timesteps": timesteps, "prompt_ids": states.prompt_ids[rows], "guidance_scale": w}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from .base import cache_dataset, load_pipeline
-from .distill_guidance import freeze
+from .distill_guidance import check_guidance_range, freeze, sample_guidance_scales
 from .guide import GuideModel
 from .loading import default_guide_dir, load_guide
 from .teacher import guided_noise_pred
@@ -47,8 +47,7 @@ class StepDistillConfig(TrainingConfig):
             n //= 2
         if n != self.student_steps or self.student_steps < 1:
             raise ValueError(f"student_steps ({self.student_steps}) must be teacher_steps ({self.teacher_steps}) halved one or more times")
-        if not 1.0 <= self.w_min <= self.w_max <= 14.0:
-            raise ValueError(f"need 1 <= w_min <= w_max <= 14, got w_min={self.w_min}, w_max={self.w_max}")
+        check_guidance_range(self.w_min, self.w_max)
 
 
 def step_schedule(scheduler_config, num_steps: int) -> torch.Tensor:
@@ -132,7 +131,7 @@ def _round_batch(cached, pipe, student_grid, steps: int, config, generator) -> d
     t_mid, t_next = next_timestep(t, total, 2 * steps), next_timestep(t, total, steps)
     noise = torch.randn(base["latents"].shape, generator=generator)
     sample = pipe.scheduler.add_noise(base["latents"], noise, t)
-    w = config.w_min + (config.w_max - config.w_min) * torch.rand(config.batch_size, generator=generator)
+    w = sample_guidance_scales(config.batch_size, config.w_min, config.w_max, generator)
     return {"sample": sample, "t": t, "t_mid": t_mid, "t_next": t_next, "prompt_embeds": base["prompt_embeds"], "w": w}
 
 

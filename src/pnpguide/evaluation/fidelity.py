@@ -32,10 +32,11 @@ def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: li
     captions = data.heldout_captions(prompts, objects=1) + data.heldout_captions(prompts, objects=2)
     rows = []
     for steps in steps_list:
+        unguided = generate_images(pipe, captions, 1.0, steps, seed, mode="none")  # the same for every w
+        unguided_adherence = adherence(unguided, captions, style)
         for w in scales:
             teacher = generate_images(pipe, captions, w, steps, seed, mode="cfg")
             guided = generate_images(pipe, captions, w, steps, seed, mode="guide")
-            unguided = generate_images(pipe, captions, 1.0, steps, seed, mode="none")
             rows.append(
                 FidelityRow(
                     guidance_scale=w,
@@ -44,7 +45,7 @@ def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: li
                     teacher_adherence=adherence(teacher, captions, style),
                     guide_adherence=adherence(guided, captions, style),
                     psnr_db=_mean_psnr(guided, teacher),
-                    unguided_adherence=adherence(unguided, captions, style),
+                    unguided_adherence=unguided_adherence,
                     unguided_psnr_db=_mean_psnr(unguided, teacher),
                 )
             )
