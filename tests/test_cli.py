@@ -45,3 +45,13 @@ def test_generate_writes_an_image_with_the_shipped_guide(tmp_path):
     out = tmp_path / "x.png"
     assert main(["generate", "--prompt", "a red circle above a blue square on a black background", "--steps", "8", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_list_flags_repeat_or_take_several_values_and_default_when_absent():
+    from pnpguide.cli import build_parser, config_from_args
+    from pnpguide.evaluation.evaluate import EvalConfig
+
+    parser = build_parser()
+    config = config_from_args(EvalConfig, parser.parse_args(["eval", "--base", "a", "--base", "b", "c", "--steps", "8", "16"]))
+    assert config.base == ["a", "b", "c"] and config.steps == [8, 16]
+    assert config_from_args(EvalConfig, parser.parse_args(["eval"])).base == ["embedded"]

@@ -101,3 +101,26 @@ def test_w_outside_the_trained_range_warns(tiny_components):
     pipe.guide.register_to_config(trained_guidance_range=(2.0, 9.0))
     with pytest.warns(UserWarning, match="outside the range"):
         _run(pipe, guidance_scale=12.0)
+
+
+def _step_distilled(components, steps=(4,)):
+    pipe = _pipe(components, trained=True)
+    ddim = {k: v for k, v in components["scheduler"].config.items() if not k.startswith("_")}
+    pipe.guide.register_to_config(trained_step_counts=steps, trained_schedule=ddim)
+    return pipe
+
+
+def test_step_distilled_guide_samples_on_its_own_ddim_schedule_whatever_the_scheduler(tiny_components):
+    on_ddim = _run(_step_distilled(tiny_components), guidance_scale=5.0)
+    pipe = _step_distilled(tiny_components)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # init_noise_sigma != 1
+    np.testing.assert_allclose(_run(pipe, guidance_scale=5.0), on_ddim, atol=1e-5)
+    euler_cfg = _run(pipe, guidance_scale=5.0, mode="cfg", output_type="latent")  # other modes keep the user's scheduler
+    ddim_cfg = _run(_step_distilled(tiny_components), guidance_scale=5.0, mode="cfg", output_type="latent")
+    assert not torch.allclose(euler_cfg, ddim_cfg, atol=1e-3)
+
+
+def test_step_distilled_guide_warns_at_other_step_counts(tiny_components):
+    pipe = _step_distilled(tiny_components, steps=(4,))
+    with pytest.warns(UserWarning, match=r"step-distilled for \[4\] DDIM steps, not 3"):
+        _run(pipe, guidance_scale=5.0, num_inference_steps=3)

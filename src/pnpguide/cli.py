@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import re
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -24,22 +25,41 @@ def field_comments(config_class) -> dict[str, str]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
-    """One flag per dataclass field, so each default lives in the config alone (guided-diffusion's idea)."""
+    """One flag per dataclass field, so each default lives in the config alone (guided-diffusion's idea).
+
+    List fields take one or more values and may be repeated (`--base a --base b` = `--base a b`)."""
     hints = typing.get_type_hints(config_class)
     comments = field_comments(config_class)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = f"{comments.get(field.name, field.name.replace('_', ' '))} (default: {field.default})".replace("%", "%%")
+        default = _default(field)
+        help_text = f"{comments.get(field.name, field.name.replace('_', ' '))} (default: {default})".replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        base = _without_none(kind)
+        if typing.get_origin(base) is list:
+            parser.add_argument(flag, type=typing.get_args(base)[0], nargs="+", action="extend", default=None, help=help_text)
         else:
-            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
-            parser.add_argument(flag, type=base, default=field.default, help=help_text)
+            parser.add_argument(flag, type=base, default=default, help=help_text)
+
+
+def _without_none(kind):
+    """`X | None` -> X; anything else unchanged."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return next(t for t in typing.get_args(kind) if t is not type(None))
+    return kind
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def config_from_args(config_class, args: argparse.Namespace):
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+    """The config from parsed flags; list flags left out keep the config's default."""
+    fields = dataclasses.fields(config_class)
+    return config_class(**{f.name: _default(f) if getattr(args, f.name) is None else getattr(args, f.name) for f in fields})
 
 
 def _threads(args) -> None:
@@ -71,6 +91,15 @@ def cmd_finetune(args) -> None:
     config = config_from_args(FinetuneConfig, args)
     path = finetune(config)
     print(f"fine-tune saved to {path}")
+
+
+def cmd_train_features(args) -> None:
+    from .evaluation.features import FeatureTrainConfig, attribute_accuracy, train_features
+
+    config = config_from_args(FeatureTrainConfig, args)
+    model = train_features(config)
+    print("held-out attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in attribute_accuracy(model).items()))
+    print(f"feature network saved to {Path(config.output_dir) / 'features'}")
 
 
 def cmd_distill(args) -> None:
@@ -126,6 +155,20 @@ def cmd_fidelity(args) -> None:
     print(fidelity_markdown(rows, name))
 
 
+def cmd_eval(args) -> None:
+    import json
+
+    from .evaluation.evaluate import EvalConfig, run_eval, summary
+
+    config = config_from_args(EvalConfig, args)
+    result = run_eval(config)
+    if args.json:
+        print(json.dumps(summary(result), indent=2))
+    else:
+        print((Path(config.out_dir) / "report.md").read_text())
+        print(f"report, plots and grids written to {config.out_dir}/")
+
+
 def cmd_doctor(args) -> int:
     from .doctor import check_pair, format_checks
 
@@ -161,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .base import BaseTrainConfig, VAETrainConfig
     from .distill_guidance import GuidanceDistillConfig
     from .distill_steps import StepDistillConfig
+    from .evaluation.evaluate import EvalConfig
+    from .evaluation.features import FeatureTrainConfig
     from .finetune import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="pnpguide", description=__doc__)
@@ -191,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-vae", "train the embedded model's VAE on the shapes data (all styles)", VAETrainConfig, cmd_train_vae),
         ("train-base", "train the embedded text-to-image UNet (needs a VAE from train-vae)", BaseTrainConfig, cmd_train_base),
         ("finetune", "fine-tune a base on another style: the whole UNet or a LoRA", FinetuneConfig, cmd_finetune),
+        ("train-features", "train the FID feature network on the shapes data (all styles)", FeatureTrainConfig, cmd_train_features),
     )
     for name, help_text, config_class, handler in training_commands:
         p = sub.add_parser(name, help=help_text)
@@ -205,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-list", type=int, nargs="+", default=[16, 25], help="step counts (default: 16 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=cmd_fidelity)
+
+    p = sub.add_parser("eval", help="FID, adherence, fidelity to CFG, compute and speed of none | cfg | guides; report + plots")
+    add_config_flags(p, EvalConfig)
+    p.add_argument("--json", action="store_true", help="print a JSON summary to stdout instead of the markdown report")
+    p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("doctor", help="check that a base folder and a guide fit together (exit 1 if not)")
     _add_pipeline_flags(p, lora=False)

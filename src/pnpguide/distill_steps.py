@@ -2,8 +2,10 @@
 
 Progressive distillation (Salimans & Ho 2022, Algorithm 2; Meng et al. 2023, stage two): the student
 learns to land, in one DDIM step, where its teacher lands in two. Only the guide is trained, the base
-UNet stays frozen, so the step-distilled guide still plugs into fine-tunes. w stays an input. The first
-teacher is base + stage-1 guide; each later round starts from, and is taught by, the previous student.
+UNet stays frozen, so the step-distilled guide still plugs into fine-tunes. w stays an input. Every
+student starts from the stage-1 guide or the previous student. The first teacher is true CFG (default:
+the stage-1 guide's own error is not passed on) or base + stage-1 guide (`first_teacher="guide"`,
+cheaper); each later round is taught by the previous student.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from .base import cache_dataset, load_pipeline
 from .distill_guidance import check_guidance_range, freeze, sample_guidance_scales
 from .guide import GuideModel
 from .loading import default_guide_dir, load_guide
-from .teacher import guided_noise_pred
+from .teacher import cfg_noise_pred, guided_noise_pred
 from .training import TrainingConfig, copy_ema_into, run_training, save_config
+
+
+FIRST_TEACHERS = ("cfg", "guide")
 
 
 @dataclass
@@ -31,6 +36,7 @@ class StepDistillConfig(TrainingConfig):
     base: str | None = None  # SD folder (default: the embedded model)
     guide: str | None = None  # stage-1 guide to start from (default: the shipped tiny guide)
     teacher_steps: int = 32  # DDIM steps of the first teacher
+    first_teacher: str = "cfg"  # "cfg" (true CFG, two UNet passes) or "guide" (base + the stage-1 guide)
     student_steps: int = 8  # stop when a student samples in this many steps
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention)
@@ -47,6 +53,8 @@ class StepDistillConfig(TrainingConfig):
             n //= 2
         if n != self.student_steps or self.student_steps < 1:
             raise ValueError(f"student_steps ({self.student_steps}) must be teacher_steps ({self.teacher_steps}) halved one or more times")
+        if self.first_teacher not in FIRST_TEACHERS:
+            raise ValueError(f"first_teacher must be one of {FIRST_TEACHERS}, got {self.first_teacher!r}")
         check_guidance_range(self.w_min, self.w_max)
 
 
@@ -85,13 +93,18 @@ def ddim_step(x0, sample, alpha, sigma, alpha_next, sigma_next) -> torch.Tensor:
 
 @dataclass
 class Denoiser:
-    """UNet + a guide as one x0-predictor at a given noise level (k-diffusion's wrapper idea)."""
+    """UNet + a guide (or CFG, guide=None) as one x0-predictor at a given noise level (k-diffusion's wrapper idea)."""
 
     unet: torch.nn.Module
     scheduler_config: dict
+    negative_prompt_embeds: torch.Tensor  # (1, tokens, dim): the empty prompt, for CFG
 
     def x0(self, guide, sample, t, prompt_embeds, w, alpha, sigma) -> torch.Tensor:
-        output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), prompt_embeds, w)
+        if guide is None:
+            negative = self.negative_prompt_embeds.expand_as(prompt_embeds)
+            output = cfg_noise_pred(self.unet, sample, t.clamp(min=0), prompt_embeds, negative, w)
+        else:
+            output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), prompt_embeds, w)
         return predicted_x0(output.float(), sample, alpha, sigma, self.scheduler_config["prediction_type"])
 
 
@@ -123,14 +136,14 @@ def student_loss(denoiser: Denoiser, student, teacher, batch: dict, schedule, fi
     return (weight * (prediction - target) ** 2).mean()
 
 
-def _round_batch(cached, pipe, student_grid, steps: int, config, generator) -> dict:
+def _round_batch(cached, scheduler, student_grid, steps: int, config, generator) -> dict:
     """Dataset latents noised onto a random student timestep, with the teacher's midpoint and the student's next step."""
     base = cached.batch(config.batch_size, generator, caption_dropout=0.0)
     t = student_grid[torch.randint(len(student_grid), (config.batch_size,), generator=generator)]
-    total = pipe.scheduler.config.num_train_timesteps
+    total = scheduler.config.num_train_timesteps
     t_mid, t_next = next_timestep(t, total, 2 * steps), next_timestep(t, total, steps)
     noise = torch.randn(base["latents"].shape, generator=generator)
-    sample = pipe.scheduler.add_noise(base["latents"], noise, t)
+    sample = scheduler.add_noise(base["latents"], noise, t)
     w = sample_guidance_scales(config.batch_size, config.w_min, config.w_max, generator)
     return {"sample": sample, "t": t, "t_mid": t_mid, "t_next": t_next, "prompt_embeds": base["prompt_embeds"], "w": w}
 
@@ -140,28 +153,30 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     save_config(config, config.output_dir)
     pipe = load_pipeline(config.base)
     freeze(pipe)
-    teacher = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
-    teacher.check_compatible(pipe.unet)
+    stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
+    stage1.check_compatible(pipe.unet)
     cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 13)
-    denoiser = Denoiser(pipe.unet, dict(pipe.scheduler.config))
-    schedule = {"alphas_cumprod": pipe.scheduler.alphas_cumprod.float()}
-    final_alpha = float(pipe.scheduler.final_alpha_cumprod)
-    saved, steps = {}, config.teacher_steps
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)  # students sample with DDIM, whatever the base ships
+    schedule_config = {key: value for key, value in ddim.config.items() if not key.startswith("_")}
+    denoiser = Denoiser(pipe.unet, schedule_config, cached.embeddings[-1:])
+    schedule = {"alphas_cumprod": ddim.alphas_cumprod.float()}
+    final_alpha = float(ddim.final_alpha_cumprod)
+    saved, steps, teacher = {}, config.teacher_steps, (None if config.first_teacher == "cfg" else stage1)
     while steps > config.student_steps:
         steps //= 2
-        student_grid = step_schedule(pipe.scheduler.config, steps)
-        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        student_grid = step_schedule(ddim.config, steps)
+        student = copy.deepcopy(stage1 if teacher is None else teacher).train().requires_grad_(True)
         round_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / f"round-{steps}"))
 
         def make_batch(step, generator, student_grid=student_grid, steps=steps):
-            return _round_batch(cached, pipe, student_grid, steps, config, generator)
+            return _round_batch(cached, ddim, student_grid, steps, config, generator)
 
         def compute_loss(model, batch, teacher=teacher):
             return student_loss(denoiser, model, teacher, batch, schedule, final_alpha)
 
         student, ema = run_training(round_config, student, make_batch, compute_loss, description=f"distill-steps {steps * 2}->{steps}")
         student = copy_ema_into(student, ema).eval().requires_grad_(False)
-        student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max))
+        student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max), trained_schedule=schedule_config)
         saved[steps] = Path(config.output_dir) / f"guide-{steps}"
         student.save_pretrained(saved[steps], safe_serialization=True)
         teacher = student

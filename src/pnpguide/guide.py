@@ -63,7 +63,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
     The `unet_*` arguments record the architecture the guide fits, so plugging it into another UNet
     fails with a clear error instead of silently producing garbage. Training records the range of w it
     saw in `trained_guidance_range`, and step distillation the DDIM step counts it was distilled for
-    in `trained_step_counts` (None: any), so the pipeline can warn outside them.
+    in `trained_step_counts` (None: any) with the DDIM scheduler config in `trained_schedule`, so the
+    pipeline samples on the schedule the guide learnt and warns outside it.
     """
 
     @register_to_config
@@ -89,6 +90,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         projection_class_embeddings_input_dim: int | None = None,
         trained_guidance_range: tuple[float, float] | None = None,
         trained_step_counts: tuple[int, ...] | None = None,
+        trained_schedule: dict | None = None,
     ):
         super().__init__()
         layers, heads = _per_block(transformer_layers_per_block, block_out_channels), _per_block(num_attention_heads, block_out_channels)

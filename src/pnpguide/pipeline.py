@@ -6,7 +6,9 @@ import math
 import warnings
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from typing import Callable
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -62,6 +64,15 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
             if step_counts and num_inference_steps not in step_counts:
                 warnings.warn(f"this guide was step-distilled for {list(step_counts)} DDIM steps, not {num_inference_steps}")
 
+    def sampling_scheduler(self, num_inference_steps: int, mode: str, timesteps=None):
+        """The pipeline's scheduler, except for a step-distilled guide at a step count it learnt: it only
+        knows the DDIM schedule it was distilled on (recorded in its config), so that one is used."""
+        if mode != "guide" or timesteps is not None or not self.guide.config.trained_schedule:
+            return self.scheduler
+        if num_inference_steps not in (self.guide.config.trained_step_counts or ()):
+            return self.scheduler
+        return DDIMScheduler.from_config(self.guide.config.trained_schedule)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -81,6 +92,7 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         mode: str | None = None,
+        on_model_output: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionPipeline's, plus `mode`:
 
@@ -88,6 +100,9 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         - "cfg": the classifier-free-guidance teacher, two UNet passes batched as one 2B call;
         - "none": the conditional model alone (the same as any mode at guidance_scale=1).
         `negative_prompt` only affects "cfg": the guide was distilled against the empty prompt.
+        `on_model_output(t, model_input, model_output, prompt_embeds)` is called at every step (evaluation
+        uses it to compare a method with the teacher on the method's own trajectory).
+        A step-distilled guide samples on its own DDIM schedule (see :meth:`sampling_scheduler`).
         """
         mode = mode or ("guide" if self.guide is not None else "cfg")
         mode = "none" if guidance_scale == 1 else mode
@@ -105,22 +120,26 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         )
 
         # 2. timesteps and initial noise, exactly as StableDiffusionPipeline prepares them
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
+        latents = latents * (scheduler.init_noise_sigma / self.scheduler.init_noise_sigma)  # prepare_latents used self.scheduler's
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 3. denoising loop: one model call per step, whichever mode
         for t in self.progress_bar(timesteps):
-            model_input = self.scheduler.scale_model_input(latents, t)
+            model_input = scheduler.scale_model_input(latents, t)
             if mode == "guide":
                 noise_pred = guided_noise_pred(self.unet, self.guide, model_input, t, prompt_embeds, guidance_scale)
             elif mode == "cfg":
                 noise_pred = cfg_noise_pred(self.unet, model_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
             else:
                 noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
-            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            if on_model_output is not None:
+                on_model_output(t, model_input, noise_pred, prompt_embeds)
+            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
         # 4. decode
         if output_type == "latent":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import statistics
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,7 +60,9 @@ class StepCost:
 
 @torch.no_grad()
 def step_cost(unet, guide, tokens: int | None = None, sample_size: int | None = None) -> StepCost:
-    """Count FLOPs of the CFG teacher and the guided student for one image and step (attention counted)."""
+    """Count FLOPs of the CFG teacher and the guided student for one image and step (attention counted).
+
+    With `guide=None` only the UNet is counted (`StepCost.guide` is 0)."""
     size = sample_size or unet.config.sample_size
     tokens = tokens or 77
     param = next(unet.parameters())
@@ -66,9 +71,9 @@ def step_cost(unet, guide, tokens: int | None = None, sample_size: int | None = 
     t = torch.tensor([500], device=param.device)
     added = _sdxl_conditioning(unet, param)
     doubled = {k: torch.cat([v, v]) for k, v in added.items()} if added else None
-    with plain_attention(unet, guide):
+    with plain_attention(*[m for m in (unet, guide) if m is not None]):
         unet_flops = count_flops(lambda: unet(sample, t, embeds, added_cond_kwargs=added))
-        both = count_flops(lambda: guided_noise_pred(unet, guide, sample, t, embeds, 5.0, added_cond_kwargs=added))
+        both = unet_flops if guide is None else count_flops(lambda: guided_noise_pred(unet, guide, sample, t, embeds, 5.0, added_cond_kwargs=added))
         teacher = count_flops(lambda: cfg_noise_pred(unet, sample, t, embeds, embeds, 5.0, added_cond_kwargs=doubled))
     assert abs(teacher - 2 * unet_flops) <= 0.01 * teacher, "the teacher should cost two UNet evaluations"
     return StepCost(unet=unet_flops, guide=both - unet_flops, tokens=tokens)
@@ -95,11 +100,21 @@ class UNetCallCounter:
 
     def __init__(self, unet):
         self.calls = self.images = 0
+        self.counting = True  # off while evaluation makes calls that are not the method's cost
         self._handle = unet.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output):
-        self.calls += 1
-        self.images += args[0].shape[0]
+        if self.counting:
+            self.calls += 1
+            self.images += args[0].shape[0]
+
+    @contextmanager
+    def paused(self):
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     def close(self):
         self._handle.remove()
@@ -117,3 +132,54 @@ def median_seconds(fn, repeats: int = 3, warmup: int = 1) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def peak_memory_bytes(fn) -> int:
+    """Memory `fn()` needs above what was in use before it: CUDA's allocator peak, or on the CPU the peak of
+    the C heap in use (glibc's mallinfo2, where torch's CPU tensors live) sampled every 2 ms; 0 where neither exists."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = _heap_bytes()
+    peak, done = [before], threading.Event()
+
+    def watch():  # torch releases the GIL inside its kernels, so this thread gets to sample during them
+        while not done.is_set():
+            peak[0] = max(peak[0], _heap_bytes())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0] - before, 0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _mallinfo2():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return libc.mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return None
+
+
+def _heap_bytes() -> int:
+    """Bytes malloc has handed out and not got back (small blocks + mmapped ones)."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return 0
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd

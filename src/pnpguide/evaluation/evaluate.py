@@ -1,0 +1,334 @@
+"""`pnpguide eval`: every method on every model, from the same seeds: FID, adherence, fidelity, compute, speed.
+
+Methods: `none` (w = 1), `cfg` (the teacher, batched cond+uncond as diffusers does) and `guide:<name>`
+for each guide given; a step-distilled guide only runs at the step counts it was distilled for. Each
+(model, method, steps, w) row holds the mean over seeds, and FID per seed so its spread is visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import data
+from ..base import ASSETS_DIR, load_pipeline
+from ..loading import default_guide_dir, load_guide
+from ..pipeline import PlugAndPlayPipeline
+from ..teacher import cfg_noise_pred
+from .adherence import judge, parse_caption
+from .fid import FidScorer, make_fid_scorer
+from .sampling import psnr
+from .speed import UNetCallCounter, median_seconds, parameter_count, peak_memory_bytes, step_cost
+
+METHODS = ("none", "cfg", "guide")
+FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra CFG call per step)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: an SD folder (None: embedded), optional LoRA weights, and the style it draws."""
+
+    name: str
+    base: str | None = None
+    lora: str | None = None
+    style: str = "flat"
+
+
+SHIPPED_MODELS = {
+    "embedded": ModelSpec("embedded"),
+    "pastel-full": ModelSpec("pastel-full", str(ASSETS_DIR / "finetunes" / "pastel-full"), None, "pastel"),
+    "outline-lora": ModelSpec("outline-lora", None, str(ASSETS_DIR / "finetunes" / "outline-lora"), "outline"),
+}
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """`embedded`, `pastel-full`, `outline-lora` (shipped), or `PATH[,lora=PATH][,style=STYLE][,name=NAME]`."""
+    if text in SHIPPED_MODELS:
+        return SHIPPED_MODELS[text]
+    path, *options = text.split(",")
+    values = {"name": Path(path).name, "base": path, "lora": None, "style": "flat"}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("lora", "style", "name"):
+            raise ValueError(f"bad model option {option!r} in {text!r}; write PATH[,lora=PATH][,style=STYLE][,name=NAME]")
+        values[key] = value
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model folder {path!r} does not exist (shipped models: {', '.join(SHIPPED_MODELS)})")
+    data.check_style(values["style"])
+    return ModelSpec(**values)
+
+
+@dataclass
+class EvalConfig:
+    base: list[str] = field(default_factory=lambda: ["embedded"])  # models: embedded, pastel-full, outline-lora or PATH[,lora=PATH][,style=STYLE][,name=NAME]
+    guide: list[str] | None = None  # guide folders (default: every guide shipped for the embedded model)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))  # any of none, cfg, guide
+    steps: list[int] = field(default_factory=lambda: [8, 16, 25, 50])  # sampling step counts (step-distilled guides: their own)
+    scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5])  # guidance scales w (diffusers' convention)
+    images: int = 500  # images per (model, method, steps, w) and seed
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
+    prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
+    fid_features: str = "shapes"  # "shapes" (shipped network), "inception" (needs --inception-weights) or "none"
+    inception_weights: str | None = None  # local FID Inception weights file, for --fid-features inception
+    reference: str | None = None  # folder of real images for FID (default: held-out shapes images of the model's style)
+    batch_size: int = 64  # images per sampling call
+    speed: bool = True  # time batch 1 and batch 8 (on the first model)
+    grid_prompts: int = 6  # prompts (columns) in each grid
+    device: str = "cpu"  # cpu or cuda
+    out_dir: str = "pnpguide-eval"  # where report.json, report.md, plots and grids go
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.images < 2:
+            raise ValueError(f"images must be >= 2 (FID needs a covariance), got {self.images}")
+        if any(s < 1 for s in self.steps) or not self.steps:
+            raise ValueError(f"steps must be positive integers, got {self.steps}")
+        if any(not w >= 1 for w in self.scales) or not self.scales:
+            raise ValueError(f"guidance scales must be >= 1 (diffusers' convention), got {self.scales}")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # "none", "cfg", or "guide:<name>"
+    mode: str
+    guide: object | None = None  # a GuideModel
+    step_counts: tuple[int, ...] | None = None  # a step-distilled guide: only these
+
+    def runs_at(self, steps: int) -> bool:
+        return self.step_counts is None or steps in self.step_counts
+
+
+def shipped_guides() -> list[Path]:
+    """Every guide shipped for the embedded base (tiny, full, and step-distilled ones)."""
+    folder = default_guide_dir("tiny").parent
+    return sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
+
+
+def build_methods(config: EvalConfig) -> list[Method]:
+    methods = [Method("none", "none")] if "none" in config.methods else []
+    methods += [Method("cfg", "cfg")] if "cfg" in config.methods else []
+    if "guide" in config.methods:
+        for folder in config.guide or shipped_guides():
+            guide = load_guide(folder).eval()
+            guide = guide.to(config.device) if config.device != "cpu" else guide
+            counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
+            methods.append(Method(f"guide:{Path(folder).name}", "guide", guide, counts))
+    return methods
+
+
+def eval_prompts(config: EvalConfig) -> list[str]:
+    """The held-out caption distribution (one and two objects, as in the data), or the prompt file cycled to N."""
+    if config.prompts is not None:
+        prompts = data.read_prompt_file(config.prompts)
+        return [prompts[i % len(prompts)] for i in range(config.images)]
+    return [data.sample_scene(i, seed=777, split="heldout").caption for i in range(config.images)]
+
+
+def _judgeable(prompts: list[str]) -> bool:
+    try:
+        for prompt in set(prompts):
+            parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps: int, w: float, seed: int, batch_size: int,
+           negative_embeds: torch.Tensor | None = None, teacher_scale: float | None = None) -> tuple[list[Image.Image], float | None, UNetCallCounter]:
+    """Images i from the generator seeded `seed * 1_000_003 + i`; with `negative_embeds`, also the mean per-step
+    squared error between the method's model output and the CFG teacher's (at `teacher_scale`, default w) on the
+    method's own trajectory, for the first FIDELITY_SUBSET images."""
+    pipe.guide = method.guide
+    counter, errors, images = UNetCallCounter(pipe.unet), [], []
+
+    def compare(t, model_input, output, prompt_embeds):
+        with counter.paused():  # the teacher calls made for the comparison are not the method's cost
+            teacher = cfg_noise_pred(pipe.unet, model_input, t, prompt_embeds, negative_embeds.expand_as(prompt_embeds), teacher_scale or w)
+        errors.append(float((output.float() - teacher.float()).pow(2).mean()))
+
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=f"{method.name} {steps} steps w={w}", leave=False):
+            batch = prompts[start : start + batch_size]
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(batch))]
+            hook = compare if negative_embeds is not None and start < FIDELITY_SUBSET and method.mode != "cfg" else None
+            output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
+                          generator=generators, mode=method.mode, on_model_output=hook)
+            images += output.images
+    finally:
+        counter.close()
+    mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative_embeds is not None else None)
+    return images, mse, counter
+
+
+def _image_mse(images, references) -> float:
+    return float(np.mean([np.mean((np.asarray(a, np.float64) / 255 - np.asarray(b, np.float64) / 255) ** 2) for a, b in zip(images, references)]))
+
+
+def _mean_psnr(images, references) -> float:
+    return float(np.mean([min(psnr(a, b), 60.0) for a, b in zip(images, references)]))
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    steps: int
+    guidance_scale: float
+    images: int
+    fid: float | None = None  # mean over seeds
+    fid_per_seed: list[float] = field(default_factory=list)
+    adherence: float | None = None
+    adherence_one_object: float | None = None
+    adherence_two_objects: float | None = None
+    psnr_vs_cfg_db: float | None = None  # final images vs the teacher's at the same steps, w and seeds
+    mse_vs_cfg: float | None = None  # on [0, 1] pixels
+    output_mse_vs_cfg: float | None = None  # per-step model-output MSE vs the teacher on the method's trajectory
+    unet_evals_per_image: float = 0.0
+    guide_evals_per_image: float = 0.0
+    gflops_per_image: float = 0.0  # UNet + guide (text encoder and VAE excluded), attention counted
+    parameters: int = 0  # UNet + guide
+    seconds_per_image_b1: float | None = None
+    seconds_per_image_b8: float | None = None
+    peak_memory_mb_b8: float | None = None
+
+
+def _adherence_split(images, prompts, style) -> tuple[float, float | None, float | None]:
+    verdicts = [judge(im, p, style).ok for im, p in zip(images, prompts)]
+    counts = [len(parse_caption(p).objects) for p in prompts]
+    by = {n: [v for v, c in zip(verdicts, counts) if c == n] for n in (1, 2)}
+    return float(np.mean(verdicts)), *(float(np.mean(by[n])) if by[n] else None for n in (1, 2))
+
+
+def _settings(methods: list[Method], config: EvalConfig) -> list[tuple[Method, int, float]]:
+    """(method, steps, w) to run, the teacher first (others are compared with it); `none` once per step count."""
+    settings = []
+    for method in sorted(methods, key=lambda m: m.mode != "cfg"):
+        steps_list = config.steps if method.step_counts is None else list(method.step_counts)
+        for steps in steps_list:
+            for w in [1.0] if method.mode == "none" else config.scales:
+                settings.append((method, steps, w))
+    return settings
+
+
+def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, scorer: FidScorer | None, timing: bool) -> tuple[list[Row], dict]:
+    """All rows for one model, and the images of the grid (first `grid_prompts` prompts, first seed, largest w)."""
+    sd = load_pipeline(spec.base, spec.lora)
+    if config.device != "cpu":
+        sd = sd.to(config.device)
+    pipe = PlugAndPlayPipeline.from_pipe(sd)
+    pipe.set_progress_bar_config(disable=True)
+    for method in methods:
+        if method.guide is not None:
+            method.guide.check_compatible(pipe.unet)
+    prompts = eval_prompts(config)
+    judgeable = _judgeable(prompts)
+    if scorer is not None:
+        scorer.set_reference(spec.style, len(prompts), image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    negative = pipe.encode_prompt("", pipe.device, 1, False)[0]
+    tokens = pipe.tokenizer.model_max_length
+    costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
+    rows, grid, teacher_images = [], {}, {}
+    settings = _settings(methods, config)
+    for method, steps, w in tqdm(settings, desc=f"eval {spec.name}"):
+        row = Row(spec.name, method.name, steps, w, len(prompts))
+        per_seed = {"fid": [], "adh": [], "psnr": [], "mse": [], "out": []}
+        for seed in config.seeds:
+            teacher_scale = max(config.scales) if method.mode == "none" else w
+            images, output_mse, counter = sample(pipe, method, prompts, steps, w, seed, config.batch_size, negative, teacher_scale)
+            row.unet_evals_per_image = counter.images / len(prompts)
+            if method.mode == "cfg":
+                teacher_images[(steps, w, seed)] = images
+            if scorer is not None:
+                per_seed["fid"].append(scorer.score(images))
+            if judgeable:
+                per_seed["adh"].append(_adherence_split(images, prompts, spec.style))
+            reference = teacher_images.get((steps, teacher_scale, seed))
+            if reference is not None and method.mode != "cfg":
+                per_seed["psnr"].append(_mean_psnr(images, reference)), per_seed["mse"].append(_image_mse(images, reference))
+            if output_mse is not None:
+                per_seed["out"].append(output_mse)
+            if seed == config.seeds[0] and w in (1.0, max(config.scales)):
+                grid[(method.name, steps)] = images[: config.grid_prompts]
+        _fill_quality(row, per_seed)
+        _fill_compute(row, method, costs[method.name], steps, pipe)
+        if timing and (method.mode == "none" or w == max(config.scales)):
+            _fill_speed(row, pipe, method, prompts, steps, w)
+        rows.append(row)
+    return rows, {"prompts": prompts[: config.grid_prompts], "images": grid}
+
+
+def _fill_quality(row: Row, per_seed: dict) -> None:
+    if per_seed["fid"]:
+        row.fid_per_seed, row.fid = per_seed["fid"], float(np.mean(per_seed["fid"]))
+    if per_seed["adh"]:
+        columns = list(zip(*per_seed["adh"]))
+        row.adherence, row.adherence_one_object, row.adherence_two_objects = (
+            float(np.mean(c)) if None not in c else None for c in columns
+        )
+    if per_seed["psnr"]:
+        row.psnr_vs_cfg_db, row.mse_vs_cfg = float(np.mean(per_seed["psnr"])), float(np.mean(per_seed["mse"]))
+    if per_seed["out"]:
+        row.output_mse_vs_cfg = float(np.mean(per_seed["out"]))
+
+
+def _fill_compute(row: Row, method: Method, cost, steps: int, pipe) -> None:
+    row.guide_evals_per_image = float(steps) if method.mode == "guide" else 0.0
+    row.gflops_per_image = (row.unet_evals_per_image * cost.unet + row.guide_evals_per_image * cost.guide) / 1e9
+    row.parameters = parameter_count(pipe.unet) + (parameter_count(method.guide) if method.guide is not None else 0)
+
+
+def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, w: float) -> None:
+    """Median wall time per image of whole pipeline calls (text encoder, sampling, VAE decode), batch 1 and 8."""
+    pipe.guide = method.guide
+    scale = 1.0 if method.mode == "none" else w
+    for batch in (1, 8):
+        def call(batch=batch):
+            return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, mode=method.mode, output_type="np")
+        seconds = median_seconds(call, repeats=3, warmup=1) / batch
+        if batch == 1:
+            row.seconds_per_image_b1 = seconds
+        else:
+            row.seconds_per_image_b8 = seconds
+            row.peak_memory_mb_b8 = peak_memory_bytes(call) / 2**20
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """Evaluate; write report.json, report.md, plots and grids to `out_dir`; return the report."""
+    from . import report as report_module
+
+    specs = [parse_model_spec(m) for m in config.base]  # bad specs fail before anything slow
+    methods = build_methods(config)
+    if not methods:
+        raise ValueError("no methods to evaluate")
+    eval_prompts(config)  # a bad prompt file fails before anything slow
+    scorer = make_fid_scorer(config.fid_features, config.inception_weights, config.reference)
+    rows, grids = [], {}
+    for index, spec in enumerate(specs):
+        model_rows, grids[spec.name] = evaluate_model(spec, methods, config, scorer, timing=config.speed and index == 0)
+        rows += model_rows
+    result = {
+        "config": dataclasses.asdict(config),
+        "fid_features": scorer.describe() if scorer else None,
+        "environment": {"torch": torch.__version__, "device": config.device, "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    report_module.write_report(result, grids, Path(config.out_dir))
+    return result
+
+
+def summary(result: dict) -> list[dict]:
+    """The headline numbers per row, for scripts (`pnpguide eval --json`)."""
+    keys = ("model", "method", "steps", "guidance_scale", "fid", "fid_per_seed", "adherence", "psnr_vs_cfg_db",
+            "unet_evals_per_image", "gflops_per_image", "seconds_per_image_b8")
+    return [{k: row[k] for k in keys} for row in result["rows"]]

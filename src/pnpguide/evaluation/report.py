@@ -1,0 +1,160 @@
+"""What `pnpguide eval` writes: report.json, report.md (tables), plots and side-by-side grids."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures are only ever written to files
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .plots import captioned_grid  # noqa: E402
+
+COLUMNS = (  # (row key, header, format)
+    ("method", "method", "{}"),
+    ("steps", "steps", "{}"),
+    ("guidance_scale", "w", "{:g}"),
+    ("fid", "FID", "{:.2f}"),
+    ("adherence", "adherence", "{:.3f}"),
+    ("adherence_one_object", "1 obj", "{:.3f}"),
+    ("adherence_two_objects", "2 obj", "{:.3f}"),
+    ("psnr_vs_cfg_db", "PSNR vs CFG (dB)", "{:.1f}"),
+    ("output_mse_vs_cfg", "output MSE vs CFG", "{:.4f}"),
+    ("unet_evals_per_image", "UNet evals", "{:g}"),
+    ("guide_evals_per_image", "guide evals", "{:g}"),
+    ("gflops_per_image", "GFLOPs", "{:.2f}"),
+    ("seconds_per_image_b1", "s/img b1", "{:.4f}"),
+    ("seconds_per_image_b8", "s/img b8", "{:.4f}"),
+    ("peak_memory_mb_b8", "peak MB b8", "{:.0f}"),
+)
+
+
+def write_report(result: dict, grids: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.json", out_dir / "report.md"]
+    written[0].write_text(json.dumps(result, indent=2, default=_jsonable))
+    written[1].write_text(markdown(result))
+    rows = result["rows"]
+    written += [plot_fid_vs_steps(rows, out_dir), plot_adherence_vs_w(rows, out_dir), plot_quality_vs_time(rows, out_dir)]
+    for model, grid in grids.items():
+        written.append(grid_figure(model, grid, out_dir / f"grid-{model}.png"))
+    return [p for p in written if p is not None]
+
+
+def _jsonable(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    if key == "fid" and len(row.get("fid_per_seed") or []) > 1:
+        spread = (max(row["fid_per_seed"]) - min(row["fid_per_seed"])) / 2
+        return f"{value:.2f} ± {spread:.2f}"
+    return fmt.format(value)
+
+
+def markdown(result: dict) -> str:
+    config, features = result["config"], result["fid_features"]
+    lines = ["# pnpguide eval", ""]
+    lines.append(f"{config['images']} images per row and seed, seeds {config['seeds']}; prompts: {config['prompts'] or 'held-out shapes captions'}.")
+    if features:
+        lines.append(f"FID features: **{features['network']}** (weights {features['weights']}); compare FIDs only within one feature network.")
+    if len(config["seeds"]) > 1:
+        lines.append("FID is the mean over seeds ± half the range between them.")
+    lines.append("Speed: whole pipeline calls (text encoder, sampling, VAE), median of 3 after a warm-up, on the first model only.")
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        lines += ["", f"## {model}", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        for row in (r for r in result["rows"] if r["model"] == model):
+            lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_method(rows: list[dict], **where) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if all(row[k] == v for k, v in where.items()):
+            groups.setdefault(row["method"], []).append(row)
+    return groups
+
+
+def _figure(rows: list[dict], path: Path, draw) -> Path | None:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+    drawn = [draw(ax, [r for r in rows if r["model"] == m], m) for ax, m in zip(axes[0], models)]
+    if not any(drawn):
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _guided_scale(rows: list[dict]) -> float:
+    scales = [r["guidance_scale"] for r in rows if r["method"] != "none"]
+    return 7.5 if 7.5 in scales else max(scales, default=1.0)
+
+
+def plot_fid_vs_steps(rows: list[dict], out_dir: Path) -> Path | None:
+    def draw(ax, model_rows, model):
+        w, drawn = _guided_scale(model_rows), False
+        for method, group in _by_method(model_rows).items():
+            points = sorted((r["steps"], r["fid"]) for r in group if r["fid"] is not None and (r["guidance_scale"] == w or method == "none"))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+                drawn = True
+        ax.set(xscale="log", xlabel="sampling steps", ylabel="FID (lower is better)", title=f"{model}, w={w:g}")
+        if drawn:
+            ax.legend(fontsize=7)
+        return drawn
+
+    return _figure(rows, out_dir / "fid-vs-steps.png", draw)
+
+
+def plot_adherence_vs_w(rows: list[dict], out_dir: Path) -> Path | None:
+    def draw(ax, model_rows, model):
+        steps = 25 if any(r["steps"] == 25 for r in model_rows) else max(r["steps"] for r in model_rows)
+        drawn = False
+        for method, group in _by_method(model_rows, steps=steps).items():
+            points = sorted((r["guidance_scale"], r["adherence"]) for r in group if r["adherence"] is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+                drawn = True
+        ax.set(xlabel="guidance scale w", ylabel="prompt adherence", title=f"{model}, {steps} steps")
+        if drawn:
+            ax.legend(fontsize=7)
+        return drawn
+
+    return _figure(rows, out_dir / "adherence-vs-w.png", draw)
+
+
+def plot_quality_vs_time(rows: list[dict], out_dir: Path) -> Path | None:
+    def draw(ax, model_rows, model):
+        w, drawn = _guided_scale(model_rows), False
+        for method, group in _by_method(model_rows).items():
+            points = sorted(
+                (r["seconds_per_image_b8"], r["fid"], r["steps"]) for r in group
+                if r["seconds_per_image_b8"] and r["fid"] is not None and (r["guidance_scale"] == w or method == "none")
+            )
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+                for x, y, steps in points:
+                    ax.annotate(str(steps), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                drawn = True
+        ax.set(xlabel="seconds per image (batch 8)", ylabel="FID", title=f"{model}, w={w:g} (labels: steps)")
+        if drawn:
+            ax.legend(fontsize=7)
+        return drawn
+
+    return _figure(rows, out_dir / "quality-vs-time.png", draw)
+
+
+def grid_figure(model: str, grid: dict, path: Path) -> Path:
+    """Rows: method at a step count; columns: prompts; the same seed in every cell of a column."""
+    rows = {f"{method}, {steps} st": images for (method, steps), images in sorted(grid["images"].items(), key=lambda kv: (kv[0][1], kv[0][0]))}
+    return captioned_grid(rows, grid["prompts"], path, title=f"{model}: same seeds, methods side by side")

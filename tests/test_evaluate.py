@@ -1,0 +1,161 @@
+"""`pnpguide eval` on tiny random models: what is counted, compared and written, and how bad input fails."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pnpguide import data
+from pnpguide.cli import main
+from pnpguide.evaluation import fid
+from pnpguide.evaluation.evaluate import EvalConfig, parse_model_spec, run_eval
+from pnpguide.evaluation.features import ShapesFeatureNet
+from pnpguide.guide import GuideModel
+
+
+@pytest.fixture
+def eval_setup(tiny_base_dir, tiny_components, tmp_path, monkeypatch):
+    """A tiny base, an untrained and a 'trained' (random) guide, a 16x16 feature network and a reference folder."""
+    torch.manual_seed(0)
+    ShapesFeatureNet(channels=(8, 16), num_features=8, image_size=16).save_pretrained(tmp_path / "features")
+    monkeypatch.setattr(fid, "default_features_dir", lambda: tmp_path / "features")
+    untrained = GuideModel.from_unet(tiny_components["unet"], "tiny")
+    untrained.save_pretrained(tmp_path / "untrained")
+    trained = GuideModel.from_unet(tiny_components["unet"], "tiny")
+    for p in trained.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    trained.save_pretrained(tmp_path / "trained")
+    distilled = GuideModel.from_unet(tiny_components["unet"], "tiny")
+    distilled.register_to_config(trained_step_counts=(2,), trained_schedule={k: v for k, v in tiny_components["scheduler"].config.items() if not k.startswith("_")})
+    distilled.save_pretrained(tmp_path / "two-step")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(reference / f"{i}.png")
+    return tmp_path
+
+
+def _config(setup, **overrides):
+    settings = dict(
+        base=[str(setup / "base")], guide=[str(setup / "untrained"), str(setup / "trained"), str(setup / "two-step")],
+        steps=[3], scales=[2.0, 4.0], images=6, batch_size=4, reference=str(setup / "reference"), speed=False,
+        grid_prompts=2, out_dir=str(setup / "out"),
+    )
+    return EvalConfig(**(settings | overrides))
+
+
+def _row(result, method, steps=3, w=4.0):
+    return next(r for r in result["rows"] if r["method"] == method and r["steps"] == steps and r["guidance_scale"] == w)
+
+
+def test_eval_counts_unet_and_guide_evaluations(eval_setup):
+    result = run_eval(_config(eval_setup))
+    assert _row(result, "cfg")["unet_evals_per_image"] == 6  # 3 steps x (cond + uncond)
+    assert _row(result, "none", w=1.0)["unet_evals_per_image"] == 3
+    guided = _row(result, "guide:trained")
+    assert (guided["unet_evals_per_image"], guided["guide_evals_per_image"]) == (3, 3)  # teacher calls for the comparison are not counted
+    assert _row(result, "cfg")["gflops_per_image"] == pytest.approx(2 * _row(result, "none", w=1.0)["gflops_per_image"])
+    assert guided["gflops_per_image"] > _row(result, "none", w=1.0)["gflops_per_image"]
+
+
+def test_untrained_guide_is_exactly_as_far_from_cfg_as_no_guidance(eval_setup):
+    """A zero-initialised guide changes nothing, so its distance from the teacher must equal w = 1's."""
+    result = run_eval(_config(eval_setup, scales=[4.0]))
+    untrained, none = _row(result, "guide:untrained"), _row(result, "none", w=1.0)
+    assert untrained["output_mse_vs_cfg"] == pytest.approx(none["output_mse_vs_cfg"])
+    assert untrained["psnr_vs_cfg_db"] == pytest.approx(none["psnr_vs_cfg_db"])
+    assert untrained["output_mse_vs_cfg"] > 0
+    assert _row(result, "guide:trained")["output_mse_vs_cfg"] != pytest.approx(none["output_mse_vs_cfg"])
+
+
+def test_step_distilled_guide_runs_only_at_its_step_counts(eval_setup):
+    result = run_eval(_config(eval_setup, steps=[3, 4]))
+    assert {r["steps"] for r in result["rows"] if r["method"] == "guide:two-step"} == {2}
+    assert {r["steps"] for r in result["rows"] if r["method"] == "cfg"} == {3, 4}
+
+
+def test_eval_writes_report_plots_grids_and_fid_per_seed(eval_setup):
+    result = run_eval(_config(eval_setup, seeds=[0, 1], speed=True, methods=["none", "cfg"]))
+    out = eval_setup / "out"
+    for name in ("report.json", "report.md", "fid-vs-steps.png", "adherence-vs-w.png", "quality-vs-time.png", "grid-base.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "report.json").read_text())
+    assert len(saved["rows"]) == len(result["rows"]) == 3  # none once, cfg at two w
+    cfg = _row(saved, "cfg")
+    assert len(cfg["fid_per_seed"]) == 2 and cfg["fid"] == pytest.approx(np.mean(cfg["fid_per_seed"]))
+    assert cfg["seconds_per_image_b8"] > 0 and cfg["seconds_per_image_b1"] > 0
+    assert "± " in (out / "report.md").read_text()
+
+
+def test_eval_cli_json_summary(eval_setup, capsys):
+    code = main(["eval", "--base", str(eval_setup / "base"), "--methods", "none", "cfg", "--steps", "2", "--scales", "3",
+                 "--images", "4", "--no-speed", "--reference", str(eval_setup / "reference"), "--out-dir", str(eval_setup / "o"), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["cfg", "none"]
+
+
+def test_fid_is_zero_for_the_reference_itself_and_grows_with_degradation(eval_setup):
+    scorer = fid.make_fid_scorer("shapes", reference_dir=str(eval_setup / "reference"))
+    scorer.set_reference("flat", 12, image_size=16)
+    real = fid.read_image_folder(eval_setup / "reference", 16)
+    blurred = [im.resize((4, 4)).resize((16, 16)) for im in real]
+    assert scorer.score(real) == pytest.approx(0.0, abs=1e-3)
+    assert scorer.score(blurred) > 0.01
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(methods=["guide", "magic"]), "unknown method"),
+        (dict(images=1), "images must be >= 2"),
+        (dict(scales=[0.5]), "guidance scales must be >= 1"),
+    ],
+)
+def test_bad_eval_settings_fail_clearly(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**overrides)
+
+
+def test_missing_guide_and_empty_prompt_file_fail_before_sampling(eval_setup, tmp_path, capsys):
+    assert main(["eval", "--base", str(eval_setup / "base"), "--guide", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["eval", "--base", str(eval_setup / "base"), "--methods", "cfg", "--prompts", str(empty), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "no prompts" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resolution_mismatch_with_the_feature_network_is_a_clear_error(eval_setup, tmp_path):
+    ShapesFeatureNet(channels=(8, 16), num_features=8, image_size=64).save_pretrained(tmp_path / "features")  # base makes 16x16
+    with pytest.raises(ValueError, match="16x16 images but the shapes-features FID features take 64x64"):
+        run_eval(_config(eval_setup, methods=["cfg"], reference=None))
+
+
+def test_model_specs():
+    assert parse_model_spec("pastel-full").style == "pastel"
+    assert parse_model_spec("outline-lora").lora is not None
+    with pytest.raises(FileNotFoundError, match="shipped models"):
+        parse_model_spec("/no/such/model")
+
+
+def test_model_spec_options(tiny_base_dir):
+    spec = parse_model_spec(f"{tiny_base_dir},style=pastel,name=mine")
+    assert (spec.base, spec.style, spec.name, spec.lora) == (str(tiny_base_dir), "pastel", "mine", None)
+    with pytest.raises(ValueError, match="bad model option"):
+        parse_model_spec(f"{tiny_base_dir},colour=red")
+    with pytest.raises(ValueError, match="unknown style"):
+        parse_model_spec(f"{tiny_base_dir},style=cubist")
+
+
+def test_eval_prompts_follow_the_held_out_distribution():
+    from pnpguide.evaluation.evaluate import eval_prompts
+
+    prompts = eval_prompts(EvalConfig(images=200))
+    objects = [p.count(" of ") + p.count(" above ") + p.count(" below ") for p in prompts]
+    assert 0.3 < np.mean([o > 0 for o in objects]) < 0.7  # one- and two-object captions, as in the data
+    assert all(data.is_held_out(data.sample_scene(i, 777, "heldout").combination) for i in range(20))
