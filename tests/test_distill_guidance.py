@@ -59,3 +59,21 @@ def test_empty_prompt_file_is_a_clear_error(tiny_base_dir, tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="has no prompts"):
         train_guide(_config(tiny_base_dir, empty, tmp_path))
+
+
+def test_init_guide_continues_from_a_trained_guide(tiny_base_dir, prompt_file, tmp_path):
+    start = GuideModel.from_unet(load_pipeline(tiny_base_dir).unet, "tiny")
+    for p in start.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    start.save_pretrained(tmp_path / "start")
+    guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "start"), max_steps=1, learning_rate=1e-9))
+    for (name, a), b in zip(guide.state_dict().items(), start.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_init_guide_for_another_unet_is_a_clear_error(tiny_base_dir, prompt_file, tmp_path):
+    from conftest import tiny_unet
+
+    GuideModel.from_unet(tiny_unet(block_out_channels=(32, 32)), "tiny").save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="block_out_channels"):
+        train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "other")))

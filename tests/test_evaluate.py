@@ -96,6 +96,7 @@ def test_eval_cli_json_summary(eval_setup, capsys):
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["cfg", "none"]
+    assert (eval_setup / "o" / "command.txt").read_text().startswith("pnpguide eval --base ")
 
 
 def test_fid_is_zero_for_the_reference_itself_and_grows_with_degradation(eval_setup):

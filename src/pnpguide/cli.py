@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import shlex
 import sys
 import types
 import typing
@@ -162,6 +163,7 @@ def cmd_eval(args) -> None:
 
     config = config_from_args(EvalConfig, args)
     result = run_eval(config)
+    (Path(config.out_dir) / "command.txt").write_text("pnpguide " + shlex.join(args.argv) + "\n")  # how to regenerate it
     if args.json:
         print(json.dumps(summary(result), indent=2))
     else:
@@ -295,7 +297,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for reports that record how to regenerate them
     _threads(args)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

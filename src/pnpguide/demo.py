@@ -1,4 +1,4 @@
-"""`pnpguide demo`: the embedded model without guidance, with the CFG teacher and with the guide, side by side."""
+"""`pnpguide demo`: the embedded model without guidance, with the CFG teacher and with the guides, side by side."""
 
 from __future__ import annotations
 
@@ -9,47 +9,66 @@ from .evaluation.base_report import grid_captions
 from .evaluation.plots import captioned_grid
 from .evaluation.sampling import generate_images
 from .evaluation.speed import UNetCallCounter, median_seconds, step_cost
-from .loading import load_plug_and_play
+from .guide import GuideModel
+from .loading import load_guide, load_plug_and_play, shipped_guide_dirs
 
-MODES = {"no guidance (w=1)": "none", "CFG teacher": "cfg", "guide": "guide"}
+
+@dataclass(frozen=True)
+class DemoRow:
+    label: str
+    mode: str
+    steps: int
+    guide: GuideModel | None = None
 
 
 @dataclass(frozen=True)
 class ModeTiming:
     label: str
+    steps: int
     seconds_per_image: float
     unet_images_per_image: float  # UNet evaluations per generated image (a 2B CFG batch counts 2 per image)
     gflops_per_image: float
 
 
+def demo_rows(guide: GuideModel, steps: int) -> list[DemoRow]:
+    """No guidance, CFG and the guide at `steps`, then each shipped step-distilled guide at its own step counts."""
+    rows = [DemoRow("no guidance (w=1)", "none", steps), DemoRow("CFG teacher", "cfg", steps), DemoRow("guide", "guide", steps, guide)]
+    for folder in shipped_guide_dirs():
+        distilled = load_guide(folder)
+        for count in distilled.config.trained_step_counts or ():
+            rows.append(DemoRow(f"step-distilled guide ({folder.name})", "guide", count, distilled))
+    return rows
+
+
 def run_demo(out_dir: str | Path = "pnpguide-demo", guide: str | None = None, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0):
-    """Write `grid.png` and return one ModeTiming per mode (wall time measured here, FLOPs counted)."""
+    """Write `grid.png` and return one ModeTiming per row (wall time measured here, FLOPs counted)."""
     pipe = load_plug_and_play(guide=guide)
     captions = grid_captions()
-    cost = step_cost(pipe.unet, pipe.guide, tokens=pipe.tokenizer.model_max_length)
-    flops = {"none": cost.unet, "cfg": cost.cfg, "guide": cost.guided}
-    rows, timings = {}, []
-    for label, mode in MODES.items():
-        w = 1.0 if mode == "none" else guidance_scale
+    images, timings = {}, []
+    for row in demo_rows(pipe.guide, steps):
+        pipe.guide = row.guide  # None for "none" and "cfg": they never call it
+        w = 1.0 if row.mode == "none" else guidance_scale
+        cost = step_cost(pipe.unet, row.guide, tokens=pipe.tokenizer.model_max_length)
+        flops = {"none": cost.unet, "cfg": cost.cfg, "guide": cost.guided}[row.mode] * row.steps
 
         def sample():
-            return generate_images(pipe, captions, w, steps, seed, mode=mode, batch_size=len(captions), progress=False)
+            return generate_images(pipe, captions, w, row.steps, seed, mode=row.mode, batch_size=len(captions), progress=False)
 
         counter = UNetCallCounter(pipe.unet)
-        rows[label] = sample()
+        images[f"{row.label}, {row.steps} steps"] = sample()
         counter.close()
         seconds = median_seconds(sample, repeats=3, warmup=0) / len(captions)
-        timings.append(ModeTiming(label, seconds, counter.images / len(captions), flops[mode] * steps / 1e9))
-    grid = captioned_grid(rows, captions, Path(out_dir) / "grid.png", title=f"embedded base, w={guidance_scale}, {steps} DDIM steps, same seeds")
+        timings.append(ModeTiming(row.label, row.steps, seconds, counter.images / len(captions), flops / 1e9))
+    grid = captioned_grid(images, captions, Path(out_dir) / "grid.png", title=f"embedded base, w={guidance_scale}, DDIM, same seeds")
     return grid, timings
 
 
 def timing_table(timings: list[ModeTiming]) -> str:
     cfg = next(t for t in timings if t.label == "CFG teacher")
-    lines = ["| mode | s / image | UNet evals / image | GFLOPs / image | speed-up vs CFG |", "|---|---|---|---|---|"]
+    lines = ["| mode | steps | s / image | UNet evals / image | GFLOPs / image | speed-up vs CFG |", "|---|---|---|---|---|---|"]
     for t in timings:
         lines.append(
-            f"| {t.label} | {t.seconds_per_image:.4f} | {t.unet_images_per_image:.0f} | {t.gflops_per_image:.2f} | "
+            f"| {t.label} | {t.steps} | {t.seconds_per_image:.4f} | {t.unet_images_per_image:.0f} | {t.gflops_per_image:.2f} | "
             f"{cfg.seconds_per_image / t.seconds_per_image:.2f}x |"
         )
     return "\n".join(lines)

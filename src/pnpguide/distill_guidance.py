@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import data
 from .base import cache_dataset, encode_captions, load_pipeline
 from .guide import GUIDE_SIZES, TINY_WIDTH_DIVISOR, GuideModel
+from .loading import load_guide
 from .teacher import cfg_noise_pred, guided_noise_pred
 from .training import TrainingConfig, copy_ema_into, make_accelerator, run_training, save_config, shard_rows
 
@@ -32,6 +33,7 @@ class GuidanceDistillConfig(TrainingConfig):
     base: str | None = None  # SD folder whose UNet the guide serves (default: the embedded model)
     size: str = "tiny"  # "tiny" (1/8 of the UNet's width) or "full" (a copy of the UNet's encoder)
     width_divisor: int = TINY_WIDTH_DIVISOR  # tiny guides only: how much narrower than the UNet
+    init_guide: str | None = None  # start from this trained guide (train it further) instead of a new one
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention, at most 14)
     source: str = "data"  # where x_t comes from: "data" (noised dataset latents) or "trajectories" (teacher sampling)
@@ -132,6 +134,15 @@ def distillation_loss(unet, guide, batch: dict, embeddings: torch.Tensor) -> tor
     return F.mse_loss(prediction.float(), target.float())
 
 
+def _initial_guide(unet, config: GuidanceDistillConfig) -> GuideModel:
+    if config.init_guide is not None:
+        guide = load_guide(config.init_guide)
+        guide.check_compatible(unet)
+        return guide.train().requires_grad_(True)
+    torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
+    return GuideModel.from_unet(unet, size=config.size, width_divisor=config.width_divisor)
+
+
 def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     """Distill CFG into a new guide for `config.base`; saves it to `output_dir/guide` and returns it.
 
@@ -144,8 +155,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     pipe = load_pipeline(config.base)
     freeze(pipe)
     pipe.unet.to(accelerator.device)  # the loop runs only the UNet; text encoder and VAE run once, up front, on the CPU
-    torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
-    guide = GuideModel.from_unet(pipe.unet, size=config.size, width_divisor=config.width_divisor)
+    guide = _initial_guide(pipe.unet, config)
     if config.source == "data":
         if config.prompts is not None:
             raise ValueError("source='data' trains on the embedded shapes images and their captions; use source='trajectories' with --prompts")

@@ -19,6 +19,12 @@ def default_guide_dir(size: str = "tiny") -> Path:
     return ASSETS_DIR / "guides" / size
 
 
+def shipped_guide_dirs() -> list[Path]:
+    """Every guide shipped for the embedded base: tiny, full, and the step-distilled ones."""
+    folder = default_guide_dir("tiny").parent
+    return sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
+
+
 def load_guide(path: str | Path) -> GuideModel:
     """Load a guide folder, refusing pickles and checking the safetensors file before torch reads it."""
     path = Path(path)

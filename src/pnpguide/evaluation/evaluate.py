@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import data
 from ..base import ASSETS_DIR, load_pipeline
-from ..loading import default_guide_dir, load_guide
+from ..loading import load_guide, shipped_guide_dirs
 from ..pipeline import PlugAndPlayPipeline
 from ..teacher import cfg_noise_pred
 from .adherence import judge, parse_caption
@@ -108,17 +108,11 @@ class Method:
         return self.step_counts is None or steps in self.step_counts
 
 
-def shipped_guides() -> list[Path]:
-    """Every guide shipped for the embedded base (tiny, full, and step-distilled ones)."""
-    folder = default_guide_dir("tiny").parent
-    return sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
-
-
 def build_methods(config: EvalConfig) -> list[Method]:
     methods = [Method("none", "none")] if "none" in config.methods else []
     methods += [Method("cfg", "cfg")] if "cfg" in config.methods else []
     if "guide" in config.methods:
-        for folder in config.guide or shipped_guides():
+        for folder in config.guide or shipped_guide_dirs():
             guide = load_guide(folder).eval()
             guide = guide.to(config.device) if config.device != "cpu" else guide
             counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None

@@ -48,7 +48,7 @@ def _jsonable(value):
     return None if isinstance(value, float) and not math.isfinite(value) else str(value)
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
+def format_cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "–"
@@ -70,7 +70,7 @@ def markdown(result: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         lines += ["", f"## {model}", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in (r for r in result["rows"] if r["model"] == model):
-            lines.append("| " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+            lines.append("| " + " | ".join(format_cell(row, k, f) for k, _, f in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
