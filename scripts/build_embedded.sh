@@ -25,3 +25,14 @@ pnpguide --threads 1 distill --size full --learning-rate 3e-4 --output-dir runs/
 pnpguide --threads 1 distill --size full --learning-rate 3e-4 --source trajectories --output-dir runs/guide-full-traj --max-steps 600
 python scripts/ship_guide.py runs/guide-tiny/guide "$ASSETS/guides/tiny"
 python scripts/ship_guide.py runs/guide-full/guide "$ASSETS/guides/full"
+
+# 5. the FID feature network for `pnpguide eval` (~22 min on one core: 1500 steps, then --resume latest to 3000)
+pnpguide --threads 1 train-features --output-dir runs/features --max-steps 3000
+python scripts/ship_features.py runs/features/features "$ASSETS/features/shapes"
+
+# 6. step distillation of the tiny guide, 32 -> 16 -> 8 DDIM steps, true CFG as the first teacher (~40 min on one core;
+#    the full guide, not shipped, was distilled the same way with --learning-rate 1e-4 --max-steps 600 for comparison)
+pnpguide --threads 1 distill-steps --guide runs/guide-tiny/guide --output-dir runs/steps-tiny --teacher-steps 32 --student-steps 8 \
+    --max-steps 900 --batch-size 32 --learning-rate 5e-4 --checkpointing-steps 150
+python scripts/ship_guide.py runs/steps-tiny/guide-16 "$ASSETS/guides/tiny-16step"
+python scripts/ship_guide.py runs/steps-tiny/guide-8 "$ASSETS/guides/tiny-8step"

@@ -49,3 +49,47 @@ def test_each_round_halves_the_steps_and_records_them(tiny_pair, tmp_path):
 def test_student_steps_must_be_a_halving_of_teacher_steps():
     with pytest.raises(ValueError, match="halved one or more times"):
         StepDistillConfig(teacher_steps=32, student_steps=12)
+
+
+@pytest.mark.parametrize("teacher_is_cfg", [True, False])
+def test_teacher_target_lands_where_two_ddim_steps_of_the_teacher_land(tiny_components, teacher_is_cfg):
+    """The x0 target, put through one student DDIM step, must reproduce two teacher steps of diffusers' DDIMScheduler."""
+    from diffusers import DDIMScheduler
+
+    from pnpguide.distill_steps import Denoiser, _alpha_sigma, teacher_target
+    from pnpguide.teacher import cfg_noise_pred, guided_noise_pred
+
+    unet = tiny_components["unet"]
+    scheduler = DDIMScheduler.from_config(tiny_components["scheduler"].config)
+    guide = GuideModel.from_unet(unet, "tiny")
+    torch.manual_seed(1)
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    teacher = None if teacher_is_cfg else guide
+    embeds, negative = torch.randn(2, 16, 32), torch.randn(1, 16, 32)
+    w = torch.tensor([3.0, 6.0])
+    steps, acp = 4, scheduler.alphas_cumprod.float()
+    t = step_schedule(scheduler.config, steps)[1].repeat(2)
+    batch = {"sample": torch.randn(2, 4, 8, 8), "t": t, "t_mid": next_timestep(t, 1000, 2 * steps), "t_next": next_timestep(t, 1000, steps),
+             "prompt_embeds": embeds, "w": w}
+    final = float(scheduler.final_alpha_cumprod)
+    with torch.no_grad():
+        x0 = teacher_target(Denoiser(unet, dict(scheduler.config), negative), teacher, batch, {"alphas_cumprod": acp}, final)
+        a_t, s_t = _alpha_sigma(acp, t, final)
+        a_n, s_n = _alpha_sigma(acp, batch["t_next"], final)
+        student_lands = ddim_step(x0, batch["sample"], a_t, s_t, a_n, s_n)
+
+        scheduler.set_timesteps(2 * steps)
+        z = batch["sample"]
+        for step_t in (int(t[0]), int(batch["t_mid"][0])):
+            if teacher is None:
+                out = cfg_noise_pred(unet, z, step_t, embeds, negative.expand_as(embeds), w)
+            else:
+                out = guided_noise_pred(unet, guide, z, step_t, embeds, w)
+            z = scheduler.step(out, step_t, z).prev_sample
+    torch.testing.assert_close(student_lands, z, atol=1e-4, rtol=1e-4)
+
+
+def test_first_teacher_must_be_cfg_or_guide():
+    with pytest.raises(ValueError, match="first_teacher"):
+        StepDistillConfig(first_teacher="ema")

@@ -72,9 +72,10 @@ def test_untrained_guide_is_exactly_as_far_from_cfg_as_no_guidance(eval_setup):
 
 
 def test_step_distilled_guide_runs_only_at_its_step_counts(eval_setup):
-    result = run_eval(_config(eval_setup, steps=[3, 4]))
+    result = run_eval(_config(eval_setup, steps=[3, 4], cfg_steps=[5]))
     assert {r["steps"] for r in result["rows"] if r["method"] == "guide:two-step"} == {2}
-    assert {r["steps"] for r in result["rows"] if r["method"] == "cfg"} == {3, 4}
+    assert {r["steps"] for r in result["rows"] if r["method"] == "cfg"} == {3, 4, 5}  # cfg_steps: the teacher only
+    assert {r["steps"] for r in result["rows"] if r["method"] == "none"} == {3, 4}
 
 
 def test_eval_writes_report_plots_grids_and_fid_per_seed(eval_setup):
@@ -160,3 +161,11 @@ def test_eval_prompts_follow_the_held_out_distribution():
     objects = [p.count(" of ") + p.count(" above ") + p.count(" below ") for p in prompts]
     assert 0.3 < np.mean([o > 0 for o in objects]) < 0.7  # one- and two-object captions, as in the data
     assert all(data.is_held_out(data.sample_scene(i, 777, "heldout").combination) for i in range(20))
+
+
+def test_guides_with_the_same_folder_name_get_distinct_method_names():
+    from pathlib import Path
+
+    from pnpguide.evaluation.evaluate import _distinct_names
+
+    assert _distinct_names([Path("runs/a/guide-16"), Path("runs/b/guide-16"), Path("x/tiny")]) == ["a/guide-16", "b/guide-16", "tiny"]

@@ -72,6 +72,7 @@ class EvalConfig:
     guide: list[str] | None = None  # guide folders (default: every guide shipped for the embedded model)
     methods: list[str] = field(default_factory=lambda: list(METHODS))  # any of none, cfg, guide
     steps: list[int] = field(default_factory=lambda: [8, 16, 25, 50])  # sampling step counts (step-distilled guides: their own)
+    cfg_steps: list[int] = field(default_factory=list)  # extra step counts for the cfg teacher only (e.g. 50: the reference for step-distilled guides)
     scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5])  # guidance scales w (diffusers' convention)
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
@@ -91,7 +92,7 @@ class EvalConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if self.images < 2:
             raise ValueError(f"images must be >= 2 (FID needs a covariance), got {self.images}")
-        if any(s < 1 for s in self.steps) or not self.steps:
+        if any(s < 1 for s in self.steps + self.cfg_steps) or not self.steps:
             raise ValueError(f"steps must be positive integers, got {self.steps}")
         if any(not w >= 1 for w in self.scales) or not self.scales:
             raise ValueError(f"guidance scales must be >= 1 (diffusers' convention), got {self.scales}")
@@ -112,12 +113,19 @@ def build_methods(config: EvalConfig) -> list[Method]:
     methods = [Method("none", "none")] if "none" in config.methods else []
     methods += [Method("cfg", "cfg")] if "cfg" in config.methods else []
     if "guide" in config.methods:
-        for folder in config.guide or shipped_guide_dirs():
+        folders = [Path(f) for f in config.guide or shipped_guide_dirs()]
+        for folder, name in zip(folders, _distinct_names(folders)):
             guide = load_guide(folder).eval()
             guide = guide.to(config.device) if config.device != "cpu" else guide
             counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
-            methods.append(Method(f"guide:{Path(folder).name}", "guide", guide, counts))
+            methods.append(Method(f"guide:{name}", "guide", guide, counts))
     return methods
+
+
+def _distinct_names(folders: list[Path]) -> list[str]:
+    """Folder names, with the parent folder prepended where two guides share a name (runs/a/guide, runs/b/guide)."""
+    names = [f.name for f in folders]
+    return [f"{f.parent.name}/{f.name}" if names.count(f.name) > 1 else f.name for f in folders]
 
 
 def eval_prompts(config: EvalConfig) -> list[str]:
@@ -209,6 +217,7 @@ def _settings(methods: list[Method], config: EvalConfig) -> list[tuple[Method, i
     settings = []
     for method in sorted(methods, key=lambda m: m.mode != "cfg"):
         steps_list = config.steps if method.step_counts is None else list(method.step_counts)
+        steps_list = steps_list + [s for s in config.cfg_steps if s not in steps_list] if method.mode == "cfg" else steps_list
         for steps in steps_list:
             for w in [1.0] if method.mode == "none" else config.scales:
                 settings.append((method, steps, w))
