@@ -55,3 +55,14 @@ def test_list_flags_repeat_or_take_several_values_and_default_when_absent():
     config = config_from_args(EvalConfig, parser.parse_args(["eval", "--base", "a", "--base", "b", "c", "--steps", "8", "16"]))
     assert config.base == ["a", "b", "c"] and config.steps == [8, 16]
     assert config_from_args(EvalConfig, parser.parse_args(["eval"])).base == ["embedded"]
+
+
+@pytest.mark.integration
+def test_generate_with_a_step_distilled_guide_uses_its_step_count_without_warning(tmp_path, recwarn, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    calls, forward = [], UNet2DConditionModel.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    assert main(["generate", "--prompt", "a red circle on a black background", "--guide", "tiny-8step", "--out", str(tmp_path / "x.png")]) == 0
+    assert len(calls) == 8
+    assert not [w for w in recwarn if "step-distilled" in str(w.message)]

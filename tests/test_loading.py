@@ -45,3 +45,11 @@ def test_model_dir_missing_a_component_is_named(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
     with pytest.raises(FileNotFoundError, match="lists component 'unet'.*no unet/ folder"):
         check_model_dir(tmp_path)
+
+
+def test_shipped_guides_load_by_name_and_step_distilled_ones_say_their_step_counts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no folder called "tiny-8step" here
+    assert tuple(load_guide("tiny-8step").config.trained_step_counts) == (8,)
+    assert load_guide("tiny").config.trained_step_counts is None
+    with pytest.raises(FileNotFoundError, match="shipped guides: .*tiny-16step"):
+        load_guide("tiny-7step")

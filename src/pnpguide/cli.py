@@ -126,7 +126,8 @@ def cmd_generate(args) -> None:
 
     pipe = load_plug_and_play(args.base, args.guide, args.lora)
     w = 1.0 if args.mode == "none" else args.w
-    image = pipe(args.prompt, guidance_scale=w, num_inference_steps=args.steps, generator=torch_generator(args.seed), mode=args.mode).images[0]
+    steps = args.steps or (pipe.guide.config.trained_step_counts or [25])[0]  # a step-distilled guide: its own count
+    image = pipe(args.prompt, guidance_scale=w, num_inference_steps=steps, generator=torch_generator(args.seed), mode=args.mode).images[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"image written to {args.out}")
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: no guidance | CFG | guide on the embedded model, grid + timing table")
     p.add_argument("--out-dir", default="pnpguide-demo", help="folder for grid.png (default: pnpguide-demo)")
-    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    p.add_argument("--guide", default=None, help="guide folder or shipped name (default: tiny); step-distilled guides are added")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
     p.add_argument("--w", type=float, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt")
     _add_pipeline_flags(p)
     p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: 1 UNet pass per step; cfg: 2; none: w=1")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25, or a step-distilled guide's own count)")
     p.add_argument("--w", type=float, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--guide", default=None, help="guide folder (default: the shipped tiny guide)")
+    p.add_argument("--guide", default=None, help="guide folder, or a shipped guide: tiny, full, tiny-16step, tiny-8step (default: tiny)")
     if lora:
         p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
 

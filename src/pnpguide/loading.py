@@ -26,10 +26,14 @@ def shipped_guide_dirs() -> list[Path]:
 
 
 def load_guide(path: str | Path) -> GuideModel:
-    """Load a guide folder, refusing pickles and checking the safetensors file before torch reads it."""
+    """Load a guide folder (or a shipped guide by name: tiny, full, tiny-16step, ...), refusing pickles and
+    checking the safetensors file before torch reads it."""
     path = Path(path)
+    shipped = {p.name: p for p in shipped_guide_dirs()}
+    if not path.exists() and str(path) in shipped:
+        path = shipped[str(path)]
     if not path.is_dir():
-        raise FileNotFoundError(f"guide folder {str(path)!r} does not exist")
+        raise FileNotFoundError(f"guide folder {str(path)!r} does not exist (shipped guides: {', '.join(shipped)})")
     pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise ValueError(f"{path} holds pickle weights {pickles}; pnpguide never unpickles (it can run code): convert them to safetensors")
