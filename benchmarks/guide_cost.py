@@ -64,17 +64,17 @@ def time_embedded(device: str, batch_sizes: list[int], steps: int, repeats: int)
 
 
 @torch.no_grad()
-def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int], steps: int, repeats: int) -> None:
+def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int], steps: int, repeats: int, tokens: int = 77) -> None:
     """Denoising steps alone (no text encoder, no VAE), fp16 on GPU: CFG's 2B call vs UNet + tiny guide."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    unet = UNet2DConditionModel(**config).to(device, dtype).eval()
+    unet = UNet2DConditionModel.from_config(config).to(device, dtype).eval()
     guide = GuideModel.from_unet(unet, "tiny").to(device, dtype).eval()
     print(f"\n{name} UNet, random weights, {steps} steps, device={device}, {dtype}, median of {repeats}")
     print("| batch | CFG s/image | guide s/image | speed-up |\n|---|---|---|---|")
     for batch in batch_sizes:
         size = config["sample_size"]
         x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
-        c = torch.randn(batch, TOKENS[name], config["cross_attention_dim"], device=device, dtype=dtype)
+        c = torch.randn(batch, tokens, config["cross_attention_dim"], device=device, dtype=dtype)
         added = _added(config, batch, device, dtype)
         doubled = {k: torch.cat([v, v]) for k, v in added.items()} if added else None
 
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps per timed run (default: 25)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default: 3)")
     parser.add_argument("--big-timing", action="store_true", help="also time SD1.5/SDXL configs (default: only on cuda)")
+    parser.add_argument("--big-configs", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"], help="which big configs to time")
     args = parser.parse_args()
 
     embedded = load_pipeline()
@@ -111,9 +112,11 @@ def main() -> None:
         big = {"sd15": UNet2DConditionModel(**SD15), "sdxl": UNet2DConditionModel(**SDXL)}
     compute_table({"embedded": embedded.unet} | big, {"embedded": embedded.tokenizer.model_max_length} | TOKENS)
     time_embedded(args.device, args.batch_sizes, args.steps, args.repeats)
+    tokens = embedded.tokenizer.model_max_length
+    time_unet_steps("embedded", dict(embedded.unet.config), args.device, args.batch_sizes, args.steps, args.repeats, tokens)
     if args.device == "cuda" or args.big_timing:
-        for name, config in (("sd15", SD15), ("sdxl", SDXL)):
-            time_unet_steps(name, config, args.device, args.batch_sizes, args.steps, args.repeats)
+        for name in args.big_configs:
+            time_unet_steps(name, {"sd15": SD15, "sdxl": SDXL}[name], args.device, args.batch_sizes, args.steps, args.repeats, TOKENS[name])
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def cmd_demo(args) -> None:
 
     grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed)
     print(timing_table(timings))
-    print(f"\ngrid (no guidance | CFG teacher | guide) written to {grid}")
+    print(f"\ngrid (rows: no guidance | CFG teacher | guide | step-distilled guides) written to {grid}")
 
 
 def cmd_fidelity(args) -> None:

@@ -36,7 +36,7 @@ def demo_rows(guide: GuideModel, steps: int) -> list[DemoRow]:
     for folder in shipped_guide_dirs():
         distilled = load_guide(folder)
         for count in distilled.config.trained_step_counts or ():
-            rows.append(DemoRow(f"step-distilled guide ({folder.name})", "guide", count, distilled))
+            rows.append(DemoRow(f"{folder.name} guide", "guide", count, distilled))
     return rows
 
 

@@ -261,7 +261,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
                 per_seed["psnr"].append(_mean_psnr(images, reference)), per_seed["mse"].append(_image_mse(images, reference))
             if output_mse is not None:
                 per_seed["out"].append(output_mse)
-            if seed == config.seeds[0] and w in (1.0, max(config.scales)):
+            if seed == config.seeds[0] and w in (1.0, max(config.scales)) and _in_grid(method, steps, config):
                 grid[(method.name, steps)] = images[: config.grid_prompts]
         _fill_quality(row, per_seed)
         _fill_compute(row, method, costs[method.name], steps, pipe)
@@ -269,6 +269,11 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
             _fill_speed(row, pipe, method, prompts, steps, w)
         rows.append(row)
     return rows, {"prompts": prompts[: config.grid_prompts], "images": grid}
+
+
+def _in_grid(method: Method, steps: int, config: EvalConfig) -> bool:
+    """The grid shows every method at the most steps run, step-distilled guides at theirs, and the cfg-only step counts."""
+    return steps == max(config.steps) or method.step_counts is not None or (method.mode == "cfg" and steps in config.cfg_steps)
 
 
 def _fill_quality(row: Row, per_seed: dict) -> None:
@@ -316,6 +321,10 @@ def run_eval(config: EvalConfig) -> dict:
         raise ValueError("no methods to evaluate")
     eval_prompts(config)  # a bad prompt file fails before anything slow
     scorer = make_fid_scorer(config.fid_features, config.inception_weights, config.reference)
+    settings = _settings(methods, config)
+    evaluations = sum(steps * (2 if method.mode == "cfg" else 1) for method, steps, _ in settings) * config.images * len(config.seeds)
+    tqdm.write(f"pnpguide eval: {len(specs)} model(s) x {len(settings)} settings x {config.images} images x {len(config.seeds)} seed(s) "
+               f"= {evaluations * len(specs):,} UNet evaluations (the embedded UNet does ~150-200 per second per CPU core)")
     rows, grids = [], {}
     for index, spec in enumerate(specs):
         model_rows, grids[spec.name] = evaluate_model(spec, methods, config, scorer, timing=config.speed and index == 0)

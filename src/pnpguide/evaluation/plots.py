@@ -24,7 +24,7 @@ def captioned_grid(rows: dict[str, list[Image.Image]], captions: list[str], path
             if r == 0:
                 ax.set_title(textwrap.fill(captions[c], 20), fontsize=6)
             if c == 0:
-                ax.set_ylabel(label, fontsize=8)
+                ax.set_ylabel(textwrap.fill(label, 16), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

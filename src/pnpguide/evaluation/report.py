@@ -108,7 +108,10 @@ def plot_fid_vs_steps(rows: list[dict], out_dir: Path) -> Path | None:
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
                 drawn = True
-        ax.set(xscale="log", xlabel="sampling steps", ylabel="FID (lower is better)", title=f"{model}, w={w:g}")
+        steps = sorted({r["steps"] for r in model_rows})
+        ax.set(xscale="log", xlabel="sampling steps", ylabel="FID (lower is better)", title=f"{model}, w={w:g} (none: w=1)")
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.minorticks_off()
         if drawn:
             ax.legend(fontsize=7)
         return drawn
@@ -137,10 +140,11 @@ def plot_quality_vs_time(rows: list[dict], out_dir: Path) -> Path | None:
     def draw(ax, model_rows, model):
         w, drawn = _guided_scale(model_rows), False
         for method, group in _by_method(model_rows).items():
-            points = sorted(
+            points = [
                 (r["seconds_per_image_b8"], r["fid"], r["steps"]) for r in group
                 if r["seconds_per_image_b8"] and r["fid"] is not None and (r["guidance_scale"] == w or method == "none")
-            )
+            ]
+            points.sort(key=lambda p: p[2])  # joined in step order: timing noise must not reorder the line
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
                 for x, y, steps in points:
@@ -155,6 +159,6 @@ def plot_quality_vs_time(rows: list[dict], out_dir: Path) -> Path | None:
 
 
 def grid_figure(model: str, grid: dict, path: Path) -> Path:
-    """Rows: method at a step count; columns: prompts; the same seed in every cell of a column."""
-    rows = {f"{method}, {steps} st": images for (method, steps), images in sorted(grid["images"].items(), key=lambda kv: (kv[0][1], kv[0][0]))}
+    """Rows: method at a step count (in the order they ran: cfg, none, guides); columns: prompts, one seed each."""
+    rows = {f"{method}, {steps} st": images for (method, steps), images in grid["images"].items()}
     return captioned_grid(rows, grid["prompts"], path, title=f"{model}: same seeds, methods side by side")
