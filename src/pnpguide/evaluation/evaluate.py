@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,7 +325,7 @@ def run_eval(config: EvalConfig) -> dict:
     settings = _settings(methods, config)
     evaluations = sum(steps * (2 if method.mode == "cfg" else 1) for method, steps, _ in settings) * config.images * len(config.seeds)
     tqdm.write(f"pnpguide eval: {len(specs)} model(s) x {len(settings)} settings x {config.images} images x {len(config.seeds)} seed(s) "
-               f"= {evaluations * len(specs):,} UNet evaluations (the embedded UNet does ~150-200 per second per CPU core)")
+               f"= {evaluations * len(specs):,} UNet evaluations (the embedded UNet does ~150-200 per second per CPU core)", file=sys.stderr)
     rows, grids = [], {}
     for index, spec in enumerate(specs):
         model_rows, grids[spec.name] = evaluate_model(spec, methods, config, scorer, timing=config.speed and index == 0)
