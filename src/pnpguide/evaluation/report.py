@@ -74,11 +74,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _by_method(rows: list[dict], **where) -> dict[str, list[dict]]:
+def _by_method(rows: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        if all(row[k] == v for k, v in where.items()):
-            groups.setdefault(row["method"], []).append(row)
+        groups.setdefault(row["method"], []).append(row)
     return groups
 
 
@@ -100,21 +99,33 @@ def _guided_scale(rows: list[dict]) -> float:
     return 7.5 if 7.5 in scales else max(scales, default=1.0)
 
 
+def _at_scale(rows: list[dict], w: float) -> list[dict]:
+    return [r for r in rows if r["guidance_scale"] == w or r["method"] == "none"]
+
+
+def _plot_lines(ax, rows: list[dict], x: str, y: str, label_steps: bool = False) -> bool:
+    """One line per method through its rows that have both values, joined in (steps, w) order; False if none."""
+    drawn = False
+    for method, group in _by_method(rows).items():
+        points = sorted((r for r in group if r[x] is not None and r[y] is not None), key=lambda r: (r["steps"], r["guidance_scale"]))
+        if not points:
+            continue
+        ax.plot([r[x] for r in points], [r[y] for r in points], marker="o", label=method)
+        for r in points if label_steps else ():
+            ax.annotate(str(r["steps"]), (r[x], r[y]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        drawn = True
+    if drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
 def plot_fid_vs_steps(rows: list[dict], out_dir: Path) -> Path | None:
     def draw(ax, model_rows, model):
-        w, drawn = _guided_scale(model_rows), False
-        for method, group in _by_method(model_rows).items():
-            points = sorted((r["steps"], r["fid"]) for r in group if r["fid"] is not None and (r["guidance_scale"] == w or method == "none"))
-            if points:
-                ax.plot(*zip(*points), marker="o", label=method)
-                drawn = True
-        steps = sorted({r["steps"] for r in model_rows})
+        w, steps = _guided_scale(model_rows), sorted({r["steps"] for r in model_rows})
         ax.set(xscale="log", xlabel="sampling steps", ylabel="FID (lower is better)", title=f"{model}, w={w:g} (none: w=1)")
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.minorticks_off()
-        if drawn:
-            ax.legend(fontsize=7)
-        return drawn
+        return _plot_lines(ax, _at_scale(model_rows, w), "steps", "fid")
 
     return _figure(rows, out_dir / "fid-vs-steps.png", draw)
 
@@ -122,38 +133,17 @@ def plot_fid_vs_steps(rows: list[dict], out_dir: Path) -> Path | None:
 def plot_adherence_vs_w(rows: list[dict], out_dir: Path) -> Path | None:
     def draw(ax, model_rows, model):
         steps = 25 if any(r["steps"] == 25 for r in model_rows) else max(r["steps"] for r in model_rows)
-        drawn = False
-        for method, group in _by_method(model_rows, steps=steps).items():
-            points = sorted((r["guidance_scale"], r["adherence"]) for r in group if r["adherence"] is not None)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=method)
-                drawn = True
         ax.set(xlabel="guidance scale w", ylabel="prompt adherence", title=f"{model}, {steps} steps")
-        if drawn:
-            ax.legend(fontsize=7)
-        return drawn
+        return _plot_lines(ax, [r for r in model_rows if r["steps"] == steps], "guidance_scale", "adherence")
 
     return _figure(rows, out_dir / "adherence-vs-w.png", draw)
 
 
 def plot_quality_vs_time(rows: list[dict], out_dir: Path) -> Path | None:
     def draw(ax, model_rows, model):
-        w, drawn = _guided_scale(model_rows), False
-        for method, group in _by_method(model_rows).items():
-            points = [
-                (r["seconds_per_image_b8"], r["fid"], r["steps"]) for r in group
-                if r["seconds_per_image_b8"] and r["fid"] is not None and (r["guidance_scale"] == w or method == "none")
-            ]
-            points.sort(key=lambda p: p[2])  # joined in step order: timing noise must not reorder the line
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-                for x, y, steps in points:
-                    ax.annotate(str(steps), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-                drawn = True
+        w = _guided_scale(model_rows)
         ax.set(xlabel="seconds per image (batch 8)", ylabel="FID", title=f"{model}, w={w:g} (labels: steps)")
-        if drawn:
-            ax.legend(fontsize=7)
-        return drawn
+        return _plot_lines(ax, _at_scale(model_rows, w), "seconds_per_image_b8", "fid", label_steps=True)
 
     return _figure(rows, out_dir / "quality-vs-time.png", draw)
 
