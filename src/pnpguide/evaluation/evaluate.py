@@ -26,7 +26,7 @@ from ..pipeline import PlugAndPlayPipeline
 from ..teacher import cfg_noise_pred
 from .adherence import judge, parse_caption
 from .fid import FidScorer, make_fid_scorer
-from .sampling import psnr
+from .sampling import mean_psnr
 from .speed import UNetCallCounter, median_seconds, parameter_count, peak_memory_bytes, step_cost
 
 METHODS = ("none", "cfg", "guide")
@@ -178,10 +178,6 @@ def _image_mse(images, references) -> float:
     return float(np.mean([np.mean((np.asarray(a, np.float64) / 255 - np.asarray(b, np.float64) / 255) ** 2) for a, b in zip(images, references)]))
 
 
-def _mean_psnr(images, references) -> float:
-    return float(np.mean([min(psnr(a, b), 60.0) for a, b in zip(images, references)]))
-
-
 @dataclass
 class Row:
     model: str
@@ -259,7 +255,8 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
                 per_seed["adh"].append(_adherence_split(images, prompts, spec.style))
             reference = teacher_images.get((steps, teacher_scale, seed))
             if reference is not None and method.mode != "cfg":
-                per_seed["psnr"].append(_mean_psnr(images, reference)), per_seed["mse"].append(_image_mse(images, reference))
+                per_seed["psnr"].append(mean_psnr(images, reference))
+                per_seed["mse"].append(_image_mse(images, reference))
             if output_mse is not None:
                 per_seed["out"].append(output_mse)
             if seed == config.seeds[0] and w in (1.0, max(config.scales)) and _in_grid(method, steps, config):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import data
 from .adherence import adherence
-from .sampling import generate_images, psnr
+from .sampling import generate_images, mean_psnr
 
 
 @dataclass(frozen=True)
@@ -44,17 +42,12 @@ def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: li
                     images=len(captions),
                     teacher_adherence=adherence(teacher, captions, style),
                     guide_adherence=adherence(guided, captions, style),
-                    psnr_db=_mean_psnr(guided, teacher),
+                    psnr_db=mean_psnr(guided, teacher),
                     unguided_adherence=unguided_adherence,
-                    unguided_psnr_db=_mean_psnr(unguided, teacher),
+                    unguided_psnr_db=mean_psnr(unguided, teacher),
                 )
             )
     return rows
-
-
-def _mean_psnr(images, references) -> float:
-    """Mean PSNR, each image's capped at 60 dB so that one identical pair cannot dominate."""
-    return float(np.mean([min(psnr(a, b), 60.0) for a, b in zip(images, references)]))
 
 
 def fidelity_markdown(rows: list[FidelityRow], title: str) -> str:
