@@ -126,7 +126,7 @@ def cmd_generate(args) -> None:
 
     pipe = load_plug_and_play(args.base, args.guide, args.lora)
     w = 1.0 if args.mode == "none" else args.w
-    steps = args.steps or (pipe.guide.config.trained_step_counts or [25])[0]  # a step-distilled guide: its own count
+    steps = args.steps if args.steps is not None else (pipe.guide.config.trained_step_counts or [25])[0]  # step-distilled: its own count
     image = pipe(args.prompt, guidance_scale=w, num_inference_steps=steps, generator=torch_generator(args.seed), mode=args.mode).images[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 import warnings
-
-import torch
 from typing import Callable
 
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -125,7 +124,8 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
-        latents = latents * (scheduler.init_noise_sigma / self.scheduler.init_noise_sigma)  # prepare_latents used self.scheduler's
+        if scheduler is not self.scheduler:  # prepare_latents scaled the noise for self.scheduler
+            latents = latents * (scheduler.init_noise_sigma / self.scheduler.init_noise_sigma)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 3. denoising loop: one model call per step, whichever mode
