@@ -34,6 +34,19 @@ SDXL = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 )
 TOKENS = {"sd15": 77, "sdxl": 77}
+TABLE_HEADER = (
+    "| batch | CFG s/image | guide s/image | one UNet pass s/image | speed-up | ceiling | share of ceiling |\n"
+    "|---|---|---|---|---|---|---|"
+)
+CEILING_NOTE = (
+    "ceiling = CFG time / one plain UNet pass (w=1): the most any single-pass method can gain here. Where the\n"
+    "batch-2B CFG call costs well under twice the batch-B call (small batches, overhead- or weight-bound), it is < 2."
+)
+
+
+def table_row(batch: int, cfg: float, guided: float, single: float) -> str:
+    speedup, ceiling = cfg / guided, cfg / single
+    return f"| {batch} | {cfg:.4f} | {guided:.4f} | {single:.4f} | {speedup:.2f}x | {ceiling:.2f}x | {speedup / ceiling:.0%} |"
 
 
 def compute_table(models: dict[str, UNet2DConditionModel], tokens: dict[str, int]) -> None:
@@ -54,13 +67,17 @@ def time_embedded(device: str, batch_sizes: list[int], steps: int, repeats: int)
     """Whole pipelines: diffusers' StableDiffusionPipeline (batched CFG) vs PlugAndPlayPipeline (guide)."""
     sd = load_pipeline().to(device)
     pnp = PlugAndPlayPipeline.from_pipe(sd, guide=load_guide(default_guide_dir("tiny")).to(device))
+    for pipe in (sd, pnp):
+        pipe.set_progress_bar_config(disable=True)
     print(f"\nembedded pipeline, {steps} DDIM steps, w=7.5, device={device}, median of {repeats}")
-    print("| batch | diffusers CFG s/image | guide s/image | speed-up |\n|---|---|---|---|")
+    print(CEILING_NOTE)
+    print(TABLE_HEADER)
     for batch in batch_sizes:
         prompts = ["a red circle above a blue square on a black background"] * batch
         cfg = median_seconds(lambda: sd(prompts, guidance_scale=7.5, num_inference_steps=steps), repeats) / batch
         guided = median_seconds(lambda: pnp(prompts, guidance_scale=7.5, num_inference_steps=steps), repeats) / batch
-        print(f"| {batch} | {cfg:.4f} | {guided:.4f} | {cfg / guided:.2f}x |")
+        single = median_seconds(lambda: sd(prompts, guidance_scale=1.0, num_inference_steps=steps), repeats) / batch
+        print(table_row(batch, cfg, guided, single))
 
 
 @torch.no_grad()
@@ -70,7 +87,7 @@ def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int]
     unet = UNet2DConditionModel.from_config(config).to(device, dtype).eval()
     guide = GuideModel.from_unet(unet, "tiny").to(device, dtype).eval()
     print(f"\n{name} UNet, random weights, {steps} steps, device={device}, {dtype}, median of {repeats}")
-    print("| batch | CFG s/image | guide s/image | speed-up |\n|---|---|---|---|")
+    print(TABLE_HEADER)
     for batch in batch_sizes:
         size = config["sample_size"]
         x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
@@ -86,8 +103,12 @@ def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int]
             for _ in range(steps):
                 guided_noise_pred(unet, guide, x, 500, c, 7.5, added_cond_kwargs=added)
 
-        t_cfg, t_guide = median_seconds(cfg, repeats) / batch, median_seconds(guided, repeats) / batch
-        print(f"| {batch} | {t_cfg:.4f} | {t_guide:.4f} | {t_cfg / t_guide:.2f}x |")
+        def single():
+            for _ in range(steps):
+                unet(x, 500, encoder_hidden_states=c, added_cond_kwargs=added)
+
+        t_cfg, t_guide, t_single = (median_seconds(fn, repeats) / batch for fn in (cfg, guided, single))
+        print(table_row(batch, t_cfg, t_guide, t_single))
 
 
 def _added(config, batch, device, dtype):

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,15 @@ def test_distill_help_documents_each_flag_from_the_config_comments(capsys):
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert "guidance scales are drawn uniformly from [w_min, w_max]" in out
     assert "(default: 2.0)" in out
+
+
+@pytest.mark.parametrize("command", ["distill", "distill-steps", "finetune", "eval"])
+def test_a_flag_whose_comment_states_its_default_states_it_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: the embedded model)" in out or "(default: every guide shipped" in out
+    assert not re.search(r"\(default: [^)]*\) \(default:", out)  # a second default would follow the comment's own
 
 
 def test_user_errors_are_one_line_messages_with_exit_code_2(tmp_path, capsys):

@@ -35,7 +35,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         default = _default(field)
-        help_text = f"{comments.get(field.name, field.name.replace('_', ' '))} (default: {default})".replace("%", "%%")
+        comment = comments.get(field.name, field.name.replace("_", " "))
+        help_text = (comment if "(default:" in comment else f"{comment} (default: {default})").replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
