@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from pnpguide.base import load_pipeline
-from pnpguide.evaluation.speed import median_seconds, parameter_count, step_cost
+from pnpguide.evaluation.speed import median_seconds_each, parameter_count, step_cost
 from pnpguide.guide import GuideModel
 from pnpguide.loading import default_guide_dir, load_guide
 from pnpguide.pipeline import PlugAndPlayPipeline
@@ -69,15 +69,20 @@ def time_embedded(device: str, batch_sizes: list[int], steps: int, repeats: int)
     pnp = PlugAndPlayPipeline.from_pipe(sd, guide=load_guide(default_guide_dir("tiny")).to(device))
     for pipe in (sd, pnp):
         pipe.set_progress_bar_config(disable=True)
-    print(f"\nembedded pipeline, {steps} DDIM steps, w=7.5, device={device}, median of {repeats}")
+    print(f"\nembedded pipeline, {steps} DDIM steps, w=7.5, device={device}, median of {repeats}, timed in turns")
     print(CEILING_NOTE)
     print(TABLE_HEADER)
     for batch in batch_sizes:
         prompts = ["a red circle above a blue square on a black background"] * batch
-        cfg = median_seconds(lambda: sd(prompts, guidance_scale=7.5, num_inference_steps=steps), repeats) / batch
-        guided = median_seconds(lambda: pnp(prompts, guidance_scale=7.5, num_inference_steps=steps), repeats) / batch
-        single = median_seconds(lambda: sd(prompts, guidance_scale=1.0, num_inference_steps=steps), repeats) / batch
-        print(table_row(batch, cfg, guided, single))
+        seconds = median_seconds_each(
+            {
+                "cfg": lambda: sd(prompts, guidance_scale=7.5, num_inference_steps=steps),
+                "guided": lambda: pnp(prompts, guidance_scale=7.5, num_inference_steps=steps),
+                "single": lambda: sd(prompts, guidance_scale=1.0, num_inference_steps=steps),
+            },
+            repeats,
+        )
+        print(table_row(batch, *(seconds[name] / batch for name in ("cfg", "guided", "single"))))
 
 
 @torch.no_grad()
@@ -86,7 +91,7 @@ def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int]
     dtype = torch.float16 if device == "cuda" else torch.float32
     unet = UNet2DConditionModel.from_config(config).to(device, dtype).eval()
     guide = GuideModel.from_unet(unet, "tiny").to(device, dtype).eval()
-    print(f"\n{name} UNet, random weights, {steps} steps, device={device}, {dtype}, median of {repeats}")
+    print(f"\n{name} UNet, random weights, {steps} steps, device={device}, {dtype}, median of {repeats}, timed in turns")
     print(TABLE_HEADER)
     for batch in batch_sizes:
         size = config["sample_size"]
@@ -107,8 +112,8 @@ def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int]
             for _ in range(steps):
                 unet(x, 500, encoder_hidden_states=c, added_cond_kwargs=added)
 
-        t_cfg, t_guide, t_single = (median_seconds(fn, repeats) / batch for fn in (cfg, guided, single))
-        print(table_row(batch, t_cfg, t_guide, t_single))
+        seconds = median_seconds_each({"cfg": cfg, "guided": guided, "single": single}, repeats)
+        print(table_row(batch, *(seconds[name] / batch for name in ("cfg", "guided", "single"))))
 
 
 def _added(config, batch, device, dtype):

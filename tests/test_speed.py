@@ -1,6 +1,6 @@
 import torch
 
-from pnpguide.evaluation.speed import UNetCallCounter, count_flops, plain_attention, step_cost
+from pnpguide.evaluation.speed import UNetCallCounter, count_flops, median_seconds_each, plain_attention, step_cost
 from pnpguide.guide import GuideModel
 
 
@@ -33,3 +33,10 @@ def test_call_counter_counts_images_per_call(unet):
     counter.close()
     unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 6, 32))
     assert (counter.calls, counter.images) == (1, 3)
+
+
+def test_timings_for_a_ratio_take_turns_after_the_warm_up():
+    calls = []
+    seconds = median_seconds_each({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1)
+    assert calls == ["a", "b"] * 3  # one warm-up round, then two timed rounds in turns
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

@@ -122,16 +122,26 @@ class UNetCallCounter:
 
 def median_seconds(fn, repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of `fn()` after warm-up runs."""
+    return median_seconds_each({"fn": fn}, repeats, warmup)["fn"]
+
+
+def median_seconds_each(fns: dict, repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, timed in turns (a, b, a, b, ...) after warm-up runs.
+
+    Taking turns spreads any drift in the machine's speed (other jobs, clocks) over all of them alike, so the
+    ratios between the results, which are what speed-ups are, stay fair."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_memory_bytes(fn) -> int:
