@@ -44,7 +44,9 @@ CEILING_NOTE = (
 )
 
 
-def table_row(batch: int, cfg: float, guided: float, single: float) -> str:
+def table_row(batch: int, seconds: dict[str, float]) -> str:
+    """One table line from the timings of a whole batch (keys cfg, guided, single), shown per image."""
+    cfg, guided, single = (seconds[name] / batch for name in ("cfg", "guided", "single"))
     speedup, ceiling = cfg / guided, cfg / single
     return f"| {batch} | {cfg:.4f} | {guided:.4f} | {single:.4f} | {speedup:.2f}x | {ceiling:.2f}x | {speedup / ceiling:.0%} |"
 
@@ -82,7 +84,7 @@ def time_embedded(device: str, batch_sizes: list[int], steps: int, repeats: int)
             },
             repeats,
         )
-        print(table_row(batch, *(seconds[name] / batch for name in ("cfg", "guided", "single"))))
+        print(table_row(batch, seconds))
 
 
 @torch.no_grad()
@@ -113,7 +115,7 @@ def time_unet_steps(name: str, config: dict, device: str, batch_sizes: list[int]
                 unet(x, 500, encoder_hidden_states=c, added_cond_kwargs=added)
 
         seconds = median_seconds_each({"cfg": cfg, "guided": guided, "single": single}, repeats)
-        print(table_row(batch, *(seconds[name] / batch for name in ("cfg", "guided", "single"))))
+        print(table_row(batch, seconds))
 
 
 def _added(config, batch, device, dtype):
