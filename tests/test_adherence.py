@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,3 +41,34 @@ def test_a_blank_image_matches_nothing():
     blank = Image.new("RGB", (64, 64), data.BACKGROUNDS["black"])
     verdict = adherence.judge(blank, "a red circle on a black background")
     assert not verdict.ok and "found 0 objects" in verdict.reason
+
+
+def _two_object_scene(relation: str) -> data.Scene:
+    return next(s for s in (data.sample_scene(i, 3) for i in range(1000)) if s.relation == relation)
+
+
+def test_judge_names_the_check_that_failed():
+    scene = _two_object_scene("left of")
+    image = data.render(scene)
+    first, second = scene.objects
+    other_background = next(b for b in data.BACKGROUNDS if b != scene.background)
+    other_colour = next(c for c in data.COLOURS if c not in (first.colour, second.colour))
+    captions = {
+        "ok": scene.caption,
+        "relation": data.Scene(scene.objects, scene.background, "right of", False).caption,
+        "background": data.Scene(scene.objects, other_background, "left of", False).caption,
+        "attributes": data.Scene((first, replace(second, colour=other_colour)), scene.background, "left of", False).caption,
+        "count": data.Scene((first,), scene.background, None, False).caption,
+    }
+    assert {kind: adherence.judge(image, caption).kind for kind, caption in captions.items()} == {k: k for k in captions}
+
+
+def test_failure_counts_and_relation_accuracy_separate_placing_from_drawing():
+    scene = _two_object_scene("above")
+    image = data.render(scene)
+    swapped = data.Scene(scene.objects, scene.background, "below", False).caption
+    blank = Image.new("RGB", (64, 64), data.BACKGROUNDS[scene.background])
+    counts = adherence.failure_counts([image, image, image, blank], [scene.caption, scene.caption, swapped, scene.caption])
+    assert counts == {"ok": 2, "background": 0, "count": 1, "attributes": 0, "relation": 1}
+    assert adherence.relation_accuracy(counts) == pytest.approx(2 / 3)
+    assert adherence.relation_accuracy(dict(counts, ok=0, relation=0)) is None

@@ -124,3 +124,13 @@ def test_step_distilled_guide_warns_at_other_step_counts(tiny_components):
     pipe = _step_distilled(tiny_components, steps=(4,))
     with pytest.warns(UserWarning, match=r"step-distilled for \[4\] DDIM steps, not 3"):
         _run(pipe, guidance_scale=5.0, num_inference_steps=3)
+
+
+def test_evaluation_keeps_a_silenced_progress_bar_silent(tiny_components, capsys):
+    from pnpguide.evaluation.sampling import as_plug_and_play, generate_images
+
+    sd_pipe = StableDiffusionPipeline(**tiny_components)
+    sd_pipe.set_progress_bar_config(disable=True)
+    assert as_plug_and_play(sd_pipe)._progress_bar_config == {"disable": True}
+    generate_images(sd_pipe, PROMPTS, 7.5, num_inference_steps=2, progress=False)
+    assert "2/2" not in capsys.readouterr().err  # diffusers' per-call step bar

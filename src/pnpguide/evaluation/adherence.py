@@ -58,10 +58,14 @@ class DetectedObject:
         return "small" if self.extent < SIZE_THRESHOLD else "large"
 
 
+FAILURE_KINDS = ("background", "count", "attributes", "relation")  # in the order the judge checks them
+
+
 @dataclass(frozen=True)
 class Verdict:
     ok: bool
     reason: str  # "ok" or what did not match, for reports and debugging
+    kind: str = "ok"  # "ok" or the first check that failed, one of FAILURE_KINDS
 
 
 def parse_caption(caption: str) -> CaptionSpec:
@@ -140,17 +144,17 @@ def judge(image: Image.Image, caption: str, style: str = "flat") -> Verdict:
     spec = parse_caption(caption)
     background, found = detect(image, style)
     if background != spec.background:
-        return Verdict(False, f"background is {background}, wanted {spec.background}")
+        return Verdict(False, f"background is {background}, wanted {spec.background}", "background")
     if len(found) != len(spec.objects):
-        return Verdict(False, f"found {len(found)} objects, wanted {len(spec.objects)}")
+        return Verdict(False, f"found {len(found)} objects, wanted {len(spec.objects)}", "count")
     for order in ([0],) if len(found) == 1 else ([0, 1], [1, 0]):
         chosen = [found[i] for i in order]
         if all(_matches(f, s) for f, s in zip(chosen, spec.objects)):
             if spec.relation is None or _relation_holds(chosen[0], chosen[1], spec.relation):
                 return Verdict(True, "ok")
-            return Verdict(False, f"objects found but not '{spec.relation}'")
+            return Verdict(False, f"objects found but not '{spec.relation}'", "relation")
     described = ", ".join(f"{o.size} {o.colour} {o.shape}" for o in found)
-    return Verdict(False, f"found {described}")
+    return Verdict(False, f"found {described}", "attributes")
 
 
 def adherence(images: list[Image.Image], captions: list[str], style: str = "flat") -> float:
@@ -158,6 +162,24 @@ def adherence(images: list[Image.Image], captions: list[str], style: str = "flat
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     return sum(judge(im, c, style).ok for im, c in zip(images, captions)) / max(len(images), 1)
+
+
+def failure_counts(images: list[Image.Image], captions: list[str], style: str = "flat") -> dict[str, int]:
+    """How many images pass ("ok") and how many fail at each check, in FAILURE_KINDS order."""
+    counts = dict.fromkeys(("ok",) + FAILURE_KINDS, 0)
+    for image, caption in zip(images, captions, strict=True):
+        counts[judge(image, caption, style).kind] += 1
+    return counts
+
+
+def relation_accuracy(counts: dict[str, int]) -> float | None:
+    """Of the images that drew both named objects right, the fraction with the relation right too.
+
+    Two-object adherence multiplies drawing the objects by placing them; this separates the two, and
+    0.5 means the model places the first-named object on the wrong side as often as on the right one.
+    """
+    placed = counts["ok"] + counts["relation"]
+    return counts["ok"] / placed if placed else None
 
 
 def _wrong_caption(scene: data.Scene, rng: np.random.Generator) -> str:

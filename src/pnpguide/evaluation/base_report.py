@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import data
 from ..base import load_pipeline
-from .adherence import adherence
+from .adherence import FAILURE_KINDS, failure_counts, relation_accuracy
 from .plots import captioned_grid
 from .sampling import generate_images
 
@@ -27,13 +27,25 @@ def base_grid(base: str | None, out: str | Path, lora: str | None = None, style:
 def base_adherence_table(
     base: str | None, lora: str | None, style: str, prompts: int, steps: int, scales: list[float], seed: int = 0
 ) -> str:
-    """Markdown table: adherence on `prompts` held-out one-object and two-object captions per w."""
+    """Markdown table: adherence on `prompts` held-out one-object and two-object captions per w.
+
+    The two-object failures are split by the judge's first failed check, and the relation column says
+    how often an image that drew both objects right also put them the right way round.
+    """
     pipe = load_pipeline(base, lora)
-    lines = ["| w | one object | two objects |", "|---|---|---|"]
+    lines = [
+        "| w | one object | two objects | two objects: relation right when both objects are | two-object failures: "
+        + " / ".join(FAILURE_KINDS)
+        + " |",
+        "|---|---|---|---|---|",
+    ]
     for w in scales:
-        cells = []
+        counts = {}
         for objects in (1, 2):
             captions = data.heldout_captions(prompts, objects=objects)
-            cells.append(adherence(generate_images(pipe, captions, w, steps, seed), captions, style))
-        lines.append(f"| {w} | {cells[0]:.3f} | {cells[1]:.3f} |")
+            counts[objects] = failure_counts(generate_images(pipe, captions, w, steps, seed), captions, style)
+        one, two = (counts[n]["ok"] / prompts for n in (1, 2))
+        relation = relation_accuracy(counts[2])
+        failures = " / ".join(str(counts[2][kind]) for kind in FAILURE_KINDS)
+        lines.append(f"| {w} | {one:.3f} | {two:.3f} | {'n/a' if relation is None else f'{relation:.3f}'} | {failures} |")
     return "\n".join(lines)

@@ -11,7 +11,16 @@ from ..pipeline import PlugAndPlayPipeline
 
 
 def as_plug_and_play(pipe) -> PlugAndPlayPipeline:
-    return pipe if isinstance(pipe, PlugAndPlayPipeline) else PlugAndPlayPipeline.from_pipe(pipe)
+    """The same components as a PlugAndPlayPipeline, keeping `pipe`'s progress-bar setting.
+
+    diffusers' `from_pipe` starts with a fresh progress-bar config, which printed a 25-step bar for
+    every batch under the evaluation's own bar.
+    """
+    if isinstance(pipe, PlugAndPlayPipeline):
+        return pipe
+    plug_and_play = PlugAndPlayPipeline.from_pipe(pipe)
+    plug_and_play.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return plug_and_play
 
 
 def generate_images(
