@@ -72,3 +72,14 @@ def test_failure_counts_and_relation_accuracy_separate_placing_from_drawing():
     assert counts == {"ok": 2, "background": 0, "count": 1, "attributes": 0, "relation": 1}
     assert adherence.relation_accuracy(counts) == pytest.approx(2 / 3)
     assert adherence.relation_accuracy(dict(counts, ok=0, relation=0)) is None
+
+
+def test_base_adherence_table_counts_every_two_object_image_once(tiny_base_dir):
+    from pnpguide.evaluation.base_report import base_adherence_table
+
+    table = base_adherence_table(str(tiny_base_dir), None, "flat", prompts=3, steps=2, scales=[1.0, 7.5], split="train")
+    header, _, *rows = table.splitlines()
+    assert "relation right" in header and [row.split("|")[1].strip() for row in rows] == ["1.0", "7.5"]
+    for row in rows:
+        two_objects, failures = float(row.split("|")[3]), row.split("|")[5]
+        assert round(two_objects * 3) + sum(int(n) for n in failures.split("/")) == 3

@@ -68,3 +68,20 @@ def test_heldout_captions_are_distinct_while_possible_then_repeat():
     assert all(" of " in c or " above " in c or " below " in c for c in captions)
     singles = data.heldout_captions(40, objects=1)
     assert len(singles) == 40 and singles[:18] == singles[18:36] and len(set(singles)) == 18
+
+
+def test_split_captions_come_from_their_split():
+    from pnpguide.evaluation.adherence import parse_caption
+
+    def held_out(caption):
+        spec = parse_caption(caption)
+        first, second = (f"{o.colour} {o.shape}" for o in spec.objects)
+        return data.is_held_out(f"{first}|{spec.relation}|{second}|{spec.background}")
+
+    train = data.split_captions(30, "train", objects=2)
+    assert len(set(train)) == 30 and not any(held_out(c) for c in train)
+    assert all(held_out(c) for c in data.heldout_captions(30, objects=2))
+    assert data.split_captions(30, "heldout", objects=2) == data.heldout_captions(30, objects=2)
+    assert not set(train) & set(data.heldout_captions(200, objects=2))
+    with pytest.raises(ValueError, match="split"):
+        data.split_captions(3, "test")

@@ -201,7 +201,7 @@ def cmd_sample_grid(args) -> None:
 def cmd_base_adherence(args) -> None:
     from .evaluation.base_report import base_adherence_table
 
-    print(base_adherence_table(args.base, args.lora, args.style, args.prompts, args.steps, args.scales, args.seed))
+    print(base_adherence_table(args.base, args.lora, args.style, args.prompts, args.steps, args.scales, args.seed, args.split))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,9 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(handler=cmd_sample_grid)
 
-    p = sub.add_parser("base-adherence", help="held-out prompt adherence of a base or fine-tune at several w")
+    p = sub.add_parser(
+        "base-adherence",
+        help="prompt adherence of a base or fine-tune at several w, with two-object failures split by cause",
+    )
     _add_model_flags(p)
-    p.add_argument("--prompts", type=int, default=100, help="held-out captions per object count")
+    p.add_argument("--prompts", type=int, default=100, help="captions per object count")
+    p.add_argument(
+        "--split",
+        choices=("heldout", "train"),
+        default="heldout",
+        help="held-out caption combinations (never trained on), or training ones: to tell what a model failed to learn "
+        "from what it failed to generalise (default: heldout)",
+    )
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales")
     p.set_defaults(handler=cmd_base_adherence)
     return parser

@@ -226,9 +226,18 @@ def heldout_captions(count: int, seed: int = 1234, objects: int | None = None) -
     Captions are distinct while the held-out set allows (it has only 18 one-object captions), then
     repeat in the same order; evaluation gives every image its own seed, so repeats are new samples.
     """
+    return split_captions(count, "heldout", seed, objects)
+
+
+def split_captions(count: int, split: str = "heldout", seed: int = 1234, objects: int | None = None) -> list[str]:
+    """`count` captions of the `train` or `heldout` combinations, as :func:`heldout_captions` picks them.
+
+    Judging a model on training captions as well tells what it failed to learn from what it failed
+    to generalise.
+    """
     distinct: list[str] = []
     for index in range(200 * count):
-        scene = sample_scene(index, seed, "heldout")
+        scene = sample_scene(index, seed, split)
         if (objects is None or len(scene.objects) == objects) and scene.caption not in distinct:
             distinct.append(scene.caption)
             if len(distinct) == count:

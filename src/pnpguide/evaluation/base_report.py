@@ -25,9 +25,16 @@ def base_grid(base: str | None, out: str | Path, lora: str | None = None, style:
 
 
 def base_adherence_table(
-    base: str | None, lora: str | None, style: str, prompts: int, steps: int, scales: list[float], seed: int = 0
+    base: str | None,
+    lora: str | None,
+    style: str,
+    prompts: int,
+    steps: int,
+    scales: list[float],
+    seed: int = 0,
+    split: str = "heldout",
 ) -> str:
-    """Markdown table: adherence on `prompts` held-out one-object and two-object captions per w.
+    """Markdown table: adherence on `prompts` one-object and two-object captions of `split` per w.
 
     The two-object failures are split by the judge's first failed check, and the relation column says
     how often an image that drew both objects right also put them the right way round.
@@ -42,7 +49,7 @@ def base_adherence_table(
     for w in scales:
         counts = {}
         for objects in (1, 2):
-            captions = data.heldout_captions(prompts, objects=objects)
+            captions = data.split_captions(prompts, split, objects=objects)
             counts[objects] = failure_counts(generate_images(pipe, captions, w, steps, seed), captions, style)
         one, two = (counts[n]["ok"] / prompts for n in (1, 2))
         relation = relation_accuracy(counts[2])
