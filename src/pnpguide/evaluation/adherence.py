@@ -161,7 +161,7 @@ def adherence(images: list[Image.Image], captions: list[str], style: str = "flat
     """Fraction of images that satisfy their captions."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    return sum(judge(im, c, style).ok for im, c in zip(images, captions)) / max(len(images), 1)
+    return failure_counts(images, captions, style)["ok"] / max(len(images), 1)
 
 
 def failure_counts(images: list[Image.Image], captions: list[str], style: str = "flat") -> dict[str, int]:
