@@ -1,11 +1,14 @@
 from dataclasses import replace
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from pnpguide import data
 from pnpguide.evaluation import adherence
+
+
+def _two_object_scene(relation: str) -> data.Scene:
+    return next(s for s in (data.sample_scene(i, 3) for i in range(1000)) if s.relation == relation)
 
 
 def test_parse_caption_reads_objects_relation_and_background():
@@ -28,9 +31,7 @@ def test_judge_accepts_true_and_rejects_wrong_captions(style):
 
 
 def test_judge_rejects_a_swapped_relation():
-    scene = data.sample_scene(1, 0)
-    while scene.relation != "above":
-        scene = data.sample_scene(np.random.randint(10_000), 0)
+    scene = _two_object_scene("above")
     image = data.render(scene)
     swapped = data.Scene(scene.objects, scene.background, "below", False).caption
     assert adherence.judge(image, scene.caption).ok
@@ -41,10 +42,6 @@ def test_a_blank_image_matches_nothing():
     blank = Image.new("RGB", (64, 64), data.BACKGROUNDS["black"])
     verdict = adherence.judge(blank, "a red circle on a black background")
     assert not verdict.ok and "found 0 objects" in verdict.reason
-
-
-def _two_object_scene(relation: str) -> data.Scene:
-    return next(s for s in (data.sample_scene(i, 3) for i in range(1000)) if s.relation == relation)
 
 
 def test_judge_names_the_check_that_failed():
