@@ -76,7 +76,7 @@ def test_missing_or_broken_folders_are_reported_not_raised(tmp_path, tiny_base_d
     assert "does not exist" in checks["base folder"].detail and "does not exist" in checks["guide files"].detail
     (tiny_base_dir / "model_index.json").write_text("{oops")
     detail = _by_name(check_pair(tiny_base_dir, tmp_path / "no-guide"))["base folder"].detail
-    assert detail.startswith(f"{tiny_base_dir / 'model_index.json'} is not valid JSON")
+    assert detail.startswith(f"{tiny_base_dir / 'model_index.json'} is not a valid JSON file")
 
 
 def test_an_unsupported_prediction_type_fails(tiny_base_dir, guide_dir):

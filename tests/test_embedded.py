@@ -36,8 +36,11 @@ def test_shipped_tiny_guide_is_closer_to_the_teacher_than_no_guidance(pipe):
 
 
 def test_demo_writes_a_grid_and_counts_unet_evaluations(tmp_path):
-    grid, timings = run_demo(tmp_path, steps=4)
+    lines = []
+    grid, timings = run_demo(tmp_path, steps=4, progress=lines.append)
     assert grid.is_file()
+    assert lines[0] == "loading the embedded base and the tiny guide" and lines[-1] == f"writing the grid to {grid}"
+    assert len(lines) == len(timings) + 2 and lines[1].startswith(f"[1/{len(timings)}] no guidance (w=1), 4 steps: sampling")
     evals = {t.label: t.unet_images_per_image for t in timings[:3]}
     assert evals == {"no guidance (w=1)": 4, "CFG teacher": 8, "guide": 4}
     assert all(t.unet_images_per_image == t.steps for t in timings[3:])  # step-distilled guides, at their own counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,15 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from . import components, data
-from .training import TrainingConfig, copy_ema_into, run_training, save_config
+from .config_checks import check_at_least, check_base_configs, check_fraction, read_json_object
+from .run_folder import training_run
+from .training import TrainingConfig, copy_ema_into, run_training
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 MODEL_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what pnpguide's training losses implement
+
+logger = logging.getLogger(__name__)
 
 
 def default_base_dir() -> Path:
@@ -23,16 +29,18 @@ def default_base_dir() -> Path:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """Fail early, naming what is missing, instead of deep inside diffusers' loader."""
+    """Fail early, naming what is missing or malformed (the UNet's and scheduler's config fields included),
+    instead of deep inside diffusers' loader."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} has no model_index.json: is it a diffusers pipeline folder?")
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_json_object(path / "model_index.json")
     for name, spec in index.items():
-        if isinstance(spec, list) and spec[0] is not None and not (path / name).is_dir():
+        if isinstance(spec, list) and spec and spec[0] is not None and not (path / name).is_dir():
             raise FileNotFoundError(f"{path} lists component {name!r} in model_index.json but has no {name}/ folder")
+    check_base_configs(path)
     return path
 
 
@@ -82,9 +90,24 @@ def save_pipeline(pipe: StableDiffusionPipeline, path: str | Path, half: bool = 
     return Path(path)
 
 
+def warn_if_truncated(tokenizer, prompts: list[str]) -> int:
+    """Say once how many prompts the tokenizer will cut to its limit; return that number.
+
+    transformers' own notice ("... will result in indexing errors") is silenced: the pipeline truncates,
+    so no indexing error can happen, and it names neither the prompts nor how many.
+    """
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True  # as if shown
+    limit = tokenizer.model_max_length
+    cut = sum(len(ids) > limit for ids in tokenizer(list(prompts), truncation=False)["input_ids"])
+    if cut:
+        logger.warning(f"{cut} of {len(prompts)} prompts are longer than the tokenizer's limit of {limit} tokens and were cut to it")
+    return cut
+
+
 @torch.no_grad()
 def encode_captions(pipe: StableDiffusionPipeline, captions: list[str], batch_size: int = 256) -> torch.Tensor:
     """(N, max_length, dim) prompt embeddings, computed exactly as the pipeline does at inference."""
+    warn_if_truncated(pipe.tokenizer, captions)
     chunks = []
     for start in range(0, len(captions), batch_size):
         embeds, _ = pipe.encode_prompt(captions[start : start + batch_size], "cpu", 1, False)
@@ -105,6 +128,10 @@ class VAETrainConfig(TrainingConfig):
     kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: it only keeps the latents' scale in check
     foreground_weight: float = 10.0  # loss weight of object pixels: objects cover ~10% of an image
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_at_least(self, 0, "kl_weight", "foreground_weight")
+
 
 def _style_batch(indices: list[int], generator: torch.Generator, seed: int) -> torch.Tensor:
     styles = torch.randint(len(data.STYLES), (len(indices),), generator=generator).tolist()
@@ -112,9 +139,9 @@ def _style_batch(indices: list[int], generator: torch.Generator, seed: int) -> t
     return torch.stack([data.image_to_tensor(im) for im in images])
 
 
+@training_run
 def train_vae(config: VAETrainConfig) -> AutoencoderKL:
     """Train the 64x64 <-> 16x16x4 VAE on every style and set SD's `scaling_factor` from the data."""
-    save_config(config, config.output_dir)
     vae = components.build_vae()
 
     def make_batch(step, generator):
@@ -174,7 +201,7 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
         return noise
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}; use epsilon or v_prediction")
+    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}; use {' or '.join(PREDICTION_TYPES)}")
 
 
 def diffusion_loss(unet, scheduler, latents, prompt_embeds, generator: torch.Generator) -> torch.Tensor:
@@ -226,10 +253,16 @@ class BaseTrainConfig(TrainingConfig):
     use_ema: bool = True
     checkpointing_steps: int = 1000
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_fraction(self, "caption_dropout")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
 
+
+@training_run
 def train_base(config: BaseTrainConfig) -> StableDiffusionPipeline:
     """Train the text-to-image UNet on cached latents; save the whole pipeline to `output_dir/pipeline`."""
-    save_config(config, config.output_dir)
     tokenizer, text_encoder = components.build_text_encoder()
     vae = AutoencoderKL.from_pretrained(config.vae_dir).eval()
     scheduler = components.build_scheduler(config.prediction_type)

@@ -13,6 +13,30 @@ import typing
 from pathlib import Path
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # OSError covers missing and unreadable files
+PROGRESS_DELAY_S = 2  # sampling shows its progress bar once it has run this long
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (exit code 2, as argparse's own)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 1 (images, prompts, steps)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """An argparse type: a finite w > 0 (diffusers' convention: 1 = no guidance)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (1 = no guidance), got {text}")
+    return value
 
 
 def field_comments(config_class) -> dict[str, str]:
@@ -125,7 +149,11 @@ def cmd_distill_steps(args) -> None:
 def cmd_generate(args) -> None:
     from .loading import load_plug_and_play
 
+    from .base import warn_if_truncated
+
     pipe = load_plug_and_play(args.base, args.guide, args.lora)
+    warn_if_truncated(pipe.tokenizer, [args.prompt])
+    pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)
     w = 1.0 if args.mode == "none" else args.w
     steps = args.steps if args.steps is not None else (pipe.guide.config.trained_step_counts or [25])[0]  # step-distilled: its own count
     image = pipe(args.prompt, guidance_scale=w, num_inference_steps=steps, generator=torch_generator(args.seed), mode=args.mode).images[0]
@@ -143,7 +171,7 @@ def torch_generator(seed: int):
 def cmd_demo(args) -> None:
     from .demo import run_demo, timing_table
 
-    grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed)
+    grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(timing_table(timings))
     print(f"\ngrid (rows: no guidance | CFG teacher | guide | step-distilled guides) written to {grid}")
 
@@ -212,15 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.features import FeatureTrainConfig
     from .finetune import FinetuneConfig
 
-    parser = argparse.ArgumentParser(prog="pnpguide", description=__doc__)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser = Parser(prog="pnpguide", description=__doc__)
+    parser.add_argument("--threads", type=count, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of a one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the main job: no guidance | CFG | guide on the embedded model, grid + timing table")
     p.add_argument("--out-dir", default="pnpguide-demo", help="folder for grid.png (default: pnpguide-demo)")
     p.add_argument("--guide", default=None, help="guide folder or shipped name (default: tiny); step-distilled guides are added")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default: 25)")
-    p.add_argument("--w", type=float, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
+    p.add_argument("--steps", type=count, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=cmd_demo)
 
@@ -228,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt")
     _add_pipeline_flags(p)
     p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: 1 UNet pass per step; cfg: 2; none: w=1")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25, or a step-distilled guide's own count)")
-    p.add_argument("--w", type=float, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
+    p.add_argument("--steps", type=count, default=None, help="sampling steps (default: 25, or a step-distilled guide's own count)")
+    p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")
     p.set_defaults(handler=cmd_generate)
@@ -250,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fidelity", help="guide vs its CFG teacher on held-out captions: adherence and PSNR")
     _add_pipeline_flags(p)
     p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette (default: flat)")
-    p.add_argument("--prompts", type=int, default=40, help="held-out captions per object count (default: 40)")
-    p.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales (default: 3 5 7.5)")
-    p.add_argument("--steps-list", type=int, nargs="+", default=[16, 25], help="step counts (default: 16 25)")
+    p.add_argument("--prompts", type=count, default=40, help="held-out captions per object count (default: 40)")
+    p.add_argument("--scales", type=guidance_scale, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales (default: 3 5 7.5)")
+    p.add_argument("--steps-list", type=count, nargs="+", default=[16, 25], help="step counts (default: 16 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=cmd_fidelity)
 
@@ -267,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
     p.add_argument("--styles", nargs="*", help="styles to measure (default: all)")
-    p.add_argument("--images", type=int, default=500, help="images per style")
+    p.add_argument("--images", type=count, default=500, help="images per style")
     p.set_defaults(handler=cmd_judge_accuracy)
 
     p = sub.add_parser("base-grid", help="image grid of a base or fine-tune at w = 1 and w = 7.5")
@@ -280,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt adherence of a base or fine-tune at several w, with two-object failures split by cause",
     )
     _add_model_flags(p)
-    p.add_argument("--prompts", type=int, default=100, help="captions per object count")
+    p.add_argument("--prompts", type=count, default=100, help="captions per object count")
     p.add_argument(
         "--split",
         choices=("heldout", "train"),
@@ -288,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out caption combinations (never trained on), or training ones: to tell what a model failed to learn "
         "from what it failed to generalise (default: heldout)",
     )
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 7.5], help="guidance scales")
+    p.add_argument("--scales", type=guidance_scale, nargs="+", default=[1.0, 7.5], help="guidance scales")
     p.set_defaults(handler=cmd_base_adherence)
+    for p in sub.choices.values():  # also after the command; SUPPRESS keeps a --debug given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
 
 
@@ -304,13 +335,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
     p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
     p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--steps", type=count, default=25, help="sampling steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a usage error: return its code as for every other error (--help still exits)
+        if exit_.code in (0, None):
+            raise
+        return exit_.code
     args.argv = argv  # for reports that record how to regenerate them
     _threads(args)
     from diffusers.utils import logging as diffusers_logging
@@ -322,9 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except USER_ERRORS as error:
+        if args.debug:
+            raise
         message = " ".join(str(error).split())  # one line, even for multi-line library messages
         print(f"pnpguide {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"pnpguide {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .evaluation.base_report import grid_captions
 from .evaluation.plots import captioned_grid
@@ -40,12 +41,26 @@ def demo_rows(guide: GuideModel, steps: int) -> list[DemoRow]:
     return rows
 
 
-def run_demo(out_dir: str | Path = "pnpguide-demo", guide: str | None = None, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0):
-    """Write `grid.png` and return one ModeTiming per row (wall time measured here, FLOPs counted)."""
+def run_demo(
+    out_dir: str | Path = "pnpguide-demo",
+    guide: str | None = None,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+):
+    """Write `grid.png` and return one ModeTiming per row (wall time measured here, FLOPs counted).
+
+    `progress` receives one line per phase (the CLI prints them): the demo runs for a minute or more on a CPU.
+    """
+    say = progress or (lambda line: None)
+    say(f"loading the embedded base and the {guide or 'tiny'} guide")
     pipe = load_plug_and_play(guide=guide)
     captions = grid_captions()
     images, timings = {}, []
-    for row in demo_rows(pipe.guide, steps):
+    rows = demo_rows(pipe.guide, steps)
+    for number, row in enumerate(rows, 1):
+        say(f"[{number}/{len(rows)}] {row.label}, {row.steps} steps: sampling {len(captions)} images, then timing them")
         pipe.guide = row.guide  # None for "none" and "cfg": they never call it
         w = 1.0 if row.mode == "none" else guidance_scale
         cost = step_cost(pipe.unet, row.guide, tokens=pipe.tokenizer.model_max_length)
@@ -59,6 +74,7 @@ def run_demo(out_dir: str | Path = "pnpguide-demo", guide: str | None = None, st
         counter.close()
         seconds = median_seconds(sample, repeats=3, warmup=0) / len(captions)
         timings.append(ModeTiming(row.label, row.steps, seconds, counter.images / len(captions), flops / 1e9))
+    say(f"writing the grid to {Path(out_dir) / 'grid.png'}")
     grid = captioned_grid(images, captions, Path(out_dir) / "grid.png", title=f"embedded base, w={guidance_scale}, DDIM, same seeds")
     return grid, timings
 

@@ -22,7 +22,8 @@ from .base import cache_dataset, encode_captions, load_pipeline
 from .guide import GUIDE_SIZES, TINY_WIDTH_DIVISOR, GuideModel
 from .loading import load_guide
 from .teacher import cfg_noise_pred, guided_noise_pred
-from .training import TrainingConfig, copy_ema_into, make_accelerator, run_training, save_config, shard_rows
+from .run_folder import training_run
+from .training import TrainingConfig, copy_ema_into, make_accelerator, run_training, shard_rows
 
 SOURCES = ("data", "trajectories")
 
@@ -54,6 +55,8 @@ class GuidanceDistillConfig(TrainingConfig):
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         check_guidance_range(self.w_min, self.w_max)
+        if self.source == "data" and self.prompts is not None:
+            raise ValueError("source='data' trains on the embedded shapes images and their captions; use source='trajectories' with --prompts")
 
 
 def check_guidance_range(w_min: float, w_max: float) -> None:
@@ -143,6 +146,7 @@ def _initial_guide(unet, config: GuidanceDistillConfig) -> GuideModel:
     return GuideModel.from_unet(unet, size=config.size, width_divisor=config.width_divisor)
 
 
+@training_run
 def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     """Distill CFG into a new guide for `config.base`; saves it to `output_dir/guide` and returns it.
 
@@ -150,15 +154,11 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     and :func:`shard_rows` gives the ranks disjoint rows of them at each step.
     """
     accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        save_config(config, config.output_dir)
     pipe = load_pipeline(config.base)
     freeze(pipe)
     pipe.unet.to(accelerator.device)  # the loop runs only the UNet; text encoder and VAE run once, up front, on the CPU
     guide = _initial_guide(pipe.unet, config)
     if config.source == "data":
-        if config.prompts is not None:
-            raise ValueError("source='data' trains on the embedded shapes images and their captions; use source='trajectories' with --prompts")
         cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 7)
         states, embeddings = NoisyStates(cached.latents, cached.caption_ids), cached.embeddings
     else:

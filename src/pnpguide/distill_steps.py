@@ -24,7 +24,8 @@ from .distill_guidance import check_guidance_range, freeze, sample_guidance_scal
 from .guide import GuideModel
 from .loading import default_guide_dir, load_guide
 from .teacher import cfg_noise_pred, guided_noise_pred
-from .training import TrainingConfig, copy_ema_into, run_training, save_config
+from .run_folder import training_run
+from .training import TrainingConfig, copy_ema_into, run_training
 
 
 FIRST_TEACHERS = ("cfg", "guide")
@@ -148,9 +149,9 @@ def _round_batch(cached, scheduler, student_grid, steps: int, config, generator)
     return {"sample": sample, "t": t, "t_mid": t_mid, "t_next": t_next, "prompt_embeds": base["prompt_embeds"], "w": w}
 
 
+@training_run
 def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}."""
-    save_config(config, config.output_dir)
     pipe = load_pipeline(config.base)
     freeze(pipe)
     stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)

@@ -15,7 +15,9 @@ from peft.utils import get_peft_model_state_dict
 
 from . import data
 from .base import cache_dataset, diffusion_loss, load_pipeline, save_pipeline
-from .training import TrainingConfig, copy_ema_into, run_training, save_config
+from .config_checks import check_fraction
+from .run_folder import training_run
+from .training import TrainingConfig, copy_ema_into, run_training
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts do
 
@@ -39,13 +41,12 @@ class FinetuneConfig(TrainingConfig):
         data.check_style(self.style)
         if self.method not in ("full", "lora"):
             raise ValueError(f"method must be 'full' or 'lora', got {self.method!r}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        check_fraction(self, "caption_dropout")
 
 
+@training_run
 def finetune(config: FinetuneConfig) -> Path:
     """Fine-tune; return a full pipeline folder (`full`) or a folder of LoRA weights (`lora`)."""
-    save_config(config, config.output_dir)
     pipe = load_pipeline(config.base)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)

@@ -7,6 +7,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from .base import ASSETS_DIR, load_pipeline
+from .config_checks import check_guide_config
 from .guide import GuideModel
 from .pipeline import PlugAndPlayPipeline
 
@@ -26,8 +27,13 @@ def shipped_guide_dirs() -> list[Path]:
 
 
 def load_guide(path: str | Path) -> GuideModel:
-    """Load a guide folder (or a shipped guide by name: tiny, full, tiny-16step, ...), refusing pickles and
-    checking the safetensors file before torch reads it."""
+    """Load a guide folder (or a shipped guide by name: tiny, full, tiny-16step, ...) after :func:`check_guide_dir`."""
+    return GuideModel.from_pretrained(str(check_guide_dir(path)), use_safetensors=True)
+
+
+def check_guide_dir(path: str | Path) -> Path:
+    """The guide folder `path` names, checked without loading it: no pickles, config fields of the right types
+    and ranges, a readable safetensors file."""
     path = Path(path)
     shipped = {p.name: p for p in shipped_guide_dirs()}
     if not path.exists() and str(path) in shipped:
@@ -39,12 +45,13 @@ def load_guide(path: str | Path) -> GuideModel:
         raise ValueError(f"{path} holds pickle weights {pickles}; pnpguide never unpickles (it can run code): convert them to safetensors")
     if not (path / "config.json").is_file() or not (path / GUIDE_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not a guide folder: it needs config.json and {GUIDE_WEIGHTS} (made by `pnpguide distill`)")
+    check_guide_config(path / "config.json")
     try:
         with safe_open(str(path / GUIDE_WEIGHTS), framework="pt") as weights:
             list(weights.keys())
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path / GUIDE_WEIGHTS} is corrupt or truncated ({error}); re-download or retrain the guide") from error
-    return GuideModel.from_pretrained(str(path), use_safetensors=True)
+    return path
 
 
 def load_plug_and_play(base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None) -> PlugAndPlayPipeline:

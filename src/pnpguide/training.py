@@ -16,9 +16,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,9 +29,17 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
+
+from .config_checks import check_at_least, check_field_types
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+# Every int field of a training config (a stage's too) is a count that must be >= 1, except these.
+NOT_COUNTS = ("lr_warmup_steps", "checkpoints_total_limit", "seed")
 
 
 @dataclass
@@ -45,27 +56,29 @@ class TrainingConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16", passed to accelerate
     gradient_accumulation_steps: int = 1
     checkpointing_steps: int = 500  # save a resumable checkpoint every N steps
-    checkpoints_total_limit: int = 2  # keep only the newest N checkpoints
-    resume: str | None = None  # "latest" or a checkpoint folder
+    checkpoints_total_limit: int = 2  # keep only the newest N checkpoints (0: keep all)
+    resume: str | None = None  # "latest" (the newest checkpoint-N in output_dir; with none, says so and starts at step 0) or a checkpoint folder
+    overwrite: bool = False  # start afresh in an output_dir that holds another run, moving its contents to <output_dir>.replaced-<time>
     use_ema: bool = False  # keep an exponential moving average of the weights (with warm-up)
     ema_decay: float = 0.999  # the EMA's final decay
     seed: int = 0
     log_every: int = 25  # steps between log lines
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_field_types(self)
+        hints = typing.get_type_hints(type(self))
+        check_at_least(self, 1, *(f.name for f in dataclasses.fields(self) if hints[f.name] is int and f.name not in NOT_COUNTS))
+        check_at_least(self, 0, "lr_warmup_steps", "checkpoints_total_limit", "max_grad_norm")
+        if not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be between 0 and 1, got {self.ema_decay}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-
-
-def save_config(config, output_dir: str | Path) -> None:
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("--overwrite starts a new run and --resume continues the old one: pass one of them")
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -120,9 +133,18 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if resume == "latest":
         found = _checkpoints(Path(output_dir))
         return found[-1] if found else None
+    return check_resume_path(resume)
+
+
+def check_resume_path(resume: str) -> Path | None:
+    """An explicit checkpoint folder must exist and be one (`latest` is looked up when the run starts)."""
+    if resume == "latest":
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {resume!r} does not exist; pass 'latest' or a checkpoint-N folder")
+    if not (path / "step.json").is_file():
+        raise FileNotFoundError(f"{resume!r} is not a checkpoint folder (no step.json); pass 'latest' or a checkpoint-N folder")
     return path
 
 
@@ -180,6 +202,8 @@ def run_training(
         accelerator.load_state(str(checkpoint))
         step = json.loads((checkpoint / "step.json").read_text())["step"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
+    elif config.resume == "latest" and accelerator.is_main_process:
+        logger.warning(f"--resume latest: no checkpoint in {output_dir} yet; starting from step 0")
 
     log_path = output_dir / "log.jsonl"
     progress = tqdm(total=config.max_steps, initial=step, desc=description, disable=not accelerator.is_local_main_process)

@@ -21,7 +21,9 @@ from torch import nn
 
 from .. import data
 from ..base import ASSETS_DIR
-from ..training import TrainingConfig, run_training, save_config
+from ..config_checks import check_fraction
+from ..run_folder import training_run
+from ..training import TrainingConfig, run_training
 
 DEGRADATIONS = ("none", "blur", "noise", "washed-out")
 ATTRIBUTES = {  # head name -> classes; "-" stands for "no second object"
@@ -126,6 +128,10 @@ class FeatureTrainConfig(TrainingConfig):
     num_features: int = 64  # feature dimension FID is computed in
     degraded_fraction: float = 0.5  # share of training images given a random degradation
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_fraction(self, "degraded_fraction")
+
 
 def feature_batch(start: int, count: int, generator: torch.Generator, degraded_fraction: float, seed: int, split: str = "train") -> dict:
     """Scenes in random styles, a share of them degraded, with one label per attribute head."""
@@ -142,9 +148,9 @@ def feature_batch(start: int, count: int, generator: torch.Generator, degraded_f
     return {"images": degrade(torch.stack(images), kinds, generator), **{k: torch.tensor(v) for k, v in labels.items()}}
 
 
+@training_run
 def train_features(config: FeatureTrainConfig) -> ShapesFeatureNet:
     """Train the FID feature network on every style; saved to `output_dir/features`."""
-    save_config(config, config.output_dir)
     torch.manual_seed(config.seed)
     model = ShapesFeatureNet(num_features=config.num_features)
 
