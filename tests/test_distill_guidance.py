@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from pnpguide.base import encode_captions, load_pipeline
-from pnpguide.distill_guidance import GuidanceDistillConfig, _noisy_batch, distillation_loss, teacher_trajectories, train_guide
+from pnpguide.distill_guidance import RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, teacher_trajectories, train_guide
 from pnpguide.guide import GuideModel
+from pnpguide.teacher import cfg_and_conditional
 from pnpguide.training import shard_rows
 
 
@@ -77,3 +78,46 @@ def test_init_guide_for_another_unet_is_a_clear_error(tiny_base_dir, prompt_file
     GuideModel.from_unet(tiny_unet(block_out_channels=(32, 32)), "tiny").save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="block_out_channels"):
         train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "other")))
+
+
+def test_a_feature_reading_guide_learns_with_the_relative_loss(tiny_base_dir, prompt_file, tmp_path):
+    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_features", scale_by_guidance=True, loss_weighting="relative")
+    pipe = load_pipeline(tiny_base_dir)
+    embeddings = encode_captions(pipe, [l for l in prompt_file.read_text().splitlines()] + [""])
+    states = teacher_trajectories(pipe, embeddings, config)
+    rows = shard_rows(len(states.latents), config.batch_size, step=12345, seed=0, rank=0, world_size=1)
+    batch = _noisy_batch(states, rows, pipe.scheduler, config, torch.Generator().manual_seed(12345))
+    trained = train_guide(config)
+    assert trained.config.reads == "unet_features" and trained.config.scale_by_guidance
+    untrained = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_features")
+    with torch.no_grad():
+        before = distillation_loss(pipe.unet, untrained, batch, embeddings, "relative").item()
+        after = distillation_loss(pipe.unet, trained, batch, embeddings, "relative").item()
+    assert before <= 1.0  # an untrained guide closes none of each sample's gap: error = gap, over gap + floor
+    assert after < 0.8 * before
+
+
+def test_relative_loss_divides_each_samples_error_by_its_own_gap(tiny_base_dir, prompt_file, tmp_path):
+    pipe = load_pipeline(tiny_base_dir)
+    embeddings = encode_captions(pipe, ["a red circle on a black background", ""])
+    torch.manual_seed(0)
+    batch = {"sample": torch.randn(2, 4, 8, 8), "timesteps": torch.tensor([900, 100]), "prompt_ids": torch.tensor([0, 0]),
+             "guidance_scale": torch.tensor([3.0, 7.0])}
+    guide = GuideModel.from_unet(pipe.unet, "tiny")  # untrained: its output is the conditional one, error = gap
+    with torch.no_grad():
+        cfg, cond = cfg_and_conditional(pipe.unet, batch["sample"], batch["timesteps"], embeddings[:1].expand(2, -1, -1),
+                                        embeddings[1:].expand(2, -1, -1), batch["guidance_scale"])
+        gap = (cfg - cond).pow(2).flatten(1).mean(1)
+        plain = distillation_loss(pipe.unet, guide, batch, embeddings, "none").item()
+        relative = distillation_loss(pipe.unet, guide, batch, embeddings, "relative").item()
+    assert plain == pytest.approx(gap.mean().item(), rel=1e-4)
+    assert relative == pytest.approx((gap / (gap + RELATIVE_LOSS_FLOOR)).mean().item(), rel=1e-4)
+
+
+def test_mix_source_is_refused_with_a_prompt_file_and_a_batch_of_one():
+    with pytest.raises(ValueError, match="source='mix' trains on the embedded shapes images"):
+        GuidanceDistillConfig(source="mix", prompts="p.txt")
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        GuidanceDistillConfig(source="mix", batch_size=1)
+    with pytest.raises(ValueError, match="reads must be one of"):
+        GuidanceDistillConfig(reads="pixels")

@@ -3,8 +3,11 @@
 For random w ~ U[w_min, w_max], the loss is
     || unet(x_t, t, c, residuals=guide(x_t, t, c, w)) - cfg(x_t, t, c, w) ||^2
 with the base UNet frozen (Hsiao et al. 2024, sec. 3.2). The noisy states x_t come from dataset
-latents noised by the scheduler (`data`), or from the teacher's own CFG sampling trajectories
-(`trajectories`: prompts only, and the states the student will actually meet at inference).
+latents noised by the scheduler (`data`), from the teacher's own CFG sampling trajectories
+(`trajectories`: prompts only, and the states the student will actually meet at inference), or half
+of each batch from both (`mix`). With `loss_weighting="relative"` each sample's error is divided by its
+own CFG gap ||cfg - cond||^2: the gap at the first, pure-noise step is tens of times larger than at the
+others and would otherwise dominate the loss (docs/guides.md, "Where the error is").
 """
 
 from __future__ import annotations
@@ -19,25 +22,30 @@ from tqdm.auto import tqdm
 
 from . import data
 from .base import cache_dataset, encode_captions, load_pipeline
-from .guide import GUIDE_SIZES, TINY_WIDTH_DIVISOR, GuideModel
+from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel
 from .loading import load_guide
-from .teacher import cfg_noise_pred, guided_noise_pred
+from .teacher import cfg_and_conditional, cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
 from .training import TrainingConfig, copy_ema_into, make_accelerator, run_training, shard_rows
 
-SOURCES = ("data", "trajectories")
+SOURCES = ("data", "trajectories", "mix")
+RELATIVE_LOSS_FLOOR = 1e-3  # added to each gap, so a sample whose prompt barely changes the output cannot dominate
+LOSS_WEIGHTINGS = ("none", "relative")
 
 
 @dataclass
 class GuidanceDistillConfig(TrainingConfig):
     output_dir: str = "runs/guide"
     base: str | None = None  # SD folder whose UNet the guide serves (default: the embedded model)
-    size: str = "tiny"  # "tiny" (1/8 of the UNet's width) or "full" (a copy of the UNet's encoder)
-    width_divisor: int = TINY_WIDTH_DIVISOR  # tiny guides only: how much narrower than the UNet
+    size: str = "tiny"  # "tiny" (~1% of the UNet) or "full" (as wide as the UNet's encoder)
+    reads: str = "latent"  # the guide's input: "latent" (its own encoder of x_t) or "unet_features" (the frozen UNet's encoder features)
+    scale_by_guidance: bool = False  # multiply the guide's residuals by (w - 1), so w = 1 is exactly the unguided UNet
+    width_divisor: int | None = None  # tiny guides only: how much narrower than the UNet (default: 8 for latent, 16 for unet_features)
     init_guide: str | None = None  # start from this trained guide (train it further) instead of a new one
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention, at most 14)
-    source: str = "data"  # where x_t comes from: "data" (noised dataset latents) or "trajectories" (teacher sampling)
+    source: str = "data"  # where x_t comes from: "data" (noised dataset latents), "trajectories" (teacher sampling) or "mix" (half each)
+    loss_weighting: str = "none"  # "none" (plain MSE) or "relative" (each sample's error over its own CFG gap)
     prompts: str | None = None  # text/JSONL prompt file (default: the embedded shapes captions)
     num_samples: int = 20000  # data: images to encode; trajectories: not used
     trajectories: int = 512  # trajectories: teacher sampling runs whose states are recorded
@@ -54,9 +62,17 @@ class GuidanceDistillConfig(TrainingConfig):
             raise ValueError(f"size must be one of {GUIDE_SIZES}, got {self.size!r}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.reads not in GUIDE_INPUTS:
+            raise ValueError(f"reads must be one of {GUIDE_INPUTS}, got {self.reads!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.source == "mix" and self.batch_size < 2:
+            raise ValueError(f"source='mix' takes half of each batch from each pool: batch_size must be >= 2, got {self.batch_size}")
+        if self.width_divisor is not None and self.width_divisor < 1:
+            raise ValueError(f"width_divisor must be >= 1, got {self.width_divisor}")
         check_guidance_range(self.w_min, self.w_max)
-        if self.source == "data" and self.prompts is not None:
-            raise ValueError("source='data' trains on the embedded shapes images and their captions; use source='trajectories' with --prompts")
+        if self.source in ("data", "mix") and self.prompts is not None:
+            raise ValueError(f"source={self.source!r} trains on the embedded shapes images and their captions; use source='trajectories' with --prompts")
 
 
 def check_guidance_range(w_min: float, w_max: float) -> None:
@@ -127,14 +143,19 @@ def _noisy_batch(states: NoisyStates, rows: torch.Tensor, scheduler, config: Gui
     return {"sample": sample, "timesteps": timesteps, "prompt_ids": states.prompt_ids[rows], "guidance_scale": w}
 
 
-def distillation_loss(unet, guide, batch: dict, embeddings: torch.Tensor) -> torch.Tensor:
-    """MSE between the guided student's and the CFG teacher's output at the same (x_t, t, c, w)."""
+def distillation_loss(unet, guide, batch: dict, embeddings: torch.Tensor, weighting: str = "none") -> torch.Tensor:
+    """MSE between the guided student's and the CFG teacher's output at the same (x_t, t, c, w); with
+    `weighting="relative"`, each sample's squared error over its own gap ||cfg - cond||^2 (mean over samples)."""
     prompt_embeds = embeddings[batch["prompt_ids"]]
     negative = embeddings[-1:].expand_as(prompt_embeds)
     with torch.no_grad():
-        target = cfg_noise_pred(unet, batch["sample"], batch["timesteps"], prompt_embeds, negative, batch["guidance_scale"])
+        target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], prompt_embeds, negative, batch["guidance_scale"])
     prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], prompt_embeds, batch["guidance_scale"])
-    return F.mse_loss(prediction.float(), target.float())
+    if weighting == "none":
+        return F.mse_loss(prediction.float(), target.float())
+    error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (error / (gap + RELATIVE_LOSS_FLOOR)).mean()
 
 
 def _initial_guide(unet, config: GuidanceDistillConfig) -> GuideModel:
@@ -143,7 +164,24 @@ def _initial_guide(unet, config: GuidanceDistillConfig) -> GuideModel:
         guide.check_compatible(unet)
         return guide.train().requires_grad_(True)
     torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
-    return GuideModel.from_unet(unet, size=config.size, width_divisor=config.width_divisor)
+    return GuideModel.from_unet(unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance)
+
+
+def _state_pools(pipe, config: GuidanceDistillConfig) -> tuple[list[NoisyStates], torch.Tensor]:
+    """The pools of training states for `config.source` and the prompt-embedding table their ids index."""
+    if config.source == "trajectories":
+        embeddings = encode_captions(pipe, _training_prompts(config) + [""])  # last row: the empty prompt
+        return [teacher_trajectories(pipe, embeddings, config)], embeddings
+    cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 7)  # its captions are _training_prompts'
+    pools = [NoisyStates(cached.latents, cached.caption_ids)]
+    if config.source == "mix":
+        pools.append(teacher_trajectories(pipe, cached.embeddings, config))
+    return pools, cached.embeddings
+
+
+def _split(batch_size: int, parts: int) -> list[int]:
+    """`batch_size` rows over `parts` pools, as evenly as possible."""
+    return [batch_size // parts + (i < batch_size % parts) for i in range(parts)]
 
 
 @training_run
@@ -158,22 +196,19 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     freeze(pipe)
     pipe.unet.to(accelerator.device)  # the loop runs only the UNet; text encoder and VAE run once, up front, on the CPU
     guide = _initial_guide(pipe.unet, config)
-    if config.source == "data":
-        cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 7)
-        states, embeddings = NoisyStates(cached.latents, cached.caption_ids), cached.embeddings
-    else:
-        embeddings = encode_captions(pipe, _training_prompts(config) + [""])  # last row: the empty prompt
-        states = teacher_trajectories(pipe, embeddings, config)
+    pools, embeddings = _state_pools(pipe, config)
     embeddings = embeddings.to(accelerator.device)
 
     def make_batch(batch_index, generator):
         rank, world_size = accelerator.process_index, accelerator.num_processes
-        rows = shard_rows(len(states.latents), config.batch_size, batch_index, config.seed, rank, world_size)
-        batch = _noisy_batch(states, rows, pipe.scheduler, config, generator)  # drawn on the CPU: the same batch on any device
-        return {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+        parts = []
+        for states, size in zip(pools, _split(config.batch_size, len(pools))):
+            rows = shard_rows(len(states.latents), size, batch_index, config.seed, rank, world_size)
+            parts.append(_noisy_batch(states, rows, pipe.scheduler, config, generator))  # drawn on the CPU: the same batch on any device
+        return {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in parts[0]}
 
     def compute_loss(model, batch):
-        return distillation_loss(pipe.unet, model, batch, embeddings)
+        return distillation_loss(pipe.unet, model, batch, embeddings, config.loss_weighting)
 
     guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}")
     guide = copy_ema_into(guide, ema).eval()

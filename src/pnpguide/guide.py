@@ -4,6 +4,15 @@ It reads what the UNet reads (noisy latent, timestep, prompt embeddings) plus th
 returns one residual per UNet skip connection and one for the mid block, through zero-initialised 1x1
 convolutions. An untrained guide therefore changes nothing, and the frozen UNet it is trained on, or
 any fine-tune of it, stays untouched (Hsiao et al., "Plug-and-Play Diffusion Distillation", CVPR 2024).
+
+Two ways to see the input (`reads`):
+- "latent": the paper's design, a narrow copy of the UNet's encoder run on the noisy latent;
+- "unet_features": small heads on the frozen UNet's *own* encoder features (its skip connections and
+  mid-block output). The UNet computes them anyway and the residuals only enter its decoder, so this
+  costs no extra UNet pass, and the guide starts from everything the UNet knows about x_t and the
+  prompt instead of re-deriving it at 1/8 of the width (the idea of ControlNet-XS, Zavadski et al. 2024).
+With `scale_by_guidance`, residuals are multiplied by (w - 1): w = 1 is exactly the unguided UNet, and
+the correction grows with w as CFG's own `w * (cond - uncond)` term does.
 """
 
 from __future__ import annotations
@@ -15,13 +24,18 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 from diffusers.utils import BaseOutput
 from torch import nn
 
 GUIDE_SIZES = ("tiny", "full")
+GUIDE_INPUTS = ("latent", "unet_features")
+HEAD_DIM = 8  # attention head width of feature heads: a multiple of 8, as fused GPU attention kernels want
 TINY_WIDTH_DIVISOR = 8  # tiny guides are 1/8 of the UNet's width: ~0.6% of SD1.5's parameters
+FEATURE_WIDTH_DIVISOR = 16  # tiny feature-reading guides are 1/16 of it: 0.45% of SD1.5's parameters
 TINY_MIN_CHANNELS = 16
 W_EMBED_SCALE = 100.0  # w in [1, 15] -> [100, 1500]: the range the sinusoidal timestep embedding is built for
 
@@ -36,6 +50,15 @@ class GuideOutput(BaseOutput):
 
     down_block_additional_residuals: tuple[torch.Tensor, ...]
     mid_block_additional_residual: torch.Tensor
+
+
+@dataclass
+class UNetFeatures:
+    """What a "unet_features" guide reads: the frozen UNet's skip connections (conv_in, then every resnet and
+    downsampler of its encoder, as `down_block_res_samples`) and its mid-block output, for the current step."""
+
+    skips: tuple[torch.Tensor, ...]
+    mid: torch.Tensor
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -91,8 +114,12 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         trained_guidance_range: tuple[float, float] | None = None,
         trained_step_counts: tuple[int, ...] | None = None,
         trained_schedule: dict | None = None,
+        reads: str = "latent",
+        scale_by_guidance: bool = False,
     ):
         super().__init__()
+        if reads not in GUIDE_INPUTS:
+            raise ValueError(f"reads must be one of {GUIDE_INPUTS}, got {reads!r}")
         layers, heads = _per_block(transformer_layers_per_block, block_out_channels), _per_block(num_attention_heads, block_out_channels)
         _check_config(size, block_out_channels, unet_block_out_channels, down_block_types, norm_num_groups, heads)
         width0, time_embed_dim = block_out_channels[0], block_out_channels[0] * 4
@@ -101,12 +128,16 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         self.time_embedding = TimestepEmbedding(width0, time_embed_dim)
         self.guidance_proj = Timesteps(guidance_embed_dim, flip_sin_to_cos, freq_shift)
         self.guidance_embedding = TimestepEmbedding(guidance_embed_dim, time_embed_dim)
-        if addition_embed_type == "text_time":  # SDXL's size/crop conditioning, as its ControlNet reads it
+        if addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported; only 'text_time' (SDXL)")
+        if addition_embed_type == "text_time" and reads == "latent":  # SDXL's size/crop conditioning, as its ControlNet
+            # reads it (a feature-reading guide gets it through the UNet's own features)
             self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
             self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
-        elif addition_embed_type is not None:
-            raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported; only 'text_time' (SDXL)")
 
+        if reads == "unet_features":
+            self._build_heads(block_out_channels, unet_block_out_channels, down_block_types, layers_per_block, time_embed_dim, unet_cross_attention_dim, norm_num_groups, norm_eps)
+            return
         self.down_blocks = nn.ModuleList()
         widths_in = (width0,) + tuple(block_out_channels[:-1])
         for i, (block_type, width_in, width) in enumerate(zip(down_block_types, widths_in, block_out_channels, strict=True)):
@@ -144,10 +175,33 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         self.down_projections = nn.ModuleList(zero_module(nn.Conv2d(c_in, c_out, 1)) for c_in, c_out in pairs)
         self.mid_projection = zero_module(nn.Conv2d(block_out_channels[-1], unet_block_out_channels[-1], 1))
 
+    def _build_heads(self, widths, unet_widths, block_types, layers_per_block, temb, cross_dim, groups, eps) -> None:
+        """One head per UNet skip connection, plus one on the mid-block output. A skip's head is as wide as
+        the guide's block at that resolution and cross-attends to the prompt where that block type does."""
+        levels = skip_levels(len(widths), layers_per_block)
+        channels = residual_channels(unet_widths, layers_per_block)
+        attends = ["CrossAttn" in block_types[level] for level in levels]
+        self.skip_heads = nn.ModuleList(
+            FeatureHead(c, widths[level], temb, cross_dim if attend else None, groups, eps)
+            for c, level, attend in zip(channels, levels, attends, strict=True)
+        )
+        self.mid_head = FeatureHead(unet_widths[-1], widths[-1], temb, cross_dim, groups, eps)
+
     @classmethod
-    def from_unet(cls, unet, size: str = "tiny", width_divisor: int = TINY_WIDTH_DIVISOR, guidance_embed_dim: int = 64) -> "GuideModel":
-        """Build a guide that fits `unet`: `full` copies its encoder and weights, `tiny` is 1/`width_divisor` as wide."""
+    def from_unet(
+        cls,
+        unet,
+        size: str = "tiny",
+        width_divisor: int | None = None,
+        guidance_embed_dim: int = 64,
+        reads: str = "latent",
+        scale_by_guidance: bool = False,
+    ) -> "GuideModel":
+        """Build a guide that fits `unet`: `full` is as wide as its encoder (and, reading the latent, starts
+        from its weights), `tiny` is 1/`width_divisor` as wide (default: 8 reading the latent, 16 reading
+        the UNet's features). `reads` and `scale_by_guidance`: see the module."""
         config = unet.config
+        width_divisor = width_divisor or (FEATURE_WIDTH_DIVISOR if reads == "unet_features" else TINY_WIDTH_DIVISOR)
         if size not in GUIDE_SIZES:
             raise ValueError(f"size must be one of {GUIDE_SIZES}, got {size!r}")
         _check_unet_supported(config)
@@ -175,8 +229,10 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             addition_embed_type=config.addition_embed_type,
             addition_time_embed_dim=config.addition_time_embed_dim,
             projection_class_embeddings_input_dim=config.projection_class_embeddings_input_dim,
+            reads=reads,
+            scale_by_guidance=scale_by_guidance,
         )
-        if full:  # start from the UNet's own encoder, as ControlNet does
+        if full and reads == "latent":  # start from the UNet's own encoder, as ControlNet does
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block", "add_time_proj", "add_embedding"):
                 if hasattr(guide, name) and hasattr(unet, name):
                     getattr(guide, name).load_state_dict(getattr(unet, name).state_dict())
@@ -195,6 +251,10 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             if ours != theirs:
                 raise ValueError(f"guide built for {name}={ours}, this UNet has {theirs}; retrain or pick the matching guide")
 
+    @property
+    def reads_unet_features(self) -> bool:
+        return self.config.reads == "unet_features"
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -202,9 +262,12 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor,
         guidance_scale: torch.Tensor | float,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        unet_features: UNetFeatures | None = None,
     ) -> GuideOutput:
         """sample: (batch, C, h, w) noisy latents; encoder_hidden_states: (batch, tokens, dim);
-        timestep and guidance_scale: scalars or (batch,) tensors. Returns :class:`GuideOutput`."""
+        timestep and guidance_scale: scalars or (batch,) tensors; `unet_features`: the frozen UNet's encoder
+        features at this step, which a "unet_features" guide needs (see `teacher.guided_noise_pred`).
+        Returns :class:`GuideOutput`."""
         # 1. time and guidance-scale embeddings (the time embedding is cast to the sample's dtype: the
         #    sinusoidal projection is always fp32, and the MLP may run in fp16)
         batch = sample.shape[0]
@@ -212,8 +275,23 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         w = torch.as_tensor(guidance_scale, device=sample.device, dtype=torch.float32).expand(batch)
         emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
         emb = emb + self.guidance_embedding(self.guidance_proj(w * W_EMBED_SCALE).to(sample.dtype))
-        if self.config.addition_embed_type == "text_time":
-            emb = emb + self._added_embedding(added_cond_kwargs, sample.dtype)
+        if self.reads_unet_features:
+            output = self._read_features(unet_features, emb, encoder_hidden_states)
+        else:
+            if self.config.addition_embed_type == "text_time":
+                emb = emb + self._added_embedding(added_cond_kwargs, sample.dtype)
+            output = self._encode(sample, emb, encoder_hidden_states)
+        return _scaled(output, w - 1) if self.config.scale_by_guidance else output
+
+    def _read_features(self, features: UNetFeatures | None, emb, encoder_hidden_states) -> GuideOutput:
+        if features is None:
+            raise ValueError("this guide reads the UNet's features: call it through pnpguide.guided_noise_pred (or pass unet_features)")
+        if len(features.skips) != len(self.skip_heads):
+            raise ValueError(f"the guide reads {len(self.skip_heads)} skip connections, this UNet has {len(features.skips)}")
+        down = tuple(head(skip, emb, encoder_hidden_states) for head, skip in zip(self.skip_heads, features.skips))
+        return GuideOutput(down_block_additional_residuals=down, mid_block_additional_residual=self.mid_head(features.mid, emb, encoder_hidden_states))
+
+    def _encode(self, sample, emb, encoder_hidden_states) -> GuideOutput:
         # 2. encoder, collecting a residual after conv_in and after every resnet and downsampler
         hidden = self.conv_in(sample)
         residuals = [hidden]
@@ -234,6 +312,45 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
         time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)  # (B, 6 * dim)
         return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
+
+
+class FeatureHead(nn.Module):
+    """Reads one UNet feature map and returns a correction for it: 1x1 down to the head's width, a resnet
+    conditioned on (t, w), cross-attention to the prompt where the UNet attends at that resolution, and a
+    zero-initialised 1x1 back to the UNet's width (so an untrained head adds exact zeros)."""
+
+    def __init__(self, channels: int, width: int, temb_channels: int, cross_attention_dim: int | None, groups: int, eps: float):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, width, 1)
+        self.resnet = ResnetBlock2D(in_channels=width, out_channels=width, temb_channels=temb_channels, groups=groups, eps=eps)
+        self.attention = None
+        if cross_attention_dim is not None:
+            self.attention = Transformer2DModel(
+                num_attention_heads=width // HEAD_DIM, attention_head_dim=HEAD_DIM, in_channels=width,
+                cross_attention_dim=cross_attention_dim, norm_num_groups=groups,
+            )
+        self.proj_out = zero_module(nn.Conv2d(width, channels, 1))
+
+    def forward(self, feature: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.resnet(self.proj_in(feature), emb)
+        if self.attention is not None:
+            hidden = self.attention(hidden, encoder_hidden_states=encoder_hidden_states).sample
+        return self.proj_out(hidden)
+
+
+def skip_levels(num_blocks: int, layers_per_block: int) -> list[int]:
+    """The resolution level (down block index) of each UNet skip connection, in `residual_channels` order:
+    conv_in is at level 0, a block's resnets at its own level, its downsampler at the next one."""
+    levels = [0]
+    for i in range(num_blocks):
+        levels += [i] * layers_per_block + ([i + 1] if i < num_blocks - 1 else [])
+    return levels
+
+
+def _scaled(output: GuideOutput, factor: torch.Tensor) -> GuideOutput:
+    """Every residual times a per-sample factor of shape (batch,)."""
+    scale = lambda r: r * factor.to(r.dtype).reshape(-1, 1, 1, 1)  # noqa: E731
+    return GuideOutput(tuple(scale(r) for r in output.down_block_additional_residuals), scale(output.mid_block_additional_residual))
 
 
 def _per_block(value, block_out_channels) -> tuple[int, ...]:

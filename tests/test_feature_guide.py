@@ -1,0 +1,129 @@
+"""The guide that reads the frozen UNet's own encoder features: identity at init, the same injection as
+diffusers' ControlNet arguments, residual counts on SD1.5/SDXL layouts, budget, save/load."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from conftest import tiny_unet
+from pnpguide.guide import GuideModel, residual_channels, skip_levels
+from pnpguide.teacher import _residuals_from_encoder, guided_noise_pred
+
+SDXL = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
+def _inputs(batch=2, dim=32):
+    torch.manual_seed(1)
+    return torch.randn(batch, 4, 8, 8), torch.tensor([10, 700])[:batch], torch.randn(batch, 6, dim)
+
+
+def _randomised(guide):
+    torch.manual_seed(2)
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return guide
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_an_untrained_feature_guide_leaves_the_unet_output_unchanged(unet, size):
+    guide = GuideModel.from_unet(unet, size=size, reads="unet_features")
+    sample, t, embeds = _inputs()
+    assert torch.equal(unet(sample, t, embeds).sample, guided_noise_pred(unet, guide, sample, t, embeds, torch.tensor([3.0, 8.0])))
+
+
+def test_hooks_add_the_residuals_where_diffusers_controlnet_arguments_do(unet):
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_features"))
+    sample, t, embeds = _inputs()
+    seen = {}
+
+    def compute(features):
+        seen["residuals"] = guide(sample, t, embeds, 4.0, unet_features=features)
+        return seen["residuals"]
+
+    with _residuals_from_encoder(unet, compute):
+        hooked = unet(sample, t, embeds).sample
+    r = seen["residuals"]
+    explicit = unet(sample, t, embeds, down_block_additional_residuals=list(r.down_block_additional_residuals),
+                    mid_block_additional_residual=r.mid_block_additional_residual).sample
+    assert not torch.equal(hooked, unet(sample, t, embeds).sample)  # the guide did change something
+    torch.testing.assert_close(hooked, explicit, rtol=0, atol=1e-6)
+    assert not unet.mid_block._forward_hooks and not unet.up_blocks[0]._forward_pre_hooks  # hooks are removed
+
+
+def test_the_features_read_are_the_unets_skip_connections(unet):
+    sample, t, embeds = _inputs()
+    captured = {}
+
+    def compute(features):
+        captured["features"] = features
+        guide = GuideModel.from_unet(unet, reads="unet_features")
+        return guide(sample, t, embeds, 4.0, unet_features=features)
+
+    with _residuals_from_encoder(unet, compute):
+        unet(sample, t, embeds)
+    expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
+    assert [s.shape[1] for s in captured["features"].skips] == expected
+    assert captured["features"].mid.shape == (2, 32, 4, 4)
+
+
+def test_scale_by_guidance_makes_w_one_exactly_the_unguided_unet(unet):
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_features", scale_by_guidance=True))
+    sample, t, embeds = _inputs()
+    plain = unet(sample, t, embeds).sample
+    assert torch.equal(plain, guided_noise_pred(unet, guide, sample, t, embeds, 1.0))
+    assert not torch.allclose(plain, guided_noise_pred(unet, guide, sample, t, embeds, 3.0))
+
+
+def test_a_feature_guide_called_without_features_says_how_to_call_it(unet):
+    guide = GuideModel.from_unet(unet, reads="unet_features")
+    sample, t, embeds = _inputs()
+    with pytest.raises(ValueError, match="reads the UNet's features: call it through pnpguide.guided_noise_pred"):
+        guide(sample, t, embeds, 3.0)
+
+
+def test_a_feature_guide_refuses_another_unet_in_one_line(unet):
+    guide = GuideModel.from_unet(tiny_unet(layers_per_block=2), reads="unet_features")
+    with pytest.raises(ValueError, match="guide built for layers_per_block=2, this UNet has 1"):
+        guide.check_compatible(unet)
+
+
+@pytest.mark.parametrize("config, skips", [("sd15", 12), ("sdxl", 9)])
+def test_one_head_per_skip_connection_on_sd15_and_sdxl_layouts(config, skips):
+    from test_guide import _sd15
+
+    with torch.device("meta"):
+        unet = _sd15() if config == "sd15" else UNet2DConditionModel(**SDXL)
+        guide = GuideModel.from_unet(unet, reads="unet_features")
+    c = unet.config
+    assert len(guide.skip_heads) == skips == len(residual_channels(c.block_out_channels, c.layers_per_block))
+    assert [h.proj_out.out_channels for h in guide.skip_heads] == residual_channels(c.block_out_channels, c.layers_per_block)
+    assert all(h.attention is None or h.attention.config.attention_head_dim % 8 == 0 for h in guide.skip_heads)
+    assert skip_levels(len(c.block_out_channels), c.layers_per_block)[:4] == [0, 0, 0, 1]
+
+
+def test_tiny_feature_guide_fits_the_budget_on_sd15():
+    from pnpguide.evaluation.speed import step_cost
+    from test_guide import _sd15
+
+    with torch.device("meta"):
+        sd15 = _sd15()
+        guide = GuideModel.from_unet(sd15, "tiny", reads="unet_features")
+    ratio = sum(p.numel() for p in guide.parameters()) / sum(p.numel() for p in sd15.parameters())
+    assert ratio <= 0.01
+    cost = step_cost(sd15, guide, tokens=77)
+    assert cost.guide > 0 and cost.ratio <= 0.505
+
+
+def test_feature_guide_save_and_load_round_trip(unet, tmp_path):
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_features", scale_by_guidance=True))
+    guide.save_pretrained(tmp_path / "guide")
+    loaded = GuideModel.from_pretrained(tmp_path / "guide")
+    assert loaded.config.reads == "unet_features" and loaded.config.scale_by_guidance
+    sample, t, embeds = _inputs()
+    assert torch.equal(guided_noise_pred(unet, guide, sample, t, embeds, 4.0), guided_noise_pred(unet, loaded, sample, t, embeds, 4.0))
