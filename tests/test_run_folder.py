@@ -4,9 +4,11 @@ stops a second run at once, and a dead run's lock is taken over by exactly one n
 import hashlib
 import json
 import multiprocessing
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,18 @@ def test_a_lock_whose_pid_was_reused_is_stale_and_another_hosts_lock_is_not(tmp_
     _stale_lock(tmp_path / "b", host="some-other-machine")
     with pytest.raises(RunLockedError, match="on some-other-machine, started"):
         RunLock.acquire(tmp_path / "b")
+
+
+def test_an_interrupted_run_says_so_releases_its_lock_and_resumes(tiny_base_dir, prompt_file, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "pnpguide.cli"] + distill_flags(tiny_base_dir, prompt_file, run, max_steps=60)
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(run.glob("checkpoint-*")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    assert process.wait(timeout=60) == 130
+    assert process.stderr.read().strip().splitlines()[-1] == "pnpguide distill: interrupted"
+    assert not (run / LOCK_NAME).exists()
+    resumed = subprocess.run(command + ["--resume", "latest"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]

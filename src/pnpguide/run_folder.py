@@ -270,15 +270,15 @@ def _input_checks() -> dict:
         "prompts": read_prompt_file,
         "init_guide": check_guide_dir,
         "guide": check_guide_dir,
-        "vae_dir": check_component_dir,
+        "vae_dir": check_vae_dir,
         "resume": check_resume_path,
     }
 
 
-def check_component_dir(path: str | Path) -> Path:
+def check_vae_dir(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a saved model folder (no config.json)")
+        raise FileNotFoundError(f"{str(path)!r} is not a saved model folder (no config.json); train a VAE with `pnpguide train-vae` first")
     return path
 
 

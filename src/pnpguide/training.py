@@ -208,34 +208,36 @@ def run_training(
     log_path = output_dir / "log.jsonl"
     progress = tqdm(total=config.max_steps, initial=step, desc=description, disable=not accelerator.is_local_main_process)
     started = time.time()
-    while step < config.max_steps:
-        for micro in range(config.gradient_accumulation_steps):
-            batch_index = step * config.gradient_accumulation_steps + micro
-            generator = step_generator(config.seed, batch_index, accelerator.process_index)
-            with accelerator.accumulate(model):
-                loss = compute_loss(model, make_batch(batch_index, generator))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at step {step}; lower --learning-rate or check the data "
-                        f"(the last good checkpoint, if any, is in {output_dir})"
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if ema is not None:
-            ema.step(params)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-        if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
-            _append_log(log_path, step, loss.item(), lr_scheduler.get_last_lr()[0], time.time() - started)
-        if step % config.checkpointing_steps == 0 or step == config.max_steps:
-            _save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
-    progress.close()
+    try:  # closed before an error or Ctrl-C is reported, not redrawn after it at exit
+        while step < config.max_steps:
+            for micro in range(config.gradient_accumulation_steps):
+                batch_index = step * config.gradient_accumulation_steps + micro
+                generator = step_generator(config.seed, batch_index, accelerator.process_index)
+                with accelerator.accumulate(model):
+                    loss = compute_loss(model, make_batch(batch_index, generator))
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"loss became {loss.item()} at step {step}; lower --learning-rate or check the data "
+                            f"(the last good checkpoint, if any, is in {output_dir})"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema is not None:
+                ema.step(params)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
+                _append_log(log_path, step, loss.item(), lr_scheduler.get_last_lr()[0], time.time() - started)
+            if step % config.checkpointing_steps == 0 or step == config.max_steps:
+                _save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
+    finally:
+        progress.close()
     model = accelerator.unwrap_model(model)
     (output_dir / f"weights-rank-{accelerator.process_index}.sha256").write_text(weights_digest(model) + "\n")
     return model, ema
