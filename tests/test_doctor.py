@@ -8,7 +8,10 @@ from pnpguide import doctor
 from pnpguide.doctor import Check, check_pair, format_checks
 from pnpguide.guide import GuideModel
 
-ALL_CHECKS = ["base folder", "guide files", "base loads offline", "prediction type", "trained guidance range", "guide fits the UNet", "residuals"]
+ALL_CHECKS = [
+    "base folder", "guide files", "base loads offline", "prediction type", "trained guidance range", "guide fits the UNet",
+    "guide fits the text encoder", "residuals",
+]
 
 
 def _save_guide(unet, path, trained_guidance_range=(2.0, 9.0)):
@@ -101,3 +104,19 @@ def test_defaults_are_the_embedded_base_and_the_shipped_tiny_guide(monkeypatch, 
 def test_the_report_has_one_line_per_check():
     checks = [Check("a", True, "fine"), Check("b", False, "broken\nacross lines")]
     assert format_checks(checks) == "OK   a: fine\nFAIL b: broken across lines"
+
+
+def test_a_guide_trained_with_another_text_encoder_fails_naming_both(tiny_base_dir, tiny_components, tmp_path):
+    guide = GuideModel.from_unet(tiny_components["unet"], "tiny")
+    guide.register_to_config(trained_guidance_range=(2.0, 9.0), trained_text_encoder="BertModel (6 layers, 32 wide, vocab 60)")
+    guide.save_pretrained(tmp_path / "old-base-guide")
+    check = _by_name(check_pair(tiny_base_dir, tmp_path / "old-base-guide"))["guide fits the text encoder"]
+    assert not check.ok
+    assert "trained for another base, with text encoder BertModel (6 layers, 32 wide, vocab 60); this base has BertModel (2 layers" in check.detail
+
+
+def test_a_feature_reading_guide_passes_the_residual_check(unet):
+    guide = GuideModel.from_unet(unet, "tiny", reads="unet_features")
+    assert doctor._residuals(guide, unet).ok
+    guide.skip_heads[-1].proj_out = torch.nn.Conv2d(guide.skip_heads[-1].proj_out.in_channels, 48, 1)
+    assert not doctor._residuals(guide, unet).ok

@@ -127,3 +127,15 @@ def test_feature_guide_save_and_load_round_trip(unet, tmp_path):
     assert loaded.config.reads == "unet_features" and loaded.config.scale_by_guidance
     sample, t, embeds = _inputs()
     assert torch.equal(guided_noise_pred(unet, guide, sample, t, embeds, 4.0), guided_noise_pred(unet, loaded, sample, t, embeds, 4.0))
+
+
+def test_a_pipeline_refuses_a_guide_trained_with_another_text_encoder(tiny_components):
+    from pnpguide.guide import text_encoder_signature
+    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    guide = GuideModel.from_unet(tiny_components["unet"], reads="unet_features")
+    guide.register_to_config(trained_text_encoder=text_encoder_signature(tiny_components["text_encoder"]))
+    PlugAndPlayPipeline(**tiny_components, guide=guide)  # the same encoder: fine
+    guide.register_to_config(trained_text_encoder="BertModel (6 layers, 32 wide, vocab 60)")
+    with pytest.raises(ValueError, match=r"with text encoder BertModel \(6 layers, 32 wide, vocab 60\); this base has BertModel \(2 layers"):
+        PlugAndPlayPipeline(**tiny_components, guide=guide)

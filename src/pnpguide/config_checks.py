@@ -98,6 +98,7 @@ GUIDE_FIELDS = {
     "trained_schedule": optional(OBJECT),
     "reads": one_of("latent", "unet_features"),
     "scale_by_guidance": BOOL,
+    "trained_text_encoder": optional(NAME),
 }
 GUIDE_PER_BLOCK = ("block_out_channels", "unet_block_out_channels", "down_block_types", "transformer_layers_per_block", "num_attention_heads")
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .base import cache_dataset, encode_captions, load_pipeline
-from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel
+from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel, text_encoder_signature
 from .loading import load_guide
 from .teacher import cfg_and_conditional, cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
@@ -212,7 +212,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
 
     guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}")
     guide = copy_ema_into(guide, ema).eval()
-    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max))
+    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_text_encoder=text_encoder_signature(pipe.text_encoder))
     if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
         guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)
     return guide

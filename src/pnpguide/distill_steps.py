@@ -156,6 +156,7 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     freeze(pipe)
     stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
     stage1.check_compatible(pipe.unet)
+    stage1.check_text_encoder(pipe.text_encoder)
     cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 13)
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)  # students sample with DDIM, whatever the base ships
     schedule_config = {key: value for key, value in ddim.config.items() if not key.startswith("_")}

@@ -46,7 +46,7 @@ def check_pair(base: str | Path | None = None, guide: str | Path | None = None) 
     if guide_model is not None:
         checks.append(_guidance_range(guide_model))
     if pipe is not None and guide_model is not None:
-        checks += [_compatibility(guide_model, pipe.unet), _residuals(guide_model, pipe.unet)]
+        checks += [_compatibility(guide_model, pipe.unet), _text_encoder(guide_model, pipe.text_encoder), _residuals(guide_model, pipe.unet)]
     return checks
 
 
@@ -118,11 +118,20 @@ def _compatibility(guide: GuideModel, unet) -> Check:
     return Check("guide fits the UNet", True, "in_channels, cross_attention_dim, block_out_channels and layers_per_block match")
 
 
+def _text_encoder(guide: GuideModel, text_encoder) -> Check:
+    try:
+        guide.check_text_encoder(text_encoder)
+    except ValueError as error:
+        return Check("guide fits the text encoder", False, str(error))
+    trained = guide.config.trained_text_encoder
+    return Check("guide fits the text encoder", True, f"trained with {trained}" if trained else "not recorded (a guide from before pnpguide recorded it)")
+
+
 def _residuals(guide: GuideModel, unet) -> Check:
     """The widths the guide's projections emit must be the UNet's skip-connection widths, one for one."""
     expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
-    emitted = [conv.out_channels for conv in guide.down_projections]
-    mid_expected, mid_emitted = unet.config.block_out_channels[-1], guide.mid_projection.out_channels
+    emitted, mid_emitted = guide.residual_widths()
+    mid_expected = unet.config.block_out_channels[-1]
     if emitted != expected or mid_emitted != mid_expected:
         detail = f"the guide emits {emitted} + mid {mid_emitted}, the UNet takes {expected} + mid {mid_expected}; retrain the guide"
         return Check("residuals", False, detail)

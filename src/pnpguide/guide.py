@@ -116,6 +116,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         trained_schedule: dict | None = None,
         reads: str = "latent",
         scale_by_guidance: bool = False,
+        trained_text_encoder: str | None = None,
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:
@@ -251,6 +252,19 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             if ours != theirs:
                 raise ValueError(f"guide built for {name}={ours}, this UNet has {theirs}; retrain or pick the matching guide")
 
+    def check_text_encoder(self, text_encoder) -> None:
+        """Raise ValueError when the guide was distilled with another text encoder than `text_encoder`: the
+        prompt embeddings it reads would mean something else, even where their width is the same."""
+        trained, this = self.config.trained_text_encoder, text_encoder_signature(text_encoder)
+        if trained is not None and text_encoder is not None and trained != this:
+            raise ValueError(f"guide was trained for another base, with text encoder {trained}; this base has {this}: retrain it here (pnpguide distill --base ...)")
+
+    def residual_widths(self) -> tuple[list[int], int]:
+        """Channels of the residuals this guide emits: one per UNet skip connection, and the mid block's."""
+        if self.reads_unet_features:
+            return [head.proj_out.out_channels for head in self.skip_heads], self.mid_head.proj_out.out_channels
+        return [conv.out_channels for conv in self.down_projections], self.mid_projection.out_channels
+
     @property
     def reads_unet_features(self) -> bool:
         return self.config.reads == "unet_features"
@@ -336,6 +350,14 @@ class FeatureHead(nn.Module):
         if self.attention is not None:
             hidden = self.attention(hidden, encoder_hidden_states=encoder_hidden_states).sample
         return self.proj_out(hidden)
+
+
+def text_encoder_signature(text_encoder) -> str | None:
+    """A text encoder's architecture in words, recorded in a guide at training time: 'BertModel (6 layers, 384 wide, vocab 30522)'."""
+    if text_encoder is None:
+        return None
+    config = text_encoder.config
+    return f"{type(text_encoder).__name__} ({config.num_hidden_layers} layers, {config.hidden_size} wide, vocab {config.vocab_size})"
 
 
 def skip_levels(num_blocks: int, layers_per_block: int) -> list[int]:

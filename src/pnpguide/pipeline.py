@@ -43,6 +43,7 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder, requires_safety_checker)
         if guide is not None:
             guide.check_compatible(unet)
+            guide.check_text_encoder(text_encoder)
         self.register_modules(guide=guide)
 
     def check_guidance(self, guidance_scale: float, num_inference_steps: int, mode: str) -> None:
@@ -71,6 +72,16 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         if num_inference_steps not in (self.guide.config.trained_step_counts or ()):
             return self.scheduler
         return DDIMScheduler.from_config(self.guide.config.trained_schedule)
+
+    def mode_noise_pred(self, mode: str, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
+                        negative_prompt_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+        """The model output one sampling step of `mode` uses, at any state (evaluation replays methods at the
+        CFG teacher's states with it). sample: (B, C, h, w); negative_prompt_embeds: only read by "cfg"."""
+        if mode == "guide":
+            return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale)
+        if mode == "cfg":
+            return cfg_noise_pred(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale)
+        return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(
@@ -131,12 +142,7 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         # 3. denoising loop: one model call per step, whichever mode
         for t in self.progress_bar(timesteps):
             model_input = scheduler.scale_model_input(latents, t)
-            if mode == "guide":
-                noise_pred = guided_noise_pred(self.unet, self.guide, model_input, t, prompt_embeds, guidance_scale)
-            elif mode == "cfg":
-                noise_pred = cfg_noise_pred(self.unet, model_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
-            else:
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            noise_pred = self.mode_noise_pred(mode, model_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
             if on_model_output is not None:
                 on_model_output(t, model_input, noise_pred, prompt_embeds)
             latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]

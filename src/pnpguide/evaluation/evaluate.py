@@ -11,6 +11,7 @@ import dataclasses
 import json
 import platform
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from ..pipeline import PlugAndPlayPipeline
 from ..teacher import cfg_noise_pred
 from .adherence import judge, parse_caption
 from .fid import FidScorer, make_fid_scorer
+from .gap import StepGap, gap_closed, image_mse, step_gaps
 from .sampling import mean_psnr
 from .speed import UNetCallCounter, median_seconds, parameter_count, peak_memory_bytes, step_cost
+from .teacher_states import TeacherTrajectory
 
 METHODS = ("none", "cfg", "guide")
-FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra CFG call per step)
+FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra model call per step and row)
 
 
 @dataclass(frozen=True)
@@ -148,10 +151,12 @@ def _judgeable(prompts: list[str]) -> bool:
 
 @torch.no_grad()
 def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps: int, w: float, seed: int, batch_size: int,
-           negative_embeds: torch.Tensor | None = None, teacher_scale: float | None = None) -> tuple[list[Image.Image], float | None, UNetCallCounter]:
+           negative_embeds: torch.Tensor | None = None, teacher_scale: float | None = None,
+           trajectory: TeacherTrajectory | None = None) -> tuple[list[Image.Image], float | None, UNetCallCounter]:
     """Images i from the generator seeded `seed * 1_000_003 + i`; with `negative_embeds`, also the mean per-step
     squared error between the method's model output and the CFG teacher's (at `teacher_scale`, default w) on the
-    method's own trajectory, for the first FIDELITY_SUBSET images."""
+    method's own trajectory, for the first FIDELITY_SUBSET images. The cfg method instead records its states
+    for those images into `trajectory`, if given."""
     pipe.guide = method.guide
     counter, errors, images = UNetCallCounter(pipe.unet), [], []
 
@@ -160,22 +165,21 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
             teacher = cfg_noise_pred(pipe.unet, model_input, t, prompt_embeds, negative_embeds.expand_as(prompt_embeds), teacher_scale or w)
         errors.append(float((output.float() - teacher.float()).pow(2).mean()))
 
+    if method.mode == "cfg":
+        hook = trajectory.record if trajectory is not None else None
+    else:
+        hook = compare if negative_embeds is not None else None
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=f"{method.name} {steps} steps w={w}", leave=False):
             batch = prompts[start : start + batch_size]
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(batch))]
-            hook = compare if negative_embeds is not None and start < FIDELITY_SUBSET and method.mode != "cfg" else None
             output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
-                          generator=generators, mode=method.mode, on_model_output=hook)
+                          generator=generators, mode=method.mode, on_model_output=hook if start < FIDELITY_SUBSET else None)
             images += output.images
     finally:
         counter.close()
     mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative_embeds is not None else None)
     return images, mse, counter
-
-
-def _image_mse(images, references) -> float:
-    return float(np.mean([np.mean((np.asarray(a, np.float64) / 255 - np.asarray(b, np.float64) / 255) ** 2) for a, b in zip(images, references)]))
 
 
 @dataclass
@@ -193,6 +197,10 @@ class Row:
     psnr_vs_cfg_db: float | None = None  # final images vs the teacher's at the same steps, w and seeds
     mse_vs_cfg: float | None = None  # on [0, 1] pixels
     output_mse_vs_cfg: float | None = None  # per-step model-output MSE vs the teacher on the method's trajectory
+    image_gap_closed: float | None = None  # 1 - MSE(images, CFG's) / MSE(no guidance's, CFG's), pooled (gap.py)
+    step_gap_closed: float | None = None  # the same for model outputs at the CFG teacher's own states, all steps pooled
+    step_gap_closed_per_timestep: list[StepGap] = field(default_factory=list)  # in sampling order
+    step_gap_images: int = 0  # images (per seed) whose teacher states were replayed: the first FIDELITY_SUBSET
     unet_evals_per_image: float = 0.0
     guide_evals_per_image: float = 0.0
     gflops_per_image: float = 0.0  # UNet + guide (text encoder and VAE excluded), attention counted
@@ -231,6 +239,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     for method in methods:
         if method.guide is not None:
             method.guide.check_compatible(pipe.unet)
+            method.guide.check_text_encoder(pipe.text_encoder)
     prompts = eval_prompts(config)
     judgeable = _judgeable(prompts)
     if scorer is not None:
@@ -238,25 +247,22 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     negative = pipe.encode_prompt("", pipe.device, 1, False)[0]
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
-    rows, grid, teacher_images = [], {}, {}
+    rows, grid, references = [], {}, _References()
     settings = _settings(methods, config)
     for method, steps, w in tqdm(settings, desc=f"eval {spec.name}"):
         row = Row(spec.name, method.name, steps, w, len(prompts))
-        per_seed = {"fid": [], "adh": [], "psnr": [], "mse": [], "out": []}
+        per_seed = {"fid": [], "adh": [], "psnr": [], "mse": [], "unguided_mse": [], "out": [], "step_errors": Counter(), "step_baselines": Counter()}
         for seed in config.seeds:
             teacher_scale = max(config.scales) if method.mode == "none" else w
-            images, output_mse, counter = sample(pipe, method, prompts, steps, w, seed, config.batch_size, negative, teacher_scale)
+            trajectory = TeacherTrajectory() if method.mode == "cfg" else None
+            images, output_mse, counter = sample(pipe, method, prompts, steps, w, seed, config.batch_size, negative, teacher_scale, trajectory)
             row.unet_evals_per_image = counter.images / len(prompts)
-            if method.mode == "cfg":
-                teacher_images[(steps, w, seed)] = images
+            references.keep(method, (steps, w, seed), images, trajectory)
             if scorer is not None:
                 per_seed["fid"].append(scorer.score(images))
             if judgeable:
                 per_seed["adh"].append(_adherence_split(images, prompts, spec.style))
-            reference = teacher_images.get((steps, teacher_scale, seed))
-            if reference is not None and method.mode != "cfg":
-                per_seed["psnr"].append(mean_psnr(images, reference))
-                per_seed["mse"].append(_image_mse(images, reference))
+            _compare_with_cfg(per_seed, row, pipe, method, images, references, (steps, teacher_scale, seed), negative)
             if output_mse is not None:
                 per_seed["out"].append(output_mse)
             if seed == config.seeds[0] and w in (1.0, max(config.scales)) and _in_grid(method, steps, config):
@@ -267,6 +273,40 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
             _fill_speed(row, pipe, method, prompts, steps, w)
         rows.append(row)
     return rows, {"prompts": prompts[: config.grid_prompts], "images": grid}
+
+
+@dataclass
+class _References:
+    """What rows are compared with: CFG's images and recorded trajectory per (steps, w, seed), and no guidance's
+    images per (steps, seed). The teacher runs first and `none` before the guides (see `_settings`)."""
+
+    cfg_images: dict = field(default_factory=dict)
+    trajectories: dict = field(default_factory=dict)
+    unguided_images: dict = field(default_factory=dict)
+
+    def keep(self, method: Method, key: tuple[int, float, int], images: list[Image.Image], trajectory: TeacherTrajectory | None) -> None:
+        if method.mode == "cfg":
+            self.cfg_images[key], self.trajectories[key] = images, trajectory
+        elif method.mode == "none":
+            self.unguided_images[(key[0], key[2])] = images
+
+
+def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, references: _References, key: tuple[int, float, int], negative) -> None:
+    """Against CFG at `key` = (steps, w, seed): PSNR and MSE of the images (and no guidance's MSE, for the image gap),
+    and the squared output errors of the method and of the conditional model at the teacher's recorded states."""
+    cfg_images, unguided = references.cfg_images.get(key), references.unguided_images.get((key[0], key[2]))
+    if cfg_images is not None and method.mode != "cfg":
+        per_seed["psnr"].append(mean_psnr(images, cfg_images))
+        per_seed["mse"].append(image_mse(images, cfg_images))
+        if unguided is not None:
+            per_seed["unguided_mse"].append(image_mse(unguided, cfg_images))
+    trajectory = references.trajectories.get(key)
+    if trajectory is not None:
+        pipe.guide = method.guide
+        errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative)
+        per_seed["step_errors"].update(errors)  # Counter.update adds: summed over seeds, timestep by timestep
+        per_seed["step_baselines"].update(baselines)
+        row.step_gap_images = trajectory.images
 
 
 def _in_grid(method: Method, steps: int, config: EvalConfig) -> bool:
@@ -286,6 +326,10 @@ def _fill_quality(row: Row, per_seed: dict) -> None:
         row.psnr_vs_cfg_db, row.mse_vs_cfg = float(np.mean(per_seed["psnr"])), float(np.mean(per_seed["mse"]))
     if per_seed["out"]:
         row.output_mse_vs_cfg = float(np.mean(per_seed["out"]))
+    if per_seed["unguided_mse"] and len(per_seed["unguided_mse"]) == len(per_seed["mse"]):  # every seed: pooled MSEs
+        row.image_gap_closed = gap_closed(float(np.mean(per_seed["mse"])), float(np.mean(per_seed["unguided_mse"])))
+    if per_seed["step_baselines"]:
+        row.step_gap_closed, row.step_gap_closed_per_timestep = step_gaps(per_seed["step_errors"], per_seed["step_baselines"])
 
 
 def _fill_compute(row: Row, method: Method, cost, steps: int, pipe) -> None:
@@ -339,6 +383,6 @@ def run_eval(config: EvalConfig) -> dict:
 
 def summary(result: dict) -> list[dict]:
     """The headline numbers per row, for scripts (`pnpguide eval --json`)."""
-    keys = ("model", "method", "steps", "guidance_scale", "fid", "fid_per_seed", "adherence", "psnr_vs_cfg_db",
+    keys = ("model", "method", "steps", "guidance_scale", "fid", "fid_per_seed", "adherence", "psnr_vs_cfg_db", "image_gap_closed", "step_gap_closed",
             "unet_evals_per_image", "gflops_per_image", "seconds_per_image_b8")
     return [{k: row[k] for k in keys} for row in result["rows"]]
