@@ -16,7 +16,8 @@ from pnpguide.evaluation.report import COLUMNS, format_cell
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-KEEP = ("method", "steps", "fid", "adherence", "psnr_vs_cfg_db", "unet_evals_per_image", "gflops_per_image", "seconds_per_image_b8")
+KEEP = ("method", "steps", "fid", "adherence", "psnr_vs_cfg_db", "image_gap_closed", "step_gap_closed", "unet_evals_per_image",
+        "gflops_per_image", "seconds_per_image_b8")  # a column an older report lacks shows "–" (format_cell)
 
 
 def section(report_paths: list[Path]) -> str:

@@ -71,6 +71,23 @@ def test_untrained_guide_is_exactly_as_far_from_cfg_as_no_guidance(eval_setup):
     assert _row(result, "guide:trained")["output_mse_vs_cfg"] != pytest.approx(none["output_mse_vs_cfg"])
 
 
+def test_gap_closed_is_one_for_cfg_and_zero_for_no_guidance_and_an_untrained_guide(eval_setup):
+    """Relative to no guidance: the teacher replayed at its own states closes the whole per-step gap, and a
+    zero-initialised guide (the UNet unchanged) closes none of either gap; a guide that acts moves both."""
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "untrained"), str(eval_setup / "trained")]))
+    cfg, none, untrained, trained = (_row(result, m, w=w) for m, w in [("cfg", 4.0), ("none", 1.0), ("guide:untrained", 4.0), ("guide:trained", 4.0)])
+    assert cfg["step_gap_closed"] == pytest.approx(1.0) and cfg["image_gap_closed"] is None
+    for row in (none, untrained):
+        assert row["image_gap_closed"] == pytest.approx(0.0, abs=1e-9)
+        assert row["step_gap_closed"] == pytest.approx(0.0, abs=1e-6)
+    assert trained["image_gap_closed"] != pytest.approx(0.0) and trained["step_gap_closed"] != pytest.approx(0.0)
+    per_step = trained["step_gap_closed_per_timestep"]
+    assert [s["timestep"] for s in per_step] == [s["timestep"] for s in cfg["step_gap_closed_per_timestep"]] and len(per_step) == 3
+    assert all(s["gap_closed"] == pytest.approx(1.0) for s in cfg["step_gap_closed_per_timestep"])
+    assert trained["step_gap_images"] == 6  # fewer prompts than FIDELITY_SUBSET: all of them
+    assert "| image gap closed | step gap closed |" in (eval_setup / "out" / "report.md").read_text()
+
+
 def test_step_distilled_guide_runs_only_at_its_step_counts(eval_setup):
     result = run_eval(_config(eval_setup, steps=[3, 4], cfg_steps=[5]))
     assert {r["steps"] for r in result["rows"] if r["method"] == "guide:two-step"} == {2}

@@ -1,4 +1,4 @@
-"""Fidelity of the guided student to its CFG teacher: adherence of both, and PSNR from the same noise."""
+"""Fidelity of the guided student to its CFG teacher: adherence of both, PSNR and image gap closed from the same noise."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .. import data
 from .adherence import adherence
+from .gap import image_gap_closed
 from .sampling import generate_images, mean_psnr
 
 
@@ -19,6 +20,7 @@ class FidelityRow:
     psnr_db: float  # mean PSNR of guide images against teacher images from the same seeds
     unguided_adherence: float  # the baseline the guide should beat: no guidance (w = 1)
     unguided_psnr_db: float
+    image_gap_closed: float | None  # 1 - MSE(guide, teacher) / MSE(unguided, teacher); None at w = 1 (see gap.py)
 
     @property
     def adherence_ratio(self) -> float:
@@ -45,6 +47,7 @@ def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: li
                     psnr_db=mean_psnr(guided, teacher),
                     unguided_adherence=unguided_adherence,
                     unguided_psnr_db=mean_psnr(unguided, teacher),
+                    image_gap_closed=image_gap_closed(guided, unguided, teacher),
                 )
             )
     return rows
@@ -54,12 +57,18 @@ def fidelity_markdown(rows: list[FidelityRow], title: str) -> str:
     lines = [
         f"**{title}**",
         "",
-        "| w | steps | images | teacher adherence | guide adherence | guide / teacher | guide PSNR vs teacher (dB) | no-guidance adherence | no-guidance PSNR vs teacher (dB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| w | steps | images | teacher adherence | guide adherence | guide / teacher | guide PSNR vs teacher (dB) | image gap closed | no-guidance adherence | no-guidance PSNR vs teacher (dB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.guidance_scale} | {r.steps} | {r.images} | {r.teacher_adherence:.3f} | {r.guide_adherence:.3f} | "
-            f"{r.adherence_ratio:.3f} | {r.psnr_db:.1f} | {r.unguided_adherence:.3f} | {r.unguided_psnr_db:.1f} |"
+            f"{r.adherence_ratio:.3f} | {r.psnr_db:.1f} | {_optional(r.image_gap_closed)} | {r.unguided_adherence:.3f} | {r.unguided_psnr_db:.1f} |"
         )
+    lines += ["", "Image gap closed: 1 = the teacher's images, 0 = no closer to them than no guidance (same prompts and seeds)."]
     return "\n".join(lines)
+
+
+def _optional(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+

@@ -22,6 +22,8 @@ COLUMNS = (  # (row key, header, format)
     ("adherence_one_object", "1 obj", "{:.3f}"),
     ("adherence_two_objects", "2 obj", "{:.3f}"),
     ("psnr_vs_cfg_db", "PSNR vs CFG (dB)", "{:.1f}"),
+    ("image_gap_closed", "image gap closed", "{:.3f}"),
+    ("step_gap_closed", "step gap closed", "{:.3f}"),
     ("output_mse_vs_cfg", "output MSE vs CFG", "{:.4f}"),
     ("unet_evals_per_image", "UNet evals", "{:g}"),
     ("guide_evals_per_image", "guide evals", "{:g}"),
@@ -66,12 +68,20 @@ def markdown(result: dict) -> str:
         lines.append(f"FID features: **{features['network']}** (weights {features['weights']}); compare FIDs only within one feature network.")
     if len(config["seeds"]) > 1:
         lines.append("FID is the mean over seeds ± half the range between them.")
+    lines.append("Gap closed (1 = CFG's result, 0 = no closer than no guidance): *image* on the final images, pooled MSE against CFG's "
+                 "relative to no guidance's; *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
+                 f"the conditional output, on the first {_step_gap_images(result['rows'])} images of each seed (per step: `step_gap_closed_per_timestep` in report.json).")
     lines.append("Speed: whole pipeline calls (text encoder, sampling, VAE), median of 3 after a warm-up, on the first model only.")
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         lines += ["", f"## {model}", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in (r for r in result["rows"] if r["model"] == model):
             lines.append("| " + " | ".join(format_cell(row, k, f) for k, _, f in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _step_gap_images(rows: list[dict]) -> str:
+    counts = {r.get("step_gap_images") for r in rows} - {None, 0}
+    return "/".join(str(c) for c in sorted(counts)) or "0"
 
 
 def _by_method(rows: list[dict]) -> dict[str, list[dict]]:
