@@ -91,7 +91,7 @@ def guided_noise_pred(
     has run (see :func:`_residuals_from_encoder`); any other guide runs first and its residuals are passed
     through diffusers' ControlNet arguments. Both add the residuals at the same places."""
     timestep = _batched(timestep, sample.shape[0], sample.device)
-    if guide.reads_unet_features:
+    if getattr(guide, "module", guide).reads_unet_features:  # under data parallelism the guide arrives wrapped in DDP
         compute = lambda features: guide(sample, timestep, prompt_embeds, guidance_scale, unet_features=features)  # noqa: E731
         with _residuals_from_encoder(unet, compute):
             return unet(
