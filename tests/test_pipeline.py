@@ -134,3 +134,74 @@ def test_evaluation_keeps_a_silenced_progress_bar_silent(tiny_components, capsys
     assert as_plug_and_play(sd_pipe)._progress_bar_config == {"disable": True}
     generate_images(sd_pipe, PROMPTS, 7.5, num_inference_steps=2, progress=False)
     assert "2/2" not in capsys.readouterr().err  # diffusers' per-call step bar
+
+
+# guidance schedules: the tiny scheduler's 4 "trailing" steps are at timesteps 999, 749, 499, 249
+@pytest.mark.parametrize("mode", ["guide", "cfg"])
+def test_a_constant_list_gives_the_same_image_as_the_float(tiny_components, mode):
+    pipe = _pipe(tiny_components, trained=True)
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=[5.0] * 4, mode=mode), _run(pipe, guidance_scale=5.0, mode=mode))
+
+
+@pytest.mark.parametrize("mode", ["guide", "cfg"])
+def test_an_interval_over_every_timestep_is_constant_w_and_over_none_is_no_guidance(tiny_components, mode):
+    pipe = _pipe(tiny_components, trained=True)
+    constant = _run(pipe, guidance_scale=5.0, mode=mode)
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0, mode=mode, guidance_interval=(0, 1000)), constant)
+    unguided = _run(pipe, guidance_scale=5.0, mode=mode, guidance_interval=(0, 100))
+    np.testing.assert_array_equal(unguided, _run(pipe, mode="none"))
+    assert np.abs(unguided - constant).max() > 1e-3  # so the two equalities above are not the same image twice
+
+
+def test_cfg_steps_outside_the_interval_run_the_unet_once_at_batch_b(tiny_components):
+    pipe = _pipe(tiny_components)
+    batches = []
+    pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    _run(pipe, guidance_scale=5.0, mode="cfg", guidance_interval=(500, 1000))
+    assert batches == [4, 4, 2, 2]  # 2 prompts: [uncond; cond] at 999 and 749, the prompt alone at 499 and 249
+
+
+def test_guide_steps_at_w_1_skip_the_guide(tiny_components):
+    pipe = _pipe(tiny_components, trained=True)
+    calls = []
+    pipe.guide.register_forward_hook(lambda module, args, output: calls.append(args[3]))
+    _run(pipe, guidance_scale=[6.0, 1.0, 4.0, 1.0])
+    assert calls == [6.0, 4.0]
+
+
+@pytest.mark.parametrize("mode", ["guide", "cfg"])
+def test_a_callable_sees_step_index_and_timestep_and_equals_its_list(tiny_components, mode):
+    pipe = _pipe(tiny_components, trained=True)
+    seen = []
+    by_callable = _run(pipe, guidance_scale=lambda i, t: seen.append((i, t)) or 2.0 + i, mode=mode)
+    assert seen == list(enumerate(pipe.scheduler.timesteps.tolist())) and [t for _, t in seen] == [999, 749, 499, 249]
+    np.testing.assert_array_equal(by_callable, _run(pipe, guidance_scale=[2.0, 3.0, 4.0, 5.0], mode=mode))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(guidance_scale=[5.0] * 3), "guidance_scale has 3 values but sampling takes 4 steps"),
+    (dict(guidance_scale=[5.0, 0.5, 5.0, 5.0]), r"guidance_scale\[1\] is 0.5"),
+    (dict(guidance_scale=[5.0, float("nan"), 5.0, 5.0]), r"guidance_scale\[1\] is nan"),
+    (dict(guidance_scale=lambda i, t: float("nan")), r"returned nan at step 0 \(timestep 999\)"),
+    (dict(guidance_scale=lambda i, t: 0.5 if i == 3 else 5.0), r"returned 0.5 at step 3 \(timestep 249\)"),
+    (dict(guidance_interval=(600, 200)), r"0 <= t_low <= t_high <= 1000"),
+    (dict(guidance_interval=(0, 1001)), r"0 <= t_low <= t_high <= 1000"),
+])
+@pytest.mark.parametrize("mode", ["guide", "cfg"])
+def test_bad_schedules_fail_before_the_prompt_is_encoded(tiny_components, bad, match, mode):
+    pipe = _pipe(tiny_components)
+    encoded = []
+    pipe.text_encoder.register_forward_hook(lambda *args: encoded.append(1))
+    with pytest.raises(ValueError, match=match):
+        _run(pipe, **(dict(guidance_scale=5.0, mode=mode) | bad))
+    assert not encoded
+
+
+def test_the_trained_range_warning_reads_the_schedule_not_a_constant(tiny_components, recwarn):
+    pipe = _pipe(tiny_components)
+    pipe.guide.register_to_config(trained_guidance_range=(2.0, 9.0))
+    with pytest.warns(UserWarning, match="guidance_scale=12.0 is outside the range"):
+        _run(pipe, guidance_scale=[5.0, 12.0, 5.0, 5.0])
+    recwarn.clear()
+    _run(pipe, guidance_scale=12.0, guidance_interval=(0, 100))  # no step is guided at 12
+    assert not [w for w in recwarn if "outside the range" in str(w.message)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable
 
@@ -12,6 +11,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 from .guide import GuideModel
+from .schedules import GuidanceScale, guidance_schedule
 from .teacher import cfg_noise_pred, guided_noise_pred
 
 MODES = ("guide", "cfg", "none")
@@ -46,23 +46,27 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
             guide.check_text_encoder(text_encoder)
         self.register_modules(guide=guide)
 
-    def check_guidance(self, guidance_scale: float, num_inference_steps: int, mode: str) -> None:
-        """Our checks on top of StableDiffusionPipeline.check_inputs: mode, w and steps."""
+    def check_guidance(self, num_inference_steps: int, mode: str) -> None:
+        """Our checks on top of StableDiffusionPipeline.check_inputs: mode and steps (w: see guidance_schedule)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "guide" and self.guide is None:
             raise ValueError("mode='guide' needs a guide: pass guide=GuideModel.from_pretrained(...) or use mode='cfg'")
-        if not math.isfinite(guidance_scale) or guidance_scale <= 0:
-            raise ValueError(f"guidance_scale must be a finite number > 0 (1 = no guidance), got {guidance_scale}")
         if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if mode == "guide" and guidance_scale != 1:
-            low, high = self.guide.config.trained_guidance_range or (1.0, float("inf"))
-            if not low <= guidance_scale <= high:
-                warnings.warn(f"guidance_scale={guidance_scale} is outside the range the guide was trained on [{low}, {high}]")
-            step_counts = self.guide.config.trained_step_counts
-            if step_counts and num_inference_steps not in step_counts:
-                warnings.warn(f"this guide was step-distilled for {list(step_counts)} DDIM steps, not {num_inference_steps}")
+
+    def warn_untrained(self, schedule: list[float], num_inference_steps: int) -> None:
+        """Warn when the guide runs at a w or step count it was not trained for: it extrapolates there."""
+        guided = [w for w in schedule if w != 1]
+        if not guided:
+            return
+        low, high = self.guide.config.trained_guidance_range or (1.0, float("inf"))
+        outside = max(guided) if max(guided) > high else min(guided)
+        if not low <= outside <= high:
+            warnings.warn(f"guidance_scale={outside} is outside the range the guide was trained on [{low}, {high}]")
+        step_counts = self.guide.config.trained_step_counts
+        if step_counts and num_inference_steps not in step_counts:
+            warnings.warn(f"this guide was step-distilled for {list(step_counts)} DDIM steps, not {num_inference_steps}")
 
     def sampling_scheduler(self, num_inference_steps: int, mode: str, timesteps=None):
         """The pipeline's scheduler, except for a step-distilled guide at a step count it learnt: it only
@@ -91,7 +95,7 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 25,
         timesteps: list[int] | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: GuidanceScale = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -103,35 +107,43 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         return_dict: bool = True,
         mode: str | None = None,
         on_model_output: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionPipeline's, plus `mode`:
 
         - "guide" (default when a guide is loaded): one UNet pass + the guide per step;
         - "cfg": the classifier-free-guidance teacher, two UNet passes batched as one 2B call;
         - "none": the conditional model alone (the same as any mode at guidance_scale=1).
+        `guidance_scale` may also be a schedule: a list with one w per step, or a callable
+        `(step_index, timestep) -> w`; `guidance_interval=(t_low, t_high)` applies w only at timesteps inside
+        that range, w = 1 elsewhere (see :func:`pnpguide.schedules.guidance_schedule`). Steps at w = 1 run the
+        UNet alone, once at batch B, in every mode.
         `negative_prompt` only affects "cfg": the guide was distilled against the empty prompt.
         `on_model_output(t, model_input, model_output, prompt_embeds)` is called at every step (evaluation
         uses it to compare a method with the teacher on the method's own trajectory).
         A step-distilled guide samples on its own DDIM schedule (see :meth:`sampling_scheduler`).
         """
         mode = mode or ("guide" if self.guide is not None else "cfg")
-        mode = "none" if guidance_scale == 1 else mode
-        # 0. defaults and checks
+        mode = "none" if isinstance(guidance_scale, (int, float)) and guidance_scale == 1 else mode
+        # 0. defaults and checks, the schedule's included: all before the first model call
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        self.check_guidance(guidance_scale, num_inference_steps, mode)
+        self.check_guidance(num_inference_steps, mode)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
+        scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
+        schedule = guidance_schedule(guidance_scale, timesteps.tolist(), guidance_interval, scheduler.config.num_train_timesteps)
+        if mode == "guide":
+            self.warn_untrained(schedule, num_inference_steps)
 
         # 1. encode the prompt (and the empty prompt for the CFG teacher)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, mode == "cfg", negative_prompt, prompt_embeds, negative_prompt_embeds
         )
 
-        # 2. timesteps and initial noise, exactly as StableDiffusionPipeline prepares them
-        scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
-        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
+        # 2. initial noise, exactly as StableDiffusionPipeline prepares it
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
@@ -139,10 +151,10 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
             latents = latents * (scheduler.init_noise_sigma / self.scheduler.init_noise_sigma)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
-        # 3. denoising loop: one model call per step, whichever mode
-        for t in self.progress_bar(timesteps):
+        # 3. denoising loop: one model call per step, whichever mode; a step at w = 1 is the plain UNet
+        for t, w in zip(self.progress_bar(timesteps), schedule):
             model_input = scheduler.scale_model_input(latents, t)
-            noise_pred = self.mode_noise_pred(mode, model_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale)
+            noise_pred = self.mode_noise_pred(mode if w != 1 else "none", model_input, t, prompt_embeds, negative_prompt_embeds, w)
             if on_model_output is not None:
                 on_model_output(t, model_input, noise_pred, prompt_embeds)
             latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
