@@ -82,3 +82,38 @@ def test_generate_with_zero_steps_is_an_error_not_the_default(tmp_path, capsys):
     assert main(["generate", "--prompt", "a red circle on a black background", "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "argument --steps: must be >= 1, got 0" in capsys.readouterr().err  # checked before the model is loaded
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture
+def tiny_guide_dir(tiny_components, tmp_path):
+    from pnpguide.guide import GuideModel
+
+    GuideModel.from_unet(tiny_components["unet"], "tiny").save_pretrained(tmp_path / "guide")
+    return tmp_path / "guide"
+
+
+def test_generate_follows_a_w_schedule_inside_a_guidance_interval(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch):
+    from pnpguide.guide import GuideModel
+
+    scales, forward = [], GuideModel.forward
+    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, **k: scales.append(float(a[3])) or forward(self, *a, **k))
+    flags = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(tmp_path / "x.png")]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--w-schedule", "3,4,5,6", "--guidance-interval", "700", "1000"]) == 0
+    assert scales == [3.0, 4.0]  # the steps at timesteps 999 and 749; 499 and 249 are outside
+    scales.clear()
+    assert main(["generate", "--prompt", "a red circle", *flags, "--w-schedule", "linear:2:8"]) == 0
+    assert scales == [2.0, 4.0, 6.0, 8.0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--w-schedule", "3,,5"], "argument --w-schedule: must be comma-separated numbers (one w per step) or linear:W0:W1, got '3,,5'"),
+    (["--w-schedule", "3,5"], "guidance_scale has 2 values but sampling takes 4 steps"),
+    (["--w-schedule", "3,0.5,5,5"], "guidance_scale[1] is 0.5: each w must be a finite number >= 1"),
+    (["--guidance-interval", "600", "200"], "guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1000"),
+])
+def test_bad_schedule_flags_are_one_line_errors_with_exit_code_2(tiny_base_dir, tiny_guide_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "x.png"
+    base = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(out)]
+    assert main(["generate", "--prompt", "a red circle", *base, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not out.exists()

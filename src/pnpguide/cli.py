@@ -39,6 +39,17 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+def w_schedule(text: str) -> str:
+    """An argparse type: a `--w-schedule` whose syntax is right (its length and values are checked by the pipeline)."""
+    from .schedules import parse_w_schedule
+
+    try:
+        parse_w_schedule(text, 2)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--w-schedule ")) from None
+    return text
+
+
 def field_comments(config_class) -> dict[str, str]:
     """The `# comment` beside each field in the config's source: the field's documentation, written once."""
     comments: dict[str, str] = {}
@@ -150,13 +161,15 @@ def cmd_generate(args) -> None:
     from .loading import load_plug_and_play
 
     from .base import warn_if_truncated
+    from .schedules import parse_w_schedule
 
     pipe = load_plug_and_play(args.base, args.guide, args.lora)
     warn_if_truncated(pipe.tokenizer, [args.prompt])
     pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)
-    w = 1.0 if args.mode == "none" else args.w
     steps = args.steps if args.steps is not None else (pipe.guide.config.trained_step_counts or [25])[0]  # step-distilled: its own count
-    image = pipe(args.prompt, guidance_scale=w, num_inference_steps=steps, generator=torch_generator(args.seed), mode=args.mode).images[0]
+    w = 1.0 if args.mode == "none" else parse_w_schedule(args.w_schedule, steps) if args.w_schedule else args.w
+    image = pipe(args.prompt, guidance_scale=w, num_inference_steps=steps, generator=torch_generator(args.seed), mode=args.mode,
+                 guidance_interval=args.guidance_interval).images[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"image written to {args.out}")
@@ -259,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: 1 UNet pass per step; cfg: 2; none: w=1")
     p.add_argument("--steps", type=count, default=None, help="sampling steps (default: 25, or a step-distilled guide's own count)")
     p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
+    p.add_argument(
+        "--w-schedule", type=w_schedule, default=None, metavar="SCHEDULE",
+        help="w per step instead of --w: 'W1,W2,...' (one w >= 1 per step) or 'linear:W0:W1' (a ramp from the "
+        "first step to the last)",
+    )
+    p.add_argument(
+        "--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"),
+        help="apply w only at timesteps T_LOW <= t <= T_HIGH (0..num_train_timesteps, e.g. 1000), w = 1 elsewhere "
+        "(Kynkaanniemi et al. 2024); those steps run the UNet once, without guide or CFG (default: every step)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")
     p.set_defaults(handler=cmd_generate)
