@@ -16,23 +16,12 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from pnpguide.base import load_pipeline
-from pnpguide.evaluation.speed import median_seconds_each, parameter_count, step_cost
+from pnpguide.evaluation.speed import SD15, SDXL, median_seconds_each, parameter_count, step_cost
 from pnpguide.guide import GuideModel
 from pnpguide.loading import default_guide_dir, load_guide
 from pnpguide.pipeline import PlugAndPlayPipeline
 from pnpguide.teacher import cfg_noise_pred, guided_noise_pred
 
-SD15 = dict(
-    sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
-SDXL = dict(
-    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)
 TOKENS = {"sd15": 77, "sdxl": 77}
 TABLE_HEADER = (
     "| batch | CFG s/image | guide s/image | one UNet pass s/image | speed-up | ceiling | share of ceiling |\n"
@@ -55,12 +44,13 @@ def compute_table(models: dict[str, UNet2DConditionModel], tokens: dict[str, int
     print("| UNet | UNet params | guide | guide params | params ratio | UNet GFLOPs/step | guide GFLOPs/step | (UNet+guide)/(2 UNet) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, unet in models.items():
-        for size in ("tiny", "full"):
+        for size, reads in (("tiny", "latent"), ("full", "latent"), ("tiny", "unet_features")):
             with torch.device(unet.device):  # meta for the big configs: FLOPs need shapes only
-                guide = GuideModel.from_unet(unet, size)
+                guide = GuideModel.from_unet(unet, size, reads=reads)
             cost = step_cost(unet, guide, tokens=tokens[name])
+            label = size if reads == "latent" else f"{size}, reads UNet features"
             print(
-                f"| {name} | {parameter_count(unet) / 1e6:.1f}M | {size} | {parameter_count(guide) / 1e6:.2f}M | "
+                f"| {name} | {parameter_count(unet) / 1e6:.1f}M | {label} | {parameter_count(guide) / 1e6:.2f}M | "
                 f"{parameter_count(guide) / parameter_count(unet):.4f} | {cost.unet / 1e9:.2f} | {cost.guide / 1e9:.3f} | {cost.ratio:.4f} |"
             )
 

@@ -6,17 +6,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import tiny_unet
+from pnpguide.evaluation.speed import SD15, SDXL
 from pnpguide.guide import GuideModel, residual_channels, skip_levels
 from pnpguide.teacher import _residuals_from_encoder, guided_noise_pred
-
-SDXL = dict(
-    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
-    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)
-
 
 def _inputs(batch=2, dim=32):
     torch.manual_seed(1)
@@ -95,10 +87,8 @@ def test_a_feature_guide_refuses_another_unet_in_one_line(unet):
 
 @pytest.mark.parametrize("config, skips", [("sd15", 12), ("sdxl", 9)])
 def test_one_head_per_skip_connection_on_sd15_and_sdxl_layouts(config, skips):
-    from test_guide import _sd15
-
     with torch.device("meta"):
-        unet = _sd15() if config == "sd15" else UNet2DConditionModel(**SDXL)
+        unet = UNet2DConditionModel(**(SD15 if config == "sd15" else SDXL))
         guide = GuideModel.from_unet(unet, reads="unet_features")
     c = unet.config
     assert len(guide.skip_heads) == skips == len(residual_channels(c.block_out_channels, c.layers_per_block))
@@ -109,10 +99,9 @@ def test_one_head_per_skip_connection_on_sd15_and_sdxl_layouts(config, skips):
 
 def test_tiny_feature_guide_fits_the_budget_on_sd15():
     from pnpguide.evaluation.speed import step_cost
-    from test_guide import _sd15
 
     with torch.device("meta"):
-        sd15 = _sd15()
+        sd15 = UNet2DConditionModel(**SD15)
         guide = GuideModel.from_unet(sd15, "tiny", reads="unet_features")
     ratio = sum(p.numel() for p in guide.parameters()) / sum(p.numel() for p in sd15.parameters())
     assert ratio <= 0.01

@@ -3,6 +3,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from conftest import tiny_unet
+from pnpguide.evaluation.speed import SD15
 from pnpguide.guide import GuideModel, residual_channels
 from pnpguide.teacher import guided_noise_pred
 
@@ -64,12 +65,7 @@ def test_tiny_guide_costs_at_most_half_a_percent_more_than_half_of_cfg_on_sd15()
 
 
 def _sd15():
-    return UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
+    return UNet2DConditionModel(**SD15)
 
 
 def test_plugging_into_another_architecture_is_a_clear_error(unet):

@@ -16,6 +16,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..teacher import cfg_noise_pred, guided_noise_pred
 
+# UNet2DConditionModel configs of SD1.5 and SDXL, from their published config values: the budgets (guide <= 1% of
+# SD1.5's parameters, FLOPs ratio <= 0.505) are measured on these, with random weights on the meta device.
+SD15 = dict(
+    sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SDXL = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
 
 @contextmanager
 def plain_attention(*models):
