@@ -44,3 +44,23 @@ def test_demo_writes_a_grid_and_counts_unet_evaluations(tmp_path):
     evals = {t.label: t.unet_images_per_image for t in timings[:3]}
     assert evals == {"no guidance (w=1)": 4, "CFG teacher": 8, "guide": 4}
     assert all(t.unet_images_per_image == t.steps for t in timings[3:])  # step-distilled guides, at their own counts
+
+
+def test_a_feature_reading_guide_trains_on_the_mixed_source(tmp_path):
+    """`--source mix`: half of each batch noised dataset latents, half CFG-trajectory states (only the embedded
+    model has the shapes images, so this runs on it)."""
+    from pnpguide.base import load_pipeline
+    from pnpguide.distill_guidance import GuidanceDistillConfig, _split, _state_pools, train_guide
+
+    assert _split(5, 2) == [3, 2] and _split(4, 1) == [4]
+    config = GuidanceDistillConfig(
+        output_dir=str(tmp_path / "run"), source="mix", reads="unet_features", scale_by_guidance=True, num_samples=32,
+        trajectories=4, trajectory_steps=2, max_steps=2, batch_size=4, lr_warmup_steps=0, checkpointing_steps=2,
+    )
+    pools, embeddings = _state_pools(load_pipeline(), config)
+    assert [len(p.latents) for p in pools] == [32, 4 * 2] and pools[0].timesteps is None and pools[1].timesteps is not None
+    assert int(pools[1].prompt_ids.max()) < len(embeddings) - 1  # trajectories index the data's caption table
+    guide = train_guide(config)
+    assert guide.config.reads == "unet_features"
+    assert guide.config.trained_text_encoder.startswith("BertModel (")
+    assert (tmp_path / "run" / "guide" / "config.json").is_file()
