@@ -78,6 +78,7 @@ if a.init:
 guide.train()
 nparams = sum(p.numel() for p in guide.parameters())
 opt = torch.optim.AdamW(guide.parameters(), lr=a.lr, weight_decay=1e-2)
+gap_ema = torch.zeros(20)
 budget = a.minutes * 60; t0 = time.time(); step = 0; log = []
 while time.time() - t0 < budget:
     frac = (time.time() - t0) / budget
@@ -91,7 +92,13 @@ while time.time() - t0 < budget:
         target = cfg_combine(unc, cond, w)
     pred = guided(unet, guide, x, t, c, w)
     err = ((pred - target) ** 2).flatten(1).mean(1)
-    if a.loss == "rel":
+    if a.loss == "tnorm":  # each sample's error over the running mean gap of its timestep bucket (not its own gap)
+        gap = ((target - cond) ** 2).flatten(1).mean(1)
+        bucket = (t.long() * 20 // T).clamp(0, 19)
+        for b in bucket.unique():
+            gap_ema[b] = 0.9 * gap_ema[b] + 0.1 * gap[bucket == b].mean() if gap_ema[b] > 0 else gap[bucket == b].mean()
+        loss = (err / gap_ema[bucket]).mean()
+    elif a.loss == "rel":
         gap = ((target - cond) ** 2).flatten(1).mean(1)
         loss = (err / (gap + 1e-3)).mean()
     else:
