@@ -128,3 +128,10 @@ def test_a_pipeline_refuses_a_guide_trained_with_another_text_encoder(tiny_compo
     guide.register_to_config(trained_text_encoder="BertModel (6 layers, 32 wide, vocab 60)")
     with pytest.raises(ValueError, match=r"with text encoder BertModel \(6 layers, 32 wide, vocab 60\); this base has BertModel \(2 layers"):
         PlugAndPlayPipeline(**tiny_components, guide=guide)
+
+
+def test_a_feature_guide_given_another_unets_features_names_both_counts(unet):
+    guide = GuideModel.from_unet(tiny_unet(layers_per_block=2), reads="unet_features")
+    sample, t, embeds = _inputs()
+    with pytest.raises(ValueError, match="the guide reads 6 skip connections, this UNet has 4"):
+        guided_noise_pred(unet, guide, sample, t, embeds, 3.0)
