@@ -15,7 +15,7 @@ import argparse
 import torch
 from diffusers import UNet2DConditionModel
 
-from pnpguide.base import load_pipeline
+from pnpguide.loading import load_pipeline
 from pnpguide.evaluation.speed import SD15, SDXL, median_seconds_each, parameter_count, step_cost
 from pnpguide.guide import GuideModel
 from pnpguide.loading import default_guide_dir, load_guide

@@ -8,8 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from pnpguide import components
-from pnpguide.base import default_base_dir, load_pipeline, save_pipeline
+from pnpguide.embedded import components
+from pnpguide.loading import default_base_dir, load_pipeline, save_pipeline
 
 if __name__ == "__main__":
     pipe = load_pipeline(Path(sys.argv[1]))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pnpguide.evaluation.features import ShapesFeatureNet
+from pnpguide.embedded.features import ShapesFeatureNet
 
 if __name__ == "__main__":
     source, target = Path(sys.argv[1]), Path(sys.argv[2])

@@ -7,13 +7,13 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from pnpguide import data
+from pnpguide.embedded import shapes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-WORDS = sorted({"a", "an", "on", "background", "of", "small", "large", *data.SHAPES, *data.COLOURS, *data.BACKGROUNDS,
-                *(w for r in data.RELATIONS for w in r.split())})
+WORDS = sorted({"a", "an", "on", "background", "of", "small", "large", *shapes.SHAPES, *shapes.COLOURS, *shapes.BACKGROUNDS,
+                *(w for r in shapes.RELATIONS for w in r.split())})
 
 
 def tiny_unet(cross_attention_dim: int = 32, **overrides) -> UNet2DConditionModel:

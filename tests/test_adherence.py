@@ -3,12 +3,12 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from pnpguide import data
-from pnpguide.evaluation import adherence
+from pnpguide.embedded import shapes
+from pnpguide.embedded import adherence
 
 
-def _two_object_scene(relation: str) -> data.Scene:
-    return next(s for s in (data.sample_scene(i, 3) for i in range(1000)) if s.relation == relation)
+def _two_object_scene(relation: str) -> shapes.Scene:
+    return next(s for s in (shapes.sample_scene(i, 3) for i in range(1000)) if s.relation == relation)
 
 
 def test_parse_caption_reads_objects_relation_and_background():
@@ -23,7 +23,7 @@ def test_parse_caption_rejects_other_text(caption):
         adherence.parse_caption(caption)
 
 
-@pytest.mark.parametrize("style", data.STYLES)
+@pytest.mark.parametrize("style", shapes.STYLES)
 def test_judge_accepts_true_and_rejects_wrong_captions(style):
     result = adherence.judge_accuracy(style, images=60)
     assert result.accepts_true_captions >= 0.95
@@ -32,39 +32,39 @@ def test_judge_accepts_true_and_rejects_wrong_captions(style):
 
 def test_judge_rejects_a_swapped_relation():
     scene = _two_object_scene("above")
-    image = data.render(scene)
-    swapped = data.Scene(scene.objects, scene.background, "below", False).caption
+    image = shapes.render(scene)
+    swapped = shapes.Scene(scene.objects, scene.background, "below", False).caption
     assert adherence.judge(image, scene.caption).ok
     assert not adherence.judge(image, swapped).ok
 
 
 def test_a_blank_image_matches_nothing():
-    blank = Image.new("RGB", (64, 64), data.BACKGROUNDS["black"])
+    blank = Image.new("RGB", (64, 64), shapes.BACKGROUNDS["black"])
     verdict = adherence.judge(blank, "a red circle on a black background")
     assert not verdict.ok and "found 0 objects" in verdict.reason
 
 
 def test_judge_names_the_check_that_failed():
     scene = _two_object_scene("left of")
-    image = data.render(scene)
+    image = shapes.render(scene)
     first, second = scene.objects
-    other_background = next(b for b in data.BACKGROUNDS if b != scene.background)
-    other_colour = next(c for c in data.COLOURS if c not in (first.colour, second.colour))
+    other_background = next(b for b in shapes.BACKGROUNDS if b != scene.background)
+    other_colour = next(c for c in shapes.COLOURS if c not in (first.colour, second.colour))
     captions = {
         "ok": scene.caption,
-        "relation": data.Scene(scene.objects, scene.background, "right of", False).caption,
-        "background": data.Scene(scene.objects, other_background, "left of", False).caption,
-        "attributes": data.Scene((first, replace(second, colour=other_colour)), scene.background, "left of", False).caption,
-        "count": data.Scene((first,), scene.background, None, False).caption,
+        "relation": shapes.Scene(scene.objects, scene.background, "right of", False).caption,
+        "background": shapes.Scene(scene.objects, other_background, "left of", False).caption,
+        "attributes": shapes.Scene((first, replace(second, colour=other_colour)), scene.background, "left of", False).caption,
+        "count": shapes.Scene((first,), scene.background, None, False).caption,
     }
     assert {kind: adherence.judge(image, caption).kind for kind, caption in captions.items()} == {k: k for k in captions}
 
 
 def test_failure_counts_and_relation_accuracy_separate_placing_from_drawing():
     scene = _two_object_scene("above")
-    image = data.render(scene)
-    swapped = data.Scene(scene.objects, scene.background, "below", False).caption
-    blank = Image.new("RGB", (64, 64), data.BACKGROUNDS[scene.background])
+    image = shapes.render(scene)
+    swapped = shapes.Scene(scene.objects, scene.background, "below", False).caption
+    blank = Image.new("RGB", (64, 64), shapes.BACKGROUNDS[scene.background])
     counts = adherence.failure_counts([image, image, image, blank], [scene.caption, scene.caption, swapped, scene.caption])
     assert counts == {"ok": 2, "background": 0, "count": 1, "attributes": 0, "relation": 1}
     assert adherence.relation_accuracy(counts) == pytest.approx(2 / 3)
@@ -72,7 +72,7 @@ def test_failure_counts_and_relation_accuracy_separate_placing_from_drawing():
 
 
 def test_base_adherence_table_counts_every_two_object_image_once(tiny_base_dir):
-    from pnpguide.evaluation.base_report import base_adherence_table
+    from pnpguide.embedded.base_report import base_adherence_table
 
     table = base_adherence_table(str(tiny_base_dir), None, "flat", prompts=3, steps=2, scales=[1.0, 7.5], split="train")
     header, _, *rows = table.splitlines()

@@ -4,15 +4,16 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import BertModel, BertTokenizer
 
-from pnpguide import components, data
-from pnpguide.base import BaseTrainConfig, VAETrainConfig, default_base_dir, foreground_mask, load_pipeline, train_base, train_vae
+from pnpguide.embedded import components, shapes
+from pnpguide.loading import default_base_dir, load_pipeline
+from pnpguide.embedded.base import BaseTrainConfig, VAETrainConfig, foreground_mask, train_base, train_vae
 
 
 def test_pruned_text_encoder_encodes_dataset_captions_exactly_like_minilm():
     tokenizer, encoder = components.build_text_encoder()
     source = str(components.minilm_path())
     full_tokenizer, full_encoder = BertTokenizer.from_pretrained(source), BertModel.from_pretrained(source)
-    captions = [data.sample_scene(i).caption for i in range(8)]
+    captions = [shapes.sample_scene(i).caption for i in range(8)]
     ours = tokenizer(captions, padding="max_length", max_length=20, return_tensors="pt")
     theirs = full_tokenizer(captions, padding="max_length", max_length=20, return_tensors="pt")
     with torch.no_grad():
@@ -21,8 +22,8 @@ def test_pruned_text_encoder_encodes_dataset_captions_exactly_like_minilm():
 
 
 def test_foreground_mask_marks_objects_not_background():
-    scene = data.sample_scene(0)
-    pixels = data.image_to_tensor(data.render(scene))[None]
+    scene = shapes.sample_scene(0)
+    pixels = shapes.image_to_tensor(shapes.render(scene))[None]
     mask = foreground_mask(pixels)
     assert mask.shape == (1, 1, 64, 64)
     assert 0.01 < mask.mean() < 0.5 and mask[0, 0, 0, 0] == 0
@@ -54,12 +55,12 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
 
 @pytest.mark.integration
 def test_embedded_model_loads_offline_with_plain_diffusers_and_follows_prompts():
-    from pnpguide.evaluation.adherence import adherence
+    from pnpguide.embedded.adherence import adherence
     from pnpguide.evaluation.sampling import generate_images
 
     pipe = StableDiffusionPipeline.from_pretrained(str(default_base_dir()), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    captions = data.heldout_captions(12, objects=1)
+    captions = shapes.heldout_captions(12, objects=1)
     guided = generate_images(pipe, captions, 7.5, 25, seed=0, progress=False)
     unguided = generate_images(pipe, captions, 1.0, 25, seed=0, progress=False)
     assert adherence(guided, captions) >= 0.75

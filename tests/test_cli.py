@@ -50,6 +50,19 @@ def test_console_script_module_entry_point_runs():
     assert result.returncode == 0 and "demo" in result.stdout
 
 
+def test_help_imports_neither_diffusers_nor_transformers():
+    """`pnpguide --help` lists the commands without importing the libraries that make it slow (issue 13)."""
+    code = "import sys; from pnpguide.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stdout[-300:] + result.stderr[-300:]
+
+
+def test_a_command_help_lists_its_config_flags_without_library_noise():
+    result = subprocess.run([sys.executable, "-m", "pnpguide.cli", "distill", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--w-min" in result.stdout and "--source" in result.stdout
+    assert "torchvision" not in result.stderr, result.stderr[-500:]
+
+
 @pytest.mark.integration
 def test_generate_writes_an_image_with_the_shipped_guide(tmp_path):
     out = tmp_path / "x.png"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pnpguide import config_checks
-from pnpguide.base import default_base_dir, load_pipeline
+from pnpguide.loading import default_base_dir, load_pipeline
 from pnpguide.cli import main
 from pnpguide.config_checks import ConfigError, check_base_configs, check_guide_config
 from pnpguide.distill_guidance import GuidanceDistillConfig

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pnpguide.base import encode_captions, load_pipeline
+from pnpguide.loading import encode_captions, load_pipeline
 from pnpguide.distill_guidance import RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, teacher_trajectories, train_guide
 from pnpguide.guide import GuideModel
 from pnpguide.teacher import cfg_and_conditional

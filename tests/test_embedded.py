@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pnpguide import data
+from pnpguide.embedded import shapes
 from pnpguide.demo import run_demo
-from pnpguide.evaluation.adherence import adherence
+from pnpguide.embedded.adherence import adherence
 from pnpguide.evaluation.sampling import generate_images, psnr
 from pnpguide.loading import default_guide_dir, load_plug_and_play
 
@@ -25,7 +25,7 @@ def test_shipped_guides_fit_the_embedded_base(pipe):
 
 
 def test_shipped_tiny_guide_is_closer_to_the_teacher_than_no_guidance(pipe):
-    captions = data.heldout_captions(6, objects=1) + data.heldout_captions(6, objects=2)
+    captions = shapes.heldout_captions(6, objects=1) + shapes.heldout_captions(6, objects=2)
     teacher = generate_images(pipe, captions, 7.5, 16, seed=3, mode="cfg", progress=False)
     guided = generate_images(pipe, captions, 7.5, 16, seed=3, mode="guide", progress=False)
     unguided = generate_images(pipe, captions, 7.5, 16, seed=3, mode="none", progress=False)
@@ -49,7 +49,7 @@ def test_demo_writes_a_grid_and_counts_unet_evaluations(tmp_path):
 def test_a_feature_reading_guide_trains_on_the_mixed_source(tmp_path):
     """`--source mix`: half of each batch noised dataset latents, half CFG-trajectory states (only the embedded
     model has the shapes images, so this runs on it)."""
-    from pnpguide.base import load_pipeline
+    from pnpguide.loading import load_pipeline
     from pnpguide.distill_guidance import GuidanceDistillConfig, _split, _state_pools, train_guide
 
     assert _split(5, 2) == [3, 2] and _split(4, 1) == [4]

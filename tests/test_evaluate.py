@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pnpguide import data
+from pnpguide.embedded import shapes
 from pnpguide.cli import main
 from pnpguide.evaluation import fid
 from pnpguide.evaluation.evaluate import EvalConfig, parse_model_spec, run_eval
-from pnpguide.evaluation.features import ShapesFeatureNet
+from pnpguide.embedded.features import ShapesFeatureNet
 from pnpguide.guide import GuideModel
 
 
@@ -177,7 +177,7 @@ def test_eval_prompts_follow_the_held_out_distribution():
     prompts = eval_prompts(EvalConfig(images=200))
     objects = [p.count(" of ") + p.count(" above ") + p.count(" below ") for p in prompts]
     assert 0.3 < np.mean([o > 0 for o in objects]) < 0.7  # one- and two-object captions, as in the data
-    assert all(data.is_held_out(data.sample_scene(i, 777, "heldout").combination) for i in range(20))
+    assert all(shapes.is_held_out(shapes.sample_scene(i, 777, "heldout").combination) for i in range(20))
 
 
 def test_guides_with_the_same_folder_name_get_distinct_method_names():

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from pnpguide import data
-from pnpguide.evaluation.features import (
+from pnpguide.embedded import shapes
+from pnpguide.embedded.features import (
     ATTRIBUTES, DEGRADATIONS, FeatureTrainConfig, ShapesFeatureNet, degrade, feature_batch, scene_labels, train_features,
 )
 
 
 def test_scene_labels_name_every_attribute_of_a_two_object_scene():
-    scene = next(s for s in (data.sample_scene(i) for i in range(50)) if len(s.objects) == 2)
+    scene = next(s for s in (shapes.sample_scene(i) for i in range(50)) if len(s.objects) == 2)
     labels = scene_labels(scene, "pastel")
     decoded = {name: ATTRIBUTES[name][index] for name, index in labels.items()}
     assert decoded["objects"] == "2" and decoded["relation"] == scene.relation and decoded["style"] == "pastel"

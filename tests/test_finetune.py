@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pnpguide.base import load_pipeline
-from pnpguide.finetune import FinetuneConfig, finetune
+from pnpguide.loading import load_pipeline
+from pnpguide.embedded.finetune import FinetuneConfig, finetune
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pnpguide.base import check_model_dir
+from pnpguide.loading import check_model_dir
 from pnpguide.guide import GuideModel
 from pnpguide.loading import GUIDE_WEIGHTS, load_guide
 

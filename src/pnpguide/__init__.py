@@ -1,16 +1,43 @@
-"""pnpguide: Plug-and-Play Diffusion Distillation for Stable-Diffusion-family models."""
+"""pnpguide: Plug-and-Play Diffusion Distillation for Stable-Diffusion-family models.
 
-from transformers.utils import logging as _transformers_logging
+The public names are imported on first use (PEP 562), so `import pnpguide` and `pnpguide --help` do not
+pay for importing diffusers and transformers.
+"""
 
-# Importing diffusers' pipelines makes transformers warn that CLIPImageProcessor falls back to PIL without
-# torchvision: true, harmless, and nothing a pnpguide user can act on, so it is silenced for this import only.
-_verbosity = _transformers_logging.get_verbosity()
-_transformers_logging.set_verbosity_error()
-from .guide import GuideModel, GuideOutput  # noqa: E402
-from .pipeline import PlugAndPlayPipeline  # noqa: E402
-from .teacher import cfg_combine, cfg_noise_pred, guided_noise_pred  # noqa: E402
+from __future__ import annotations
 
-_transformers_logging.set_verbosity(_verbosity)
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["GuideModel", "GuideOutput", "PlugAndPlayPipeline", "cfg_combine", "cfg_noise_pred", "guided_noise_pred"]
+_EXPORTS = {
+    "GuideModel": "guide",
+    "GuideOutput": "guide",
+    "PlugAndPlayPipeline": "pipeline",
+    "cfg_combine": "teacher",
+    "cfg_noise_pred": "teacher",
+    "guided_noise_pred": "teacher",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pnpguide' has no attribute {name!r}")
+    return getattr(_import_quietly(_EXPORTS[name]), name)
+
+
+def _import_quietly(module: str):
+    """Importing diffusers' pipelines makes transformers warn that CLIPImageProcessor falls back to PIL without
+    torchvision: true, harmless, and nothing a pnpguide user can act on, so it is silenced for this import."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return importlib.import_module(f".{module}", __name__)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

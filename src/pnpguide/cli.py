@@ -107,7 +107,7 @@ def _threads(args) -> None:
 
 
 def cmd_train_vae(args) -> None:
-    from .base import VAETrainConfig, train_vae
+    from .embedded.base import VAETrainConfig, train_vae
 
     config = config_from_args(VAETrainConfig, args)
     train_vae(config)
@@ -115,7 +115,7 @@ def cmd_train_vae(args) -> None:
 
 
 def cmd_train_base(args) -> None:
-    from .base import BaseTrainConfig, train_base
+    from .embedded.base import BaseTrainConfig, train_base
 
     config = config_from_args(BaseTrainConfig, args)
     train_base(config)
@@ -123,7 +123,7 @@ def cmd_train_base(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import FinetuneConfig, finetune
+    from .embedded.finetune import FinetuneConfig, finetune
 
     config = config_from_args(FinetuneConfig, args)
     path = finetune(config)
@@ -131,7 +131,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_train_features(args) -> None:
-    from .evaluation.features import FeatureTrainConfig, attribute_accuracy, train_features
+    from .embedded.features import FeatureTrainConfig, attribute_accuracy, train_features
 
     config = config_from_args(FeatureTrainConfig, args)
     model = train_features(config)
@@ -160,7 +160,7 @@ def cmd_distill_steps(args) -> None:
 def cmd_generate(args) -> None:
     from .loading import load_plug_and_play
 
-    from .base import warn_if_truncated
+    from .loading import warn_if_truncated
     from .schedules import parse_w_schedule
 
     pipe = load_plug_and_play(args.base, args.guide, args.lora)
@@ -223,8 +223,8 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_judge_accuracy(args) -> None:
-    from .data import STYLES
-    from .evaluation.adherence import judge_accuracy
+    from .embedded.shapes import STYLES
+    from .embedded.adherence import judge_accuracy
 
     print("| style | images | accepts true captions | rejects wrong captions |\n|---|---|---|---|")
     for style in args.styles or STYLES:
@@ -233,25 +233,62 @@ def cmd_judge_accuracy(args) -> None:
 
 
 def cmd_sample_grid(args) -> None:
-    from .evaluation.base_report import base_grid
+    from .embedded.base_report import base_grid
 
     path = base_grid(args.base, args.out, args.lora, args.style, args.steps, args.seed)
     print(f"grid written to {path}")
 
 
 def cmd_base_adherence(args) -> None:
-    from .evaluation.base_report import base_adherence_table
+    from .embedded.base_report import base_adherence_table
 
     print(base_adherence_table(args.base, args.lora, args.style, args.prompts, args.steps, args.scales, args.seed, args.split))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .base import BaseTrainConfig, VAETrainConfig
-    from .distill_guidance import GuidanceDistillConfig
-    from .distill_steps import StepDistillConfig
-    from .evaluation.evaluate import EvalConfig
-    from .evaluation.features import FeatureTrainConfig
-    from .finetune import FinetuneConfig
+CONFIG_CLASSES = {  # command -> "module:ConfigClass", imported only when that command runs (or shows its --help)
+    "distill": "distill_guidance:GuidanceDistillConfig",
+    "distill-steps": "distill_steps:StepDistillConfig",
+    "train-vae": "embedded.base:VAETrainConfig",
+    "train-base": "embedded.base:BaseTrainConfig",
+    "finetune": "embedded.finetune:FinetuneConfig",
+    "train-features": "embedded.features:FeatureTrainConfig",
+    "eval": "evaluation.evaluate:EvalConfig",
+}
+
+
+def quiet_libraries() -> None:
+    """Silence what diffusers and transformers print that a pnpguide user cannot act on; our own bars stay."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # e.g. "CLIPImageProcessor falls back to PIL" (no torchvision)
+    diffusers_logging.set_verbosity_error()  # its "expected CLIPTextModel" warning is noise for a BERT text encoder
+    diffusers_logging.disable_progress_bar()  # component-loading bars
+    transformers_logging.disable_progress_bar()
+
+
+def config_class(command: str):
+    import importlib
+
+    quiet_libraries()
+    module, name = CONFIG_CLASSES[command].split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand in `argv` (the first word that names one), so only its flags are built: each command's
+    flags come from its config class, whose module imports diffusers, and `pnpguide --help` should not wait
+    for that."""
+    return next((word for word in argv if word in CONFIG_CLASSES), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the chosen command's config flags are built (all of them without it)."""
+    selected = chosen_command(argv) if argv is not None else None
+
+    def add_flags(p: argparse.ArgumentParser, command: str) -> None:
+        if argv is None or command == selected:
+            add_config_flags(p, config_class(command))
 
     parser = Parser(prog="pnpguide", description=__doc__)
     parser.add_argument("--threads", type=count, default=None, help="torch CPU threads (default: torch's choice)")
@@ -287,16 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_generate)
 
     training_commands = (
-        ("distill", "stage 1: train a guide so one UNet pass matches CFG (the base stays frozen)", GuidanceDistillConfig, cmd_distill),
-        ("distill-steps", "stage 2: progressive step distillation of a guide (32 -> 16 -> 8 steps)", StepDistillConfig, cmd_distill_steps),
-        ("train-vae", "train the embedded model's VAE on the shapes data (all styles)", VAETrainConfig, cmd_train_vae),
-        ("train-base", "train the embedded text-to-image UNet (needs a VAE from train-vae)", BaseTrainConfig, cmd_train_base),
-        ("finetune", "fine-tune a base on another style: the whole UNet or a LoRA", FinetuneConfig, cmd_finetune),
-        ("train-features", "train the FID feature network on the shapes data (all styles)", FeatureTrainConfig, cmd_train_features),
+        ("distill", "stage 1: train a guide so one UNet pass matches CFG (the base stays frozen)", cmd_distill),
+        ("distill-steps", "stage 2: progressive step distillation of a guide (32 -> 16 -> 8 steps)", cmd_distill_steps),
+        ("train-vae", "train the embedded model's VAE on the shapes data (all styles)", cmd_train_vae),
+        ("train-base", "train the embedded text-to-image UNet (needs a VAE from train-vae)", cmd_train_base),
+        ("finetune", "fine-tune a base on another style: the whole UNet or a LoRA", cmd_finetune),
+        ("train-features", "train the FID feature network on the shapes data (all styles)", cmd_train_features),
     )
-    for name, help_text, config_class, handler in training_commands:
+    for name, help_text, handler in training_commands:
         p = sub.add_parser(name, help=help_text)
-        add_config_flags(p, config_class)
+        add_flags(p, name)
         p.set_defaults(handler=handler)
 
     p = sub.add_parser("fidelity", help="guide vs its CFG teacher on held-out captions: adherence and PSNR")
@@ -309,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_fidelity)
 
     p = sub.add_parser("eval", help="FID, adherence, fidelity to CFG, compute and speed of none | cfg | guides; report + plots")
-    add_config_flags(p, EvalConfig)
+    add_flags(p, "eval")
     p.add_argument("--json", action="store_true", help="print a JSON summary to stdout instead of the markdown report")
     p.set_defaults(handler=cmd_eval)
 
@@ -365,19 +402,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
     except SystemExit as exit_:  # a usage error: return its code as for every other error (--help still exits)
         if exit_.code in (0, None):
             raise
         return exit_.code
     args.argv = argv  # for reports that record how to regenerate them
     _threads(args)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()  # its "expected CLIPTextModel" warning is noise for a BERT text encoder
-    diffusers_logging.disable_progress_bar()  # component-loading bars; our own bars (training, sampling) stay
-    transformers_logging.disable_progress_bar()
+    quiet_libraries()
     try:
         return args.handler(args) or 0
     except USER_ERRORS as error:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .evaluation.base_report import grid_captions
+from .embedded.base_report import grid_captions
 from .evaluation.plots import captioned_grid
 from .evaluation.sampling import generate_images
 from .evaluation.speed import UNetCallCounter, median_seconds, step_cost

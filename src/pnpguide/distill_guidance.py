@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from . import data
-from .base import cache_dataset, encode_captions, load_pipeline
+from .embedded import shapes
+from .embedded.base import cache_dataset
 from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel, text_encoder_signature
-from .loading import load_guide
+from .loading import encode_captions, load_guide, load_pipeline
+from .sources import read_prompt_file
 from .teacher import cfg_and_conditional, cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
 from .training import TrainingConfig, copy_ema_into, make_accelerator, run_training, shard_rows
@@ -103,8 +104,8 @@ def freeze(pipe) -> None:
 
 def _training_prompts(config: GuidanceDistillConfig) -> list[str]:
     if config.prompts is not None:
-        return data.read_prompt_file(config.prompts)
-    dataset = data.ShapesDataset(config.num_samples, seed=config.seed + 7)
+        return read_prompt_file(config.prompts)
+    dataset = shapes.ShapesDataset(config.num_samples, seed=config.seed + 7)
     return sorted({dataset.scene(i).caption for i in range(config.num_samples)})
 
 

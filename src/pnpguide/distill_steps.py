@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from .base import cache_dataset, load_pipeline
+from .embedded.base import cache_dataset
 from .distill_guidance import check_guidance_range, freeze, sample_guidance_scales
 from .guide import GuideModel
-from .loading import default_guide_dir, load_guide
+from .loading import default_guide_dir, load_guide, load_pipeline
 from .teacher import cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
 from .training import TrainingConfig, copy_ema_into, run_training

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from .base import PREDICTION_TYPES, check_model_dir, default_base_dir, load_pipeline
 from .guide import GuideModel, residual_channels
-from .loading import GUIDE_WEIGHTS, PICKLE_SUFFIXES, default_guide_dir, load_guide
+from .loading import GUIDE_WEIGHTS, PICKLE_SUFFIXES, PREDICTION_TYPES, check_model_dir, default_base_dir, default_guide_dir, load_guide, load_pipeline
 
 CHECK_ERRORS = (OSError, ValueError, RuntimeError)  # what the loaders raise for bad folders; other errors are bugs
 

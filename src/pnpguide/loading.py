@@ -1,18 +1,119 @@
-"""Finding and loading models: the shipped guides, user guides, and a base + guide (+ LoRA) pipeline."""
+"""Finding, checking and loading models: Stable Diffusion folders (the embedded default when none is named), the
+shipped guides, user guides, and a base + guide (+ LoRA) pipeline; encoding prompts as the pipeline does."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+import logging
+
+import torch
+from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
-from .base import ASSETS_DIR, load_pipeline
-from .config_checks import check_guide_config
+from .config_checks import check_base_configs, check_guide_config, read_json_object
 from .guide import GuideModel
 from .pipeline import PlugAndPlayPipeline
 
+logger = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).parent / "assets"  # the embedded default base, its shipped guides and fine-tunes
+MODEL_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what pnpguide's training losses implement
 GUIDE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def default_base_dir() -> Path:
+    return ASSETS_DIR / "base"
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Fail early, naming what is missing or malformed (the UNet's and scheduler's config fields included),
+    instead of deep inside diffusers' loader."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} has no model_index.json: is it a diffusers pipeline folder?")
+    index = read_json_object(path / "model_index.json")
+    for name, spec in index.items():
+        if isinstance(spec, list) and spec and spec[0] is not None and not (path / name).is_dir():
+            raise FileNotFoundError(f"{path} lists component {name!r} in model_index.json but has no {name}/ folder")
+    check_base_configs(path)
+    return path
+
+
+def load_pipeline(
+    path: str | Path | None = None, lora: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion folder (the embedded default when `path` is None) offline, plus LoRA weights."""
+    path = check_model_dir(path or default_base_dir())
+    try:
+        # use_safetensors: never fall back to unpickling a .bin file, which can run arbitrary code
+        dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default; the kwarg is being renamed
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
+    if lora is not None:
+        if not Path(lora).is_dir():
+            raise FileNotFoundError(f"LoRA folder {str(lora)!r} does not exist")
+        pipe.load_lora_weights(str(lora))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assemble_pipeline(unet, vae, tokenizer, text_encoder, scheduler) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, path: str | Path, half: bool = True) -> Path:
+    """Save as safetensors; fp16 storage halves the size and is cast back to fp32 on load."""
+    if half:
+        pipe = pipe.to(torch.float16)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    pipe.to(torch.float32)
+    if half:  # transformers loads in the config's dtype by default: fp16 text embeddings would meet an fp32 UNet
+        config_file = Path(path) / "text_encoder" / "config.json"
+        config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"dtype": "float32"}, indent=2))
+    return Path(path)
+
+
+def warn_if_truncated(tokenizer, prompts: list[str]) -> int:
+    """Say once how many prompts the tokenizer will cut to its limit; return that number.
+
+    transformers' own notice ("... will result in indexing errors") is silenced: the pipeline truncates,
+    so no indexing error can happen, and it names neither the prompts nor how many.
+    """
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True  # as if shown
+    limit = tokenizer.model_max_length
+    cut = sum(len(ids) > limit for ids in tokenizer(list(prompts), truncation=False)["input_ids"])
+    if cut:
+        logger.warning(f"{cut} of {len(prompts)} prompts are longer than the tokenizer's limit of {limit} tokens and were cut to it")
+    return cut
+
+
+@torch.no_grad()
+def encode_captions(pipe: StableDiffusionPipeline, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+    """(N, max_length, dim) prompt embeddings, computed exactly as the pipeline does at inference."""
+    warn_if_truncated(pipe.tokenizer, captions)
+    chunks = []
+    for start in range(0, len(captions), batch_size):
+        embeds, _ = pipe.encode_prompt(captions[start : start + batch_size], "cpu", 1, False)
+        chunks.append(embeds.float())
+    return torch.cat(chunks)
 
 
 def default_guide_dir(size: str = "tiny") -> Path:

@@ -260,8 +260,8 @@ def claim_output_dir(config):
 
 def _input_checks() -> dict:
     """Config field name -> the check of the file or folder it names (imported here: those modules import us)."""
-    from .base import check_model_dir
-    from .data import read_prompt_file
+    from .loading import check_model_dir
+    from .sources import read_prompt_file
     from .loading import check_guide_dir
     from .training import check_resume_path
 

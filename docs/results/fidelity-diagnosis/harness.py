@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 
-from pnpguide import data
-from pnpguide.base import cache_dataset, encode_captions, load_pipeline
+from pnpguide.embedded import shapes
+from pnpguide.loading import encode_captions, load_pipeline
+from pnpguide.embedded.base import cache_dataset
 from pnpguide.teacher import cfg_combine, cfg_noise_pred, guided_noise_pred
 
 CACHE = Path("/tmp/fidcache"); CACHE.mkdir(exist_ok=True)
@@ -24,7 +25,7 @@ def load_base():
 
 
 def eval_prompts(n=48):
-    return data.heldout_captions(n // 2, objects=1) + data.heldout_captions(n // 2, objects=2)
+    return shapes.heldout_captions(n // 2, objects=1) + shapes.heldout_captions(n // 2, objects=2)
 
 
 def ddim(pipe, steps):

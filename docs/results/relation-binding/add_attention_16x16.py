@@ -1,7 +1,7 @@
 """Throwaway: give a trained base cross-attention at 16x16 too (new blocks start as identity), then train on."""
 import sys, torch
 from diffusers import UNet2DConditionModel
-from pnpguide.base import load_pipeline, save_pipeline
+from pnpguide.loading import load_pipeline, save_pipeline
 base, out = sys.argv[1], sys.argv[2]
 pipe = load_pipeline(base)
 config = dict(pipe.unet.config)

@@ -1,12 +1,12 @@
 """Throwaway: among images with the right two objects, is the relation right, swapped, or on the wrong axis?"""
 import collections, sys, torch
 from diffusers import StableDiffusionPipeline
-from pnpguide import data
-from pnpguide.evaluation.adherence import parse_caption, detect, _matches
+from pnpguide.embedded import shapes
+from pnpguide.embedded.adherence import parse_caption, detect, _matches
 from pnpguide.evaluation.sampling import generate_images
 torch.set_num_threads(2)
 pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
-scenes = [s for s in (data.sample_scene(i, 777, "train") for i in range(2000)) if len(s.objects) == 2][:150]
+scenes = [s for s in (shapes.sample_scene(i, 777, "train") for i in range(2000)) if len(s.objects) == 2][:150]
 caps = [s.caption for s in scenes]
 images = generate_images(pipe, caps, 7.5, 25, seed=0, progress=False)
 tally = collections.Counter()

@@ -1,11 +1,11 @@
 """Throwaway: does each MiniLM layer's colour-token embedding say which half its object is in?"""
 import numpy as np, torch
 from sklearn.linear_model import LogisticRegression
-from pnpguide import data
-from pnpguide.base import load_pipeline
+from pnpguide.embedded import shapes
+from pnpguide.loading import load_pipeline
 pipe = load_pipeline(None)
 tok, enc = pipe.tokenizer, pipe.text_encoder
-scenes = [s for s in (data.sample_scene(i, 5, "train") for i in range(6000)) if len(s.objects) == 2][:2500]
+scenes = [s for s in (shapes.sample_scene(i, 5, "train") for i in range(6000)) if len(s.objects) == 2][:2500]
 caps = [s.caption for s in scenes]
 batch = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
 with torch.no_grad():
@@ -15,7 +15,7 @@ y = []
 for n, s in enumerate(scenes):
     ids = batch.input_ids[n].tolist()
     words = tok.convert_ids_to_tokens(ids)
-    colour_positions = [i for i, w in enumerate(words) if w in data.COLOURS]
+    colour_positions = [i for i, w in enumerate(words) if w in shapes.COLOURS]
     first_is_low = s.relation in ("above", "left of")  # object 0 in the first (top/left) half
     for k, pos in enumerate(colour_positions[:2]):
         for l in X_by_layer:

@@ -4,8 +4,9 @@ Tests whether a text encoder that may learn word order lets the UNet place the f
 """
 import sys, torch
 from pathlib import Path
-from pnpguide import data
-from pnpguide.base import load_pipeline, save_pipeline, diffusion_loss, encode_images
+from pnpguide.embedded import shapes
+from pnpguide.loading import load_pipeline, save_pipeline
+from pnpguide.embedded.base import diffusion_loss, encode_images
 from pnpguide.training import TrainingConfig, run_training, copy_ema_into, save_config
 
 base, out, steps, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
@@ -15,7 +16,7 @@ config = TrainingConfig(output_dir=out, max_steps=steps, batch_size=64, learning
 save_config(config, out)
 pipe = load_pipeline(base)
 pipe.vae.requires_grad_(False)
-dataset = data.ShapesDataset(40000, style="flat", seed=8)
+dataset = shapes.ShapesDataset(40000, style="flat", seed=8)
 captions = [dataset.scene(i).caption for i in range(len(dataset))]
 unique = sorted(set(captions)) + [""]
 lookup = {c: i for i, c in enumerate(unique)}

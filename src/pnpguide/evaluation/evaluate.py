@@ -8,7 +8,6 @@ for each guide given; a step-distilled guide only runs at the step counts it was
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import sys
 from collections import Counter
@@ -20,12 +19,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import data
-from ..base import ASSETS_DIR, load_pipeline
-from ..loading import load_guide, shipped_guide_dirs
+from ..embedded import shapes
+from ..embedded.adherence import judge, parse_caption
+from ..loading import ASSETS_DIR, load_guide, load_pipeline, shipped_guide_dirs
 from ..pipeline import PlugAndPlayPipeline
+from ..sources import read_prompt_file
 from ..teacher import cfg_noise_pred
-from .adherence import judge, parse_caption
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
 from .sampling import mean_psnr
@@ -66,7 +65,7 @@ def parse_model_spec(text: str) -> ModelSpec:
         values[key] = value
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder {path!r} does not exist (shipped models: {', '.join(SHIPPED_MODELS)})")
-    data.check_style(values["style"])
+    shapes.check_style(values["style"])
     return ModelSpec(**values)
 
 
@@ -135,9 +134,9 @@ def _distinct_names(folders: list[Path]) -> list[str]:
 def eval_prompts(config: EvalConfig) -> list[str]:
     """The held-out caption distribution (one and two objects, as in the data), or the prompt file cycled to N."""
     if config.prompts is not None:
-        prompts = data.read_prompt_file(config.prompts)
+        prompts = read_prompt_file(config.prompts)
         return [prompts[i % len(prompts)] for i in range(config.images)]
-    return [data.sample_scene(i, seed=777, split="heldout").caption for i in range(config.images)]
+    return [shapes.sample_scene(i, seed=777, split="heldout").caption for i in range(config.images)]
 
 
 def _judgeable(prompts: list[str]) -> bool:

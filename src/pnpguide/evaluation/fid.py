@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import data
-from .features import ShapesFeatureNet, default_features_dir, weights_id
+from ..embedded import shapes
+from ..embedded.features import ShapesFeatureNet, default_features_dir, weights_id
 
 FEATURES = ("shapes", "inception", "none")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -60,8 +60,8 @@ class FidScorer:
     def _reference_images(self, style: str, count: int) -> list[Image.Image]:
         if self.reference_dir is not None:
             return read_image_folder(self.reference_dir, self.image_size)
-        dataset = data.ShapesDataset(count, style=style, split="heldout", seed=REFERENCE_SEED)
-        return [data.render(dataset.scene(i), style, noise_seed=i) for i in range(count)]
+        dataset = shapes.ShapesDataset(count, style=style, split="heldout", seed=REFERENCE_SEED)
+        return [shapes.render(dataset.scene(i), style, noise_seed=i) for i in range(count)]
 
     @torch.no_grad()
     def score(self, images: list[Image.Image]) -> float:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import data
-from .adherence import adherence
+from ..embedded import shapes
+from ..embedded.adherence import adherence
 from .gap import image_gap_closed
 from .sampling import generate_images, mean_psnr
 
@@ -29,7 +29,7 @@ class FidelityRow:
 
 def fidelity(pipe, style: str, prompts: int, scales: list[float], steps_list: list[int], seed: int = 0) -> list[FidelityRow]:
     """Compare `pipe`'s guide with `pipe`'s own CFG teacher on `prompts` one- and `prompts` two-object held-out captions."""
-    captions = data.heldout_captions(prompts, objects=1) + data.heldout_captions(prompts, objects=2)
+    captions = shapes.heldout_captions(prompts, objects=1) + shapes.heldout_captions(prompts, objects=2)
     rows = []
     for steps in steps_list:
         unguided = generate_images(pipe, captions, 1.0, steps, seed, mode="none")  # the same for every w

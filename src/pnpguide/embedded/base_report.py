@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data
-from ..base import load_pipeline
+from . import shapes
+from ..loading import load_pipeline
 from .adherence import FAILURE_KINDS, failure_counts, relation_accuracy
-from .plots import captioned_grid
-from .sampling import generate_images
+from ..evaluation.plots import captioned_grid
+from ..evaluation.sampling import generate_images
 
 
 def grid_captions() -> list[str]:
-    return data.heldout_captions(4, objects=1) + data.heldout_captions(4, objects=2)
+    return shapes.heldout_captions(4, objects=1) + shapes.heldout_captions(4, objects=2)
 
 
 def base_grid(base: str | None, out: str | Path, lora: str | None = None, style: str = "flat", steps: int = 25, seed: int = 0) -> Path:
@@ -49,7 +49,7 @@ def base_adherence_table(
     for w in scales:
         counts = {}
         for objects in (1, 2):
-            captions = data.split_captions(prompts, split, objects=objects)
+            captions = shapes.split_captions(prompts, split, objects=objects)
             counts[objects] = failure_counts(generate_images(pipe, captions, w, steps, seed), captions, style)
         one, two = (counts[n]["ok"] / prompts for n in (1, 2))
         relation = relation_accuracy(counts[2])

@@ -13,11 +13,12 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from . import data
-from .base import cache_dataset, diffusion_loss, load_pipeline, save_pipeline
-from .config_checks import check_fraction
-from .run_folder import training_run
-from .training import TrainingConfig, copy_ema_into, run_training
+from . import shapes
+from ..loading import load_pipeline, save_pipeline
+from .base import cache_dataset, diffusion_loss
+from ..config_checks import check_fraction
+from ..run_folder import training_run
+from ..training import TrainingConfig, copy_ema_into, run_training
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts do
 
@@ -38,7 +39,7 @@ class FinetuneConfig(TrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        data.check_style(self.style)
+        shapes.check_style(self.style)
         if self.method not in ("full", "lora"):
             raise ValueError(f"method must be 'full' or 'lora', got {self.method!r}")
         check_fraction(self, "caption_dropout")

@@ -1,9 +1,7 @@
-"""The embedded default base model: train its VAE and UNet, save it as an SD folder, find it on disk."""
+"""The embedded default base model: train its VAE and UNet on the shapes data, save it as an SD folder."""
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,107 +10,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from . import components, data
-from .config_checks import check_at_least, check_base_configs, check_fraction, read_json_object
-from .run_folder import training_run
-from .training import TrainingConfig, copy_ema_into, run_training
-
-ASSETS_DIR = Path(__file__).parent / "assets"
-MODEL_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # what pnpguide's training losses implement
-
-logger = logging.getLogger(__name__)
-
-
-def default_base_dir() -> Path:
-    return ASSETS_DIR / "base"
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """Fail early, naming what is missing or malformed (the UNet's and scheduler's config fields included),
-    instead of deep inside diffusers' loader."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} has no model_index.json: is it a diffusers pipeline folder?")
-    index = read_json_object(path / "model_index.json")
-    for name, spec in index.items():
-        if isinstance(spec, list) and spec and spec[0] is not None and not (path / name).is_dir():
-            raise FileNotFoundError(f"{path} lists component {name!r} in model_index.json but has no {name}/ folder")
-    check_base_configs(path)
-    return path
-
-
-def load_pipeline(
-    path: str | Path | None = None, lora: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion folder (the embedded default when `path` is None) offline, plus LoRA weights."""
-    path = check_model_dir(path or default_base_dir())
-    try:
-        # use_safetensors: never fall back to unpickling a .bin file, which can run arbitrary code
-        dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default; the kwarg is being renamed
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
-    if lora is not None:
-        if not Path(lora).is_dir():
-            raise FileNotFoundError(f"LoRA folder {str(lora)!r} does not exist")
-        pipe.load_lora_weights(str(lora))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def assemble_pipeline(unet, vae, tokenizer, text_encoder, scheduler) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def save_pipeline(pipe: StableDiffusionPipeline, path: str | Path, half: bool = True) -> Path:
-    """Save as safetensors; fp16 storage halves the size and is cast back to fp32 on load."""
-    if half:
-        pipe = pipe.to(torch.float16)
-    pipe.save_pretrained(str(path), safe_serialization=True)
-    pipe.to(torch.float32)
-    if half:  # transformers loads in the config's dtype by default: fp16 text embeddings would meet an fp32 UNet
-        config_file = Path(path) / "text_encoder" / "config.json"
-        config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"dtype": "float32"}, indent=2))
-    return Path(path)
-
-
-def warn_if_truncated(tokenizer, prompts: list[str]) -> int:
-    """Say once how many prompts the tokenizer will cut to its limit; return that number.
-
-    transformers' own notice ("... will result in indexing errors") is silenced: the pipeline truncates,
-    so no indexing error can happen, and it names neither the prompts nor how many.
-    """
-    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True  # as if shown
-    limit = tokenizer.model_max_length
-    cut = sum(len(ids) > limit for ids in tokenizer(list(prompts), truncation=False)["input_ids"])
-    if cut:
-        logger.warning(f"{cut} of {len(prompts)} prompts are longer than the tokenizer's limit of {limit} tokens and were cut to it")
-    return cut
-
-
-@torch.no_grad()
-def encode_captions(pipe: StableDiffusionPipeline, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, max_length, dim) prompt embeddings, computed exactly as the pipeline does at inference."""
-    warn_if_truncated(pipe.tokenizer, captions)
-    chunks = []
-    for start in range(0, len(captions), batch_size):
-        embeds, _ = pipe.encode_prompt(captions[start : start + batch_size], "cpu", 1, False)
-        chunks.append(embeds.float())
-    return torch.cat(chunks)
+from . import components, shapes
+from ..config_checks import check_at_least, check_fraction
+from ..loading import PREDICTION_TYPES, assemble_pipeline, encode_captions, save_pipeline
+from ..run_folder import training_run
+from ..training import TrainingConfig, copy_ema_into, run_training
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,14 +36,14 @@ class VAETrainConfig(TrainingConfig):
 
 
 def _style_batch(indices: list[int], generator: torch.Generator, seed: int) -> torch.Tensor:
-    styles = torch.randint(len(data.STYLES), (len(indices),), generator=generator).tolist()
-    images = [data.render(data.sample_scene(i, seed), data.STYLES[s], noise_seed=i) for i, s in zip(indices, styles)]
-    return torch.stack([data.image_to_tensor(im) for im in images])
+    styles = torch.randint(len(shapes.STYLES), (len(indices),), generator=generator).tolist()
+    images = [shapes.render(shapes.sample_scene(i, seed), shapes.STYLES[s], noise_seed=i) for i, s in zip(indices, styles)]
+    return torch.stack([shapes.image_to_tensor(im) for im in images])
 
 
 @training_run
 def train_vae(config: VAETrainConfig) -> AutoencoderKL:
-    """Train the 64x64 <-> 16x16x4 VAE on every style and set SD's `scaling_factor` from the data."""
+    """Train the 64x64 <-> 16x16x4 VAE on every style and set SD's `scaling_factor` from the shapes."""
     vae = components.build_vae()
 
     def make_batch(step, generator):
@@ -183,7 +85,7 @@ def latent_scaling_factor(vae: AutoencoderKL, seed: int, samples: int = 512) -> 
 
 
 @torch.no_grad()
-def encode_images(vae: AutoencoderKL, dataset: data.ShapesDataset, batch_size: int = 256) -> torch.Tensor:
+def encode_images(vae: AutoencoderKL, dataset: shapes.ShapesDataset, batch_size: int = 256) -> torch.Tensor:
     """(N, 4, 16, 16) scaled latents (posterior means) of a whole dataset, cached once before training."""
     latents = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images"):
@@ -230,7 +132,7 @@ class CaptionedLatents:
 
 
 def cache_dataset(pipe: StableDiffusionPipeline, num_images: int, style: str, seed: int) -> CaptionedLatents:
-    dataset = data.ShapesDataset(num_images, style=style, seed=seed)
+    dataset = shapes.ShapesDataset(num_images, style=style, seed=seed)
     captions = [dataset.scene(i).caption for i in range(num_images)]
     unique = sorted(set(captions))
     lookup = {c: i for i, c in enumerate(unique)}

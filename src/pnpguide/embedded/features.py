@@ -19,22 +19,22 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .. import data
-from ..base import ASSETS_DIR
+from . import shapes
+from ..loading import ASSETS_DIR
 from ..config_checks import check_fraction
 from ..run_folder import training_run
 from ..training import TrainingConfig, run_training
 
 DEGRADATIONS = ("none", "blur", "noise", "washed-out")
 ATTRIBUTES = {  # head name -> classes; "-" stands for "no second object"
-    "background": list(data.BACKGROUNDS),
+    "background": list(shapes.BACKGROUNDS),
     "objects": ["1", "2"],
-    "shape_1": list(data.SHAPES),
-    "colour_1": list(data.COLOURS),
-    "shape_2": [*data.SHAPES, "-"],
-    "colour_2": [*data.COLOURS, "-"],
-    "relation": [*data.RELATIONS, "-"],
-    "style": list(data.STYLES),
+    "shape_1": list(shapes.SHAPES),
+    "colour_1": list(shapes.COLOURS),
+    "shape_2": [*shapes.SHAPES, "-"],
+    "colour_2": [*shapes.COLOURS, "-"],
+    "relation": [*shapes.RELATIONS, "-"],
+    "style": list(shapes.STYLES),
     "degradation": list(DEGRADATIONS),
 }
 
@@ -51,7 +51,7 @@ class ShapesFeatureNet(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), num_features: int = 64, image_size: int = data.IMAGE_SIZE):
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), num_features: int = 64, image_size: int = shapes.IMAGE_SIZE):
         super().__init__()
         layers, width = [], 3
         for out in channels:  # each stage halves the resolution: 64 -> 32 -> 16 -> 8
@@ -84,7 +84,7 @@ def weights_id(model: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def scene_labels(scene: data.Scene, style: str) -> dict[str, int]:
+def scene_labels(scene: shapes.Scene, style: str) -> dict[str, int]:
     first, second = scene.objects[0], scene.objects[1] if len(scene.objects) > 1 else None
     values = {
         "background": scene.background,
@@ -135,11 +135,11 @@ class FeatureTrainConfig(TrainingConfig):
 
 def feature_batch(start: int, count: int, generator: torch.Generator, degraded_fraction: float, seed: int, split: str = "train") -> dict:
     """Scenes in random styles, a share of them degraded, with one label per attribute head."""
-    styles = torch.randint(len(data.STYLES), (count,), generator=generator).tolist()
+    styles = torch.randint(len(shapes.STYLES), (count,), generator=generator).tolist()
     images, labels = [], {name: [] for name in ATTRIBUTES}
     for offset, style_index in enumerate(styles):
-        style, scene = data.STYLES[style_index], data.sample_scene(start + offset, seed, split)
-        images.append((data.image_to_tensor(data.render(scene, style, noise_seed=start + offset)) + 1) / 2)
+        style, scene = shapes.STYLES[style_index], shapes.sample_scene(start + offset, seed, split)
+        images.append((shapes.image_to_tensor(shapes.render(scene, style, noise_seed=start + offset)) + 1) / 2)
         for name, value in scene_labels(scene, style).items():
             labels[name].append(value)
     kinds = torch.randint(1, len(DEGRADATIONS), (count,), generator=generator)

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import BertModel, BertTokenizer
 
-from . import data
+from . import shapes
 
 TOKENIZER_MAX_LENGTH = 20  # captions are <= 18 tokens; short sequences keep cross-attention cheap
 KEEP_VOCAB_IDS = range(999, 5000)  # punctuation, letters and the ~4k most common English word pieces
@@ -28,8 +28,8 @@ def minilm_path() -> Path:
 
 
 def dataset_words() -> set[str]:
-    words = {"a", "an", "on", "background", "of", *data.SHAPES, *data.COLOURS, *data.BACKGROUNDS, *data.SIZES}
-    return words | {w for r in data.RELATIONS for w in r.split()}
+    words = {"a", "an", "on", "background", "of", *shapes.SHAPES, *shapes.COLOURS, *shapes.BACKGROUNDS, *shapes.SIZES}
+    return words | {w for r in shapes.RELATIONS for w in r.split()}
 
 
 def build_text_encoder() -> tuple[BertTokenizer, BertModel]:
@@ -67,7 +67,7 @@ def build_vae() -> AutoencoderKL:
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,  # >= 4 channels a group: one-channel groups (instance norm) erase the colours
-        sample_size=data.IMAGE_SIZE,
+        sample_size=shapes.IMAGE_SIZE,
     )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .. import data
+from . import shapes
 
 CAPTION_PATTERN = re.compile(
     r"^an? (?:(?P<size>small|large) )?(?P<colour1>\w+) (?P<shape1>\w+)"
@@ -78,15 +78,15 @@ def parse_caption(caption: str) -> CaptionSpec:
     if parts["relation"]:
         objects.append(ObjectSpec(parts["colour2"], parts["shape2"]))
     for spec in objects:
-        if spec.colour not in data.COLOURS or spec.shape not in data.SHAPES:
+        if spec.colour not in shapes.COLOURS or spec.shape not in shapes.SHAPES:
             raise ValueError(f"unknown colour or shape in {caption!r}: {spec.colour!r} {spec.shape!r}")
-    if parts["background"] not in data.BACKGROUNDS:
+    if parts["background"] not in shapes.BACKGROUNDS:
         raise ValueError(f"unknown background {parts['background']!r} in {caption!r}")
     return CaptionSpec(tuple(objects), parts["relation"], parts["background"])
 
 
 def _palette(names: dict[str, tuple[int, int, int]], style: str) -> tuple[list[str], np.ndarray]:
-    return list(names), np.array([data.style_colour(rgb, style) for rgb in names.values()], dtype=np.float64)
+    return list(names), np.array([shapes.style_colour(rgb, style) for rgb in names.values()], dtype=np.float64)
 
 
 def _nearest(colour: np.ndarray, palette: tuple[list[str], np.ndarray]) -> str:
@@ -106,15 +106,15 @@ def _classify_shape(filled: np.ndarray, fill_ratio: float) -> str:
 
 def detect(image: Image.Image, style: str = "flat") -> tuple[str, list[DetectedObject]]:
     """Return the background name and the objects found in a 64x64 image of `style`."""
-    data.check_style(style)
+    shapes.check_style(style)
     pixels = ndimage.median_filter(np.asarray(image.convert("RGB"), dtype=np.float64), size=(3, 3, 1))
     border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3), pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
     background_rgb = np.median(border, axis=0)
-    background = _nearest(background_rgb, _palette(data.BACKGROUNDS, style))
+    background = _nearest(background_rgb, _palette(shapes.BACKGROUNDS, style))
     foreground = np.linalg.norm(pixels - background_rgb, axis=2) > FOREGROUND_DISTANCE[style]
     foreground = ndimage.binary_closing(foreground, structure=np.ones((3, 3)))  # mend ragged, noisy edges
     labels, count = ndimage.label(foreground, structure=np.ones((3, 3)))
-    colours = _palette(data.COLOURS, style)
+    colours = _palette(shapes.COLOURS, style)
     objects = []
     for index in range(1, count + 1):
         stroke = labels == index
@@ -182,7 +182,7 @@ def relation_accuracy(counts: dict[str, int]) -> float | None:
     return counts["ok"] / placed if placed else None
 
 
-def _wrong_caption(scene: data.Scene, rng: np.random.Generator) -> str:
+def _wrong_caption(scene: shapes.Scene, rng: np.random.Generator) -> str:
     """The scene's caption with one attribute changed: what a judge must reject."""
     objects = list(scene.objects)
     background, relation = scene.background, scene.relation
@@ -190,14 +190,14 @@ def _wrong_caption(scene: data.Scene, rng: np.random.Generator) -> str:
     first = objects[0]
     if what == "colour":
         taken = {o.colour for o in objects}
-        objects[0] = data.ShapeObject(first.shape, str(rng.choice([c for c in data.COLOURS if c not in taken])), first.center, first.extent, first.size)
+        objects[0] = shapes.ShapeObject(first.shape, str(rng.choice([c for c in shapes.COLOURS if c not in taken])), first.center, first.extent, first.size)
     elif what == "shape":
-        objects[0] = data.ShapeObject(str(rng.choice([s for s in data.SHAPES if s != first.shape])), first.colour, first.center, first.extent, first.size)
+        objects[0] = shapes.ShapeObject(str(rng.choice([s for s in shapes.SHAPES if s != first.shape])), first.colour, first.center, first.extent, first.size)
     elif what == "background":
-        background = str(rng.choice([b for b in data.BACKGROUNDS if b != background]))
+        background = str(rng.choice([b for b in shapes.BACKGROUNDS if b != background]))
     else:
         relation = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[relation]
-    return data.caption_for(data.Scene(tuple(objects), background, relation, scene.mention_size))
+    return shapes.caption_for(shapes.Scene(tuple(objects), background, relation, scene.mention_size))
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,8 @@ def judge_accuracy(style: str, images: int = 500, seed: int = 99, split: str = "
     rng = np.random.default_rng(seed)
     accepted = rejected = 0
     for index in range(images):
-        scene = data.sample_scene(index, seed, split)
-        image = data.render(scene, style, noise_seed=index)
+        scene = shapes.sample_scene(index, seed, split)
+        image = shapes.render(scene, style, noise_seed=index)
         accepted += judge(image, scene.caption, style).ok
         rejected += not judge(image, _wrong_caption(scene, rng), style).ok
     return JudgeAccuracy(style, images, accepted / images, rejected / images)
