@@ -94,3 +94,19 @@ def subprocess_env(**extra) -> dict:
     """Offline, and on the CPU even where a GPU is present: the tests compare weights exactly, and CPU kernels are
     deterministic while some CUDA ones (convolution backward) are not."""
     return os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"} | extra
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(tmp_path_factory):
+    """A random-weight SD 1.5-layout folder (CLIP, PNDM, SD's VAE), 64-px images; read-only: copy it to change it."""
+    from checkpoints import build_sd15_folder
+
+    return build_sd15_folder(tmp_path_factory.mktemp("sd15") / "model")
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    """A random-weight SDXL-layout folder (two CLIP encoders, Euler, size/crop conditioning); read-only."""
+    from checkpoints import build_sdxl_folder
+
+    return build_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "model")

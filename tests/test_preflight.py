@@ -6,7 +6,8 @@ import logging
 import pytest
 
 from conftest import distill_flags
-from pnpguide import base, cli, distill_guidance, finetune, loading
+from pnpguide import cli, distill_guidance, loading
+from pnpguide.embedded import finetune
 from pnpguide.cli import main
 from pnpguide.guide import GuideModel
 from pnpguide.pipeline import PlugAndPlayPipeline
@@ -104,7 +105,7 @@ def transformers_log():
 
 def test_prompts_cut_by_the_tokenizer_get_one_notice_of_ours(tiny_components, caplog, transformers_log):
     pipe = PlugAndPlayPipeline(**tiny_components)
-    base.encode_captions(pipe, [LONG_PROMPT, "a red circle", LONG_PROMPT + " on a black background"])
+    loading.encode_captions(pipe, [LONG_PROMPT, "a red circle", LONG_PROMPT + " on a black background"])
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("pnpguide")]
     assert ours == ["2 of 3 prompts are longer than the tokenizer's limit of 16 tokens and were cut to it"]
     assert not [r for r in transformers_log if "indexing errors" in r.getMessage()]
