@@ -9,7 +9,7 @@ import json
 import logging
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import SafetensorError, safe_open
 
 from .config_checks import check_base_configs, check_guide_config, read_json_object
@@ -23,6 +23,10 @@ MODEL_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what pnpguide's training losses implement
 GUIDE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SD_PIPELINES = ("StableDiffusionPipeline", "PlugAndPlayPipeline")  # model_index.json `_class_name`s, SD 1.x / 2.x
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "PlugAndPlayXLPipeline")
+SD_COMPONENTS = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+SDXL_COMPONENTS = SD_COMPONENTS | {"text_encoder_2", "tokenizer_2"}
 
 
 def default_base_dir() -> Path:
@@ -42,18 +46,60 @@ def check_model_dir(path: str | Path) -> Path:
         if isinstance(spec, list) and spec and spec[0] is not None and not (path / name).is_dir():
             raise FileNotFoundError(f"{path} lists component {name!r} in model_index.json but has no {name}/ folder")
     check_base_configs(path)
+    pipeline_class(path)  # a pipeline kind pnpguide cannot sample, or an SDXL UNet without SDXL's text encoders
     return path
+
+
+def pipeline_class(path: str | Path) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+    """The diffusers class that loads the folder: from model_index.json's `_class_name`, or, for a fine-tune that
+    names a subclass or plain "DiffusionPipeline", from the components it lists (text_encoder_2: SDXL)."""
+    path = Path(path)
+    index = read_json_object(path / "model_index.json")
+    name = index.get("_class_name")
+    listed = {key for key, spec in index.items() if isinstance(spec, list) and spec and spec[0] is not None}
+    if name in SD_PIPELINES:
+        kind = StableDiffusionPipeline
+    elif name in SDXL_PIPELINES:
+        kind = StableDiffusionXLPipeline
+    elif SDXL_COMPONENTS <= listed:
+        kind = StableDiffusionXLPipeline
+    elif SD_COMPONENTS <= listed:
+        kind = StableDiffusionPipeline
+    else:
+        supported = ", ".join(SD_PIPELINES + SDXL_PIPELINES)
+        raise ValueError(f"{path} holds a {name} with components {sorted(listed)}; pnpguide supports {supported} (or a subclass with their components)")
+    _check_conditioning(path, kind, listed)
+    return kind
+
+
+def is_sdxl(path: str | Path) -> bool:
+    return pipeline_class(path) is StableDiffusionXLPipeline
+
+
+def _check_conditioning(path: Path, kind: type, listed: set[str]) -> None:
+    """SDXL's UNet adds an embedding of the pooled second-encoder prompt and the size/crop ids: without
+    text_encoder_2 it fails deep in diffusers (a TypeError in get_aug_embed), and an SD UNet cannot take them."""
+    missing = sorted(SDXL_COMPONENTS - listed) if kind is StableDiffusionXLPipeline else sorted(SD_COMPONENTS - listed)
+    if missing:
+        raise ValueError(f"{path} is a {kind.__name__} folder but model_index.json does not list {', '.join(missing)}")
+    unet_config = path / "unet" / "config.json"
+    added = read_json_object(unet_config).get("addition_embed_type") if unet_config.is_file() else None
+    if kind is StableDiffusionXLPipeline and added != "text_time":
+        raise ValueError(f"{path} is an SDXL folder but its UNet has addition_embed_type={added!r}, not 'text_time' (SDXL's size/crop conditioning)")
+    if kind is StableDiffusionPipeline and added is not None:
+        raise ValueError(f"{path}'s UNet has addition_embed_type={added!r}, which needs SDXL's second text encoder: add text_encoder_2 and tokenizer_2 (an SDXL folder)")
 
 
 def load_pipeline(
     path: str | Path | None = None, lora: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion folder (the embedded default when `path` is None) offline, plus LoRA weights."""
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load a Stable Diffusion 1.x / 2.x or SDXL folder (the embedded default when `path` is None) offline, as the
+    class :func:`pipeline_class` picks, plus LoRA weights."""
     path = check_model_dir(path or default_base_dir())
     try:
         # use_safetensors: never fall back to unpickling a .bin file, which can run arbitrary code
         dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default; the kwarg is being renamed
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
+        pipe = pipeline_class(path).from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
     if lora is not None:
