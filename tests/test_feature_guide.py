@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from conftest import tiny_unet
 from pnpguide.evaluation.speed import SD15, SDXL
 from pnpguide.guide import GuideModel, residual_channels, skip_levels
-from pnpguide.teacher import _residuals_from_encoder, guided_noise_pred
+from pnpguide.teacher import guided_noise_pred
 
 def _inputs(batch=2, dim=32):
     torch.manual_seed(1)
@@ -29,39 +29,39 @@ def test_an_untrained_feature_guide_leaves_the_unet_output_unchanged(unet, size)
     assert torch.equal(unet(sample, t, embeds).sample, guided_noise_pred(unet, guide, sample, t, embeds, torch.tensor([3.0, 8.0])))
 
 
+def _recording(guide) -> dict:
+    """What the guide is called with and returns, recorded by a forward hook."""
+    seen = {}
+
+    def record(module, args, kwargs, output):
+        seen.update(features=kwargs["unet_features"], residuals=output)
+
+    guide.register_forward_hook(record, with_kwargs=True)
+    return seen
+
+
 def test_hooks_add_the_residuals_where_diffusers_controlnet_arguments_do(unet):
     guide = _randomised(GuideModel.from_unet(unet, reads="unet_features"))
     sample, t, embeds = _inputs()
-    seen = {}
-
-    def compute(features):
-        seen["residuals"] = guide(sample, t, embeds, 4.0, unet_features=features)
-        return seen["residuals"]
-
-    with _residuals_from_encoder(unet, compute):
-        hooked = unet(sample, t, embeds).sample
+    seen = _recording(guide)
+    hooked = guided_noise_pred(unet, guide, sample, t, embeds, 4.0)
     r = seen["residuals"]
     explicit = unet(sample, t, embeds, down_block_additional_residuals=list(r.down_block_additional_residuals),
                     mid_block_additional_residual=r.mid_block_additional_residual).sample
     assert not torch.equal(hooked, unet(sample, t, embeds).sample)  # the guide did change something
     torch.testing.assert_close(hooked, explicit, rtol=0, atol=1e-6)
-    assert not unet.mid_block._forward_hooks and not unet.up_blocks[0]._forward_pre_hooks  # hooks are removed
+    assert torch.equal(unet(sample, t, embeds).sample, unet(sample, t, embeds).sample)  # hooks are inert between guided calls
+    assert unet._pnpguide_feature_tap.guide is None
 
 
 def test_the_features_read_are_the_unets_skip_connections(unet):
     sample, t, embeds = _inputs()
-    captured = {}
-
-    def compute(features):
-        captured["features"] = features
-        guide = GuideModel.from_unet(unet, reads="unet_features")
-        return guide(sample, t, embeds, 4.0, unet_features=features)
-
-    with _residuals_from_encoder(unet, compute):
-        unet(sample, t, embeds)
+    guide = GuideModel.from_unet(unet, reads="unet_features")
+    seen = _recording(guide)
+    guided_noise_pred(unet, guide, sample, t, embeds, 4.0)
     expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
-    assert [s.shape[1] for s in captured["features"].skips] == expected
-    assert captured["features"].mid.shape == (2, 32, 4, 4)
+    assert [s.shape[1] for s in seen["features"].skips] == expected
+    assert seen["features"].mid.shape == (2, 32, 4, 4)
 
 
 def test_scale_by_guidance_makes_w_one_exactly_the_unguided_unet(unet):

@@ -33,7 +33,7 @@ from torch import nn
 
 GUIDE_SIZES = ("tiny", "full")
 GUIDE_INPUTS = ("latent", "unet_features")
-HEAD_DIM = 8  # attention head width of feature heads: a multiple of 8, as fused GPU attention kernels want
+HEAD_DIM = 8  # attention head width of tiny guides (both kinds): a multiple of 8, as fused GPU attention kernels want
 TINY_WIDTH_DIVISOR = 8  # tiny guides are 1/8 of the UNet's width: ~0.6% of SD1.5's parameters
 FEATURE_WIDTH_DIVISOR = 16  # tiny feature-reading guides are 1/16 of it: 0.45% of SD1.5's parameters
 TINY_MIN_CHANNELS = 16
@@ -220,7 +220,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             down_block_types=tuple(config.down_block_types) if full else _tiny_block_types(config.down_block_types),
             layers_per_block=config.layers_per_block,
             transformer_layers_per_block=layers if full else (1,) * len(widths),  # tiny: one transformer layer a block
-            num_attention_heads=heads if full else tuple(_tiny_heads(h, w) for h, w in zip(heads, widths)),
+            num_attention_heads=heads if full else tuple(_tiny_heads(w) for w in widths),
             use_linear_projection=config.use_linear_projection,
             norm_num_groups=config.norm_num_groups if full else 8,
             norm_eps=config.norm_eps,
@@ -285,8 +285,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         # 1. time and guidance-scale embeddings (the time embedding is cast to the sample's dtype: the
         #    sinusoidal projection is always fp32, and the MLP may run in fp16)
         batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).expand(batch)
-        w = torch.as_tensor(guidance_scale, device=sample.device, dtype=torch.float32).expand(batch)
+        timestep = per_sample(timestep, batch, sample.device)
+        w = per_sample(guidance_scale, batch, sample.device, torch.float32)
         emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
         emb = emb + self.guidance_embedding(self.guidance_proj(w * W_EMBED_SCALE).to(sample.dtype))
         if self.reads_unet_features:
@@ -369,6 +369,14 @@ def skip_levels(num_blocks: int, layers_per_block: int) -> list[int]:
     return levels
 
 
+def per_sample(value: torch.Tensor | float | int, batch: int, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A scalar or (batch,) value as a (batch,) tensor on `device`. A Python number is filled in on the device
+    (`torch.full`) rather than copied from the host (`torch.as_tensor`), which on a GPU would wait at every step."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype or value.dtype).reshape(-1).expand(batch)
+    return torch.full((batch,), value, device=device, dtype=dtype or (torch.int64 if isinstance(value, int) else torch.float32))
+
+
 def _scaled(output: GuideOutput, factor: torch.Tensor) -> GuideOutput:
     """Every residual times a per-sample factor of shape (batch,)."""
     scale = lambda r: r * factor.to(r.dtype).reshape(-1, 1, 1, 1)  # noqa: E731
@@ -388,9 +396,11 @@ def _tiny_block_types(block_types) -> tuple[str, ...]:
     return ("DownBlock2D",) + tuple(block_types[1:])
 
 
-def _tiny_heads(heads: int, width: int) -> int:
-    """The largest head count <= the UNet's that divides the tiny width."""
-    return max(h for h in range(1, heads + 1) if width % h == 0)
+def _tiny_heads(width: int) -> int:
+    """Heads HEAD_DIM wide, as a feature guide's: fused GPU attention kernels want head widths that are multiples of
+    8, which the UNet's head count does not give at 1/8 of its width (SD1.5: 40 / 8 heads = 5). Attention's FLOPs
+    depend on the total width, not on how it is split, so the compute budget is unchanged."""
+    return width // HEAD_DIM
 
 
 def _check_unet_supported(config) -> None:

@@ -7,12 +7,9 @@ this one definition of CFG.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable
-
 import torch
 
-from .guide import GuideModel, GuideOutput, UNetFeatures
+from .guide import GuideModel, GuideOutput, UNetFeatures, per_sample
 
 
 def cfg_combine(noise_uncond: torch.Tensor, noise_cond: torch.Tensor, guidance_scale: torch.Tensor | float) -> torch.Tensor:
@@ -26,8 +23,10 @@ def cfg_combine(noise_uncond: torch.Tensor, noise_cond: torch.Tensor, guidance_s
     return noise_uncond + w * (noise_cond - noise_uncond)
 
 
-def _per_sample(guidance_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    w = torch.as_tensor(guidance_scale, dtype=like.dtype, device=like.device)
+def _per_sample(guidance_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    if not isinstance(guidance_scale, torch.Tensor):  # a Python number multiplies as it is: no host-to-device copy
+        return float(guidance_scale)
+    w = guidance_scale.to(dtype=like.dtype, device=like.device)
     return w.reshape(-1, *([1] * (like.ndim - 1))) if w.ndim == 1 else w
 
 
@@ -88,12 +87,13 @@ def guided_noise_pred(
     """The student: one UNet call at batch B whose skip connections receive the guide's residuals.
 
     A guide that reads the UNet's own features is called from inside that one call, once the UNet's encoder
-    has run (see :func:`_residuals_from_encoder`); any other guide runs first and its residuals are passed
+    has run (see :class:`FeatureTap`); any other guide runs first and its residuals are passed
     through diffusers' ControlNet arguments. Both add the residuals at the same places."""
     timestep = _batched(timestep, sample.shape[0], sample.device)
     if getattr(guide, "module", guide).reads_unet_features:  # under data parallelism the guide arrives wrapped in DDP
-        compute = lambda features: guide(sample, timestep, prompt_embeds, guidance_scale, unet_features=features)  # noqa: E731
-        with _residuals_from_encoder(unet, compute):
+        tap = feature_tap(unet)
+        tap.start(guide, sample, timestep, prompt_embeds, guidance_scale)
+        try:
             return unet(
                 sample,
                 timestep,
@@ -102,6 +102,8 @@ def guided_noise_pred(
                 cross_attention_kwargs=cross_attention_kwargs,
                 return_dict=False,
             )[0]
+        finally:
+            tap.stop()
     residuals = guide(sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs=added_cond_kwargs)
     expected = _expected_residuals(unet)
     if len(residuals.down_block_additional_residuals) != expected:  # diffusers would silently zip-truncate
@@ -118,42 +120,78 @@ def guided_noise_pred(
     )[0]
 
 
-@contextmanager
-def _residuals_from_encoder(unet, compute: Callable[[UNetFeatures], GuideOutput]):
+class FeatureTap:
     """Hooks that let a guide read the UNet's encoder inside its forward and correct its decoder.
 
     In UNet2DConditionModel the skip connections and the mid-block output are not changed by the ControlNet
     residuals until after the mid block, so they can be read first: conv_in and each down block record
     their outputs, the mid block's hook computes the residuals from them and adds the mid one (where
     diffusers adds `mid_block_additional_residual`), and each up block adds the skip residuals to the
-    `res_hidden_states_tuple` it receives (where diffusers adds `down_block_additional_residuals`)."""
-    skips: list[torch.Tensor] = []
-    residuals: list[GuideOutput] = []
+    `res_hidden_states_tuple` it receives (where diffusers adds `down_block_additional_residuals`).
 
-    def mid_hook(module, args, output):
-        residuals.append(compute(UNetFeatures(tuple(skips), output)))  # the guide checks it got one feature per head
-        return output + residuals[0].mid_block_additional_residual.to(output.dtype)
+    The hooks are registered once per UNet (:func:`feature_tap`) and do nothing while no guide is set, so a
+    UNet + guide step can be traced by `torch.compile(fullgraph=True)`: registering hooks inside the traced
+    step would be a graph break, while setting this object's attributes is not."""
 
-    def up_hook(first: int, last: int):
-        def hook(module, args, kwargs):
-            added = residuals[0].down_block_additional_residuals[first:last]
-            kwargs["res_hidden_states_tuple"] = tuple(s + r.to(s.dtype) for s, r in zip(kwargs["res_hidden_states_tuple"], added, strict=True))
-            return args, kwargs
+    def __init__(self, unet):
+        self.guide = None
+        self.inputs: tuple = ()
+        self.skips: list[torch.Tensor] = []
+        self.residuals: GuideOutput | None = None
+        unet.conv_in.register_forward_hook(self._record_one)
+        for block in unet.down_blocks:
+            block.register_forward_hook(self._record_block)
+        unet.mid_block.register_forward_hook(self._add_mid)
+        end = _expected_residuals(unet)
+        for block in unet.up_blocks:  # each up block takes the last len(resnets) of the remaining skips
+            block.register_forward_pre_hook(_SkipAdder(self, end - len(block.resnets), end), with_kwargs=True)
+            end -= len(block.resnets)
 
-        return hook
+    def start(self, guide, sample, timestep, prompt_embeds, guidance_scale) -> None:
+        self.guide, self.inputs, self.skips, self.residuals = guide, (sample, timestep, prompt_embeds, guidance_scale), [], None
 
-    handles = [unet.conv_in.register_forward_hook(lambda module, args, output: skips.append(output))]
-    handles += [block.register_forward_hook(lambda module, args, output: skips.extend(output[1])) for block in unet.down_blocks]
-    handles.append(unet.mid_block.register_forward_hook(mid_hook))
-    end = _expected_residuals(unet)
-    for block in unet.up_blocks:  # each up block takes the last len(resnets) of the remaining skips
-        handles.append(block.register_forward_pre_hook(up_hook(end - len(block.resnets), end), with_kwargs=True))
-        end -= len(block.resnets)
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    def stop(self) -> None:
+        self.guide, self.inputs, self.skips, self.residuals = None, (), [], None
+
+    def _record_one(self, module, args, output):
+        if self.guide is not None:
+            self.skips.append(output)
+
+    def _record_block(self, module, args, output):
+        if self.guide is not None:
+            self.skips.extend(output[1])
+
+    def _add_mid(self, module, args, output):
+        if self.guide is None:
+            return output
+        sample, timestep, prompt_embeds, guidance_scale = self.inputs
+        features = UNetFeatures(tuple(self.skips), output)  # the guide checks it got one feature per head
+        self.residuals = self.guide(sample, timestep, prompt_embeds, guidance_scale, unet_features=features)
+        return output + self.residuals.mid_block_additional_residual.to(output.dtype)
+
+
+class _SkipAdder:
+    """An up block's pre-hook: adds the guide's residuals for skips [first, last) to the ones it receives."""
+
+    def __init__(self, tap: FeatureTap, first: int, last: int):
+        self.tap, self.first, self.last = tap, first, last
+
+    def __call__(self, module, args, kwargs):
+        if self.tap.guide is None:
+            return None
+        added = self.tap.residuals.down_block_additional_residuals[self.first : self.last]
+        kwargs["res_hidden_states_tuple"] = tuple(s + r.to(s.dtype) for s, r in zip(kwargs["res_hidden_states_tuple"], added, strict=True))
+        return args, kwargs
+
+
+def feature_tap(unet) -> FeatureTap:
+    """The UNet's :class:`FeatureTap`, registered on first use. Under `torch.compile`, make that first use eager
+    (one eager step, or call this function before compiling): hooks cannot be registered inside a traced graph."""
+    tap = getattr(unet, "_pnpguide_feature_tap", None)
+    if tap is None:
+        tap = FeatureTap(unet)
+        object.__setattr__(unet, "_pnpguide_feature_tap", tap)  # a plain attribute, not a submodule: never saved
+    return tap
 
 
 def _expected_residuals(unet) -> int:
@@ -162,5 +200,5 @@ def _expected_residuals(unet) -> int:
 
 
 def _batched(timestep: torch.Tensor | int, batch: int, device) -> torch.Tensor:
-    return torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+    return per_sample(timestep, batch, device)
 
