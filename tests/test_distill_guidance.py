@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from pnpguide.loading import encode_captions, load_pipeline
-from pnpguide.distill_guidance import RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, teacher_trajectories, train_guide
+from pnpguide.conditioning import encode_negative, encode_prompts
+from pnpguide.loading import load_pipeline
+from pnpguide.distill_guidance import RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, train_guide
 from pnpguide.guide import GuideModel
+from pnpguide.sources import teacher_trajectories
 from pnpguide.teacher import cfg_and_conditional
-from pnpguide.training import shard_rows
+from pnpguide.training import make_accelerator, shard_rows
 
 
 def _config(tiny_base_dir, prompt_file, tmp_path, **overrides):
@@ -17,18 +19,25 @@ def _config(tiny_base_dir, prompt_file, tmp_path, **overrides):
     return GuidanceDistillConfig(**(settings | overrides))
 
 
+def _held_out_batch(pipe, prompt_file, config, tmp_path) -> tuple[dict, object]:
+    """A batch of the trajectory states training sees (collected apart from the run), and the negative conditioning."""
+    prompts = prompt_file.read_text().splitlines()
+    states = teacher_trajectories(pipe, prompts, tmp_path / "held-out", config, make_accelerator(config))
+    rows = shard_rows(len(states), config.batch_size, step=12345, seed=0, rank=0, world_size=1)
+    batch = _noisy_batch(states.rows(rows), pipe.scheduler, config, torch.Generator().manual_seed(12345))
+    batch["conditioning"] = encode_prompts(pipe, batch.pop("prompts"), "cpu", 16)
+    return batch, encode_negative(pipe, "cpu", 16)
+
+
 def test_distillation_brings_the_guided_unet_closer_to_the_teacher(tiny_base_dir, prompt_file, tmp_path):
     config = _config(tiny_base_dir, prompt_file, tmp_path)
     pipe = load_pipeline(tiny_base_dir)
-    embeddings = encode_captions(pipe, [l for l in prompt_file.read_text().splitlines()] + [""])
-    states = teacher_trajectories(pipe, embeddings, config)  # the states training sees
-    rows = shard_rows(len(states.latents), config.batch_size, step=12345, seed=0, rank=0, world_size=1)
-    batch = _noisy_batch(states, rows, pipe.scheduler, config, torch.Generator().manual_seed(12345))
+    batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
     untrained = GuideModel.from_unet(pipe.unet, "tiny")
     trained = train_guide(config)
     with torch.no_grad():
-        before = distillation_loss(pipe.unet, untrained, batch, embeddings).item()
-        after = distillation_loss(pipe.unet, trained, batch, embeddings).item()
+        before = distillation_loss(pipe.unet, untrained, batch, negative).item()
+        after = distillation_loss(pipe.unet, trained, batch, negative).item()
     assert after < 0.7 * before
 
 
@@ -46,7 +55,7 @@ def test_distillation_trains_only_the_guide_and_saves_it(tiny_base_dir, prompt_f
 @pytest.mark.parametrize("bad, match", [
     (dict(w_min=0.5), "1 <= w_min <= w_max <= 14"),
     (dict(w_min=9.0, w_max=2.0), "1 <= w_min <= w_max <= 14"),
-    (dict(source="images"), "source must be one of"),
+    (dict(source="pictures"), "source must be one of"),
     (dict(size="medium"), "size must be one of"),
     (dict(max_steps=0), "max_steps must be >= 1"),
 ])
@@ -83,39 +92,37 @@ def test_init_guide_for_another_unet_is_a_clear_error(tiny_base_dir, prompt_file
 def test_a_feature_reading_guide_learns_with_the_relative_loss(tiny_base_dir, prompt_file, tmp_path):
     config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_features", scale_by_guidance=True, loss_weighting="relative")
     pipe = load_pipeline(tiny_base_dir)
-    embeddings = encode_captions(pipe, [l for l in prompt_file.read_text().splitlines()] + [""])
-    states = teacher_trajectories(pipe, embeddings, config)
-    rows = shard_rows(len(states.latents), config.batch_size, step=12345, seed=0, rank=0, world_size=1)
-    batch = _noisy_batch(states, rows, pipe.scheduler, config, torch.Generator().manual_seed(12345))
+    batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
     trained = train_guide(config)
     assert trained.config.reads == "unet_features" and trained.config.scale_by_guidance
     untrained = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_features")
     with torch.no_grad():
-        before = distillation_loss(pipe.unet, untrained, batch, embeddings, "relative").item()
-        after = distillation_loss(pipe.unet, trained, batch, embeddings, "relative").item()
+        before = distillation_loss(pipe.unet, untrained, batch, negative, "relative").item()
+        after = distillation_loss(pipe.unet, trained, batch, negative, "relative").item()
     assert before <= 1.0  # an untrained guide closes none of each sample's gap: error = gap, over gap + floor
     assert after < 0.8 * before
 
 
 def test_relative_loss_divides_each_samples_error_by_its_own_gap(tiny_base_dir, prompt_file, tmp_path):
     pipe = load_pipeline(tiny_base_dir)
-    embeddings = encode_captions(pipe, ["a red circle on a black background", ""])
+    conditioning = encode_prompts(pipe, ["a red circle on a black background"] * 2, "cpu", 16)
+    negative = encode_negative(pipe, "cpu", 16)
     torch.manual_seed(0)
-    batch = {"sample": torch.randn(2, 4, 8, 8), "timesteps": torch.tensor([900, 100]), "prompt_ids": torch.tensor([0, 0]),
+    batch = {"sample": torch.randn(2, 4, 8, 8), "timesteps": torch.tensor([900, 100]), "conditioning": conditioning,
              "guidance_scale": torch.tensor([3.0, 7.0])}
     guide = GuideModel.from_unet(pipe.unet, "tiny")  # untrained: its output is the conditional one, error = gap
     with torch.no_grad():
-        cfg, cond = cfg_and_conditional(pipe.unet, batch["sample"], batch["timesteps"], embeddings[:1].expand(2, -1, -1),
-                                        embeddings[1:].expand(2, -1, -1), batch["guidance_scale"])
+        cfg, cond = cfg_and_conditional(pipe.unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
+                                        negative.expand(2).prompt_embeds, batch["guidance_scale"])
         gap = (cfg - cond).pow(2).flatten(1).mean(1)
-        plain = distillation_loss(pipe.unet, guide, batch, embeddings, "none").item()
-        relative = distillation_loss(pipe.unet, guide, batch, embeddings, "relative").item()
+        plain = distillation_loss(pipe.unet, guide, batch, negative, "none").item()
+        relative = distillation_loss(pipe.unet, guide, batch, negative, "relative").item()
     assert plain == pytest.approx(gap.mean().item(), rel=1e-4)
     assert relative == pytest.approx((gap / (gap + RELATIVE_LOSS_FLOOR)).mean().item(), rel=1e-4)
 
 
 def test_mix_source_is_refused_with_a_prompt_file_and_a_batch_of_one():
-    with pytest.raises(ValueError, match="source='mix' trains on the embedded shapes images"):
+    with pytest.raises(ValueError, match="--prompts is read by source 'trajectories' only"):
         GuidanceDistillConfig(source="mix", prompts="p.txt")
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
         GuidanceDistillConfig(source="mix", batch_size=1)

@@ -35,11 +35,11 @@ def test_next_timestep_follows_ddim_and_ends_at_minus_one(tiny_components):
     assert next_timestep(grid, 1000, 4).tolist()[-1] == -1
 
 
-def test_each_round_halves_the_steps_and_records_them(tiny_pair, tmp_path):
+def test_each_round_halves_the_steps_and_records_them(tiny_pair, prompt_file, tmp_path):
     base, guide = tiny_pair
     config = StepDistillConfig(
         output_dir=str(tmp_path / "steps"), base=str(base), guide=str(guide), teacher_steps=8, student_steps=2,
-        max_steps=3, batch_size=4, num_samples=16, lr_warmup_steps=0,
+        max_steps=3, batch_size=4, prompts=str(prompt_file), trajectories=4, trajectory_steps=2, lr_warmup_steps=0,
     )
     saved = distill_steps(config)
     assert sorted(saved) == [2, 4]
@@ -56,6 +56,7 @@ def test_teacher_target_lands_where_two_ddim_steps_of_the_teacher_land(tiny_comp
     """The x0 target, put through one student DDIM step, must reproduce two teacher steps of diffusers' DDIMScheduler."""
     from diffusers import DDIMScheduler
 
+    from pnpguide.conditioning import Conditioning
     from pnpguide.distill_steps import Denoiser, _alpha_sigma, teacher_target
     from pnpguide.teacher import cfg_noise_pred, guided_noise_pred
 
@@ -71,10 +72,10 @@ def test_teacher_target_lands_where_two_ddim_steps_of_the_teacher_land(tiny_comp
     steps, acp = 4, scheduler.alphas_cumprod.float()
     t = step_schedule(scheduler.config, steps)[1].repeat(2)
     batch = {"sample": torch.randn(2, 4, 8, 8), "t": t, "t_mid": next_timestep(t, 1000, 2 * steps), "t_next": next_timestep(t, 1000, steps),
-             "prompt_embeds": embeds, "w": w}
+             "conditioning": Conditioning(embeds), "w": w}
     final = float(scheduler.final_alpha_cumprod)
     with torch.no_grad():
-        x0 = teacher_target(Denoiser(unet, dict(scheduler.config), negative), teacher, batch, {"alphas_cumprod": acp}, final)
+        x0 = teacher_target(Denoiser(unet, dict(scheduler.config), Conditioning(negative)), teacher, batch, {"alphas_cumprod": acp}, final)
         a_t, s_t = _alpha_sigma(acp, t, final)
         a_n, s_n = _alpha_sigma(acp, batch["t_next"], final)
         student_lands = ddim_step(x0, batch["sample"], a_t, s_t, a_n, s_n)

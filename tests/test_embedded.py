@@ -1,6 +1,9 @@
 """Integration tests on the shipped embedded model and guides (CPU, a few seconds each)."""
 
+import dataclasses
+
 import numpy as np
+import torch
 import pytest
 
 from pnpguide.embedded import shapes
@@ -50,16 +53,20 @@ def test_a_feature_reading_guide_trains_on_the_mixed_source(tmp_path):
     """`--source mix`: half of each batch noised dataset latents, half CFG-trajectory states (only the embedded
     model has the shapes images, so this runs on it)."""
     from pnpguide.loading import load_pipeline
-    from pnpguide.distill_guidance import GuidanceDistillConfig, _split, _state_pools, train_guide
+    from pnpguide.distill_guidance import GuidanceDistillConfig, _split, train_guide
+    from pnpguide.sources import training_pools
+    from pnpguide.training import make_accelerator
 
     assert _split(5, 2) == [3, 2] and _split(4, 1) == [4]
     config = GuidanceDistillConfig(
         output_dir=str(tmp_path / "run"), source="mix", reads="unet_features", scale_by_guidance=True, num_samples=32,
         trajectories=4, trajectory_steps=2, max_steps=2, batch_size=4, lr_warmup_steps=0, checkpointing_steps=2,
     )
-    pools, embeddings = _state_pools(load_pipeline(), config)
-    assert [len(p.latents) for p in pools] == [32, 4 * 2] and pools[0].timesteps is None and pools[1].timesteps is not None
-    assert int(pools[1].prompt_ids.max()) < len(embeddings) - 1  # trajectories index the data's caption table
+    pools = training_pools(load_pipeline(), dataclasses.replace(config, output_dir=str(tmp_path / "pools")), make_accelerator(config), "states", 7)
+    assert [len(p) for p in pools] == [32, 4 * 2]
+    data, states = (p.rows(torch.arange(4)) for p in pools)
+    assert data.timesteps is None and states.timesteps is not None
+    assert set(states.prompts) <= set(pools[0].prompts)  # trajectories are sampled from the data's captions
     guide = train_guide(config)
     assert guide.config.reads == "unet_features"
     assert guide.config.trained_text_encoder.startswith("BertModel (")

@@ -46,7 +46,7 @@ BAD_DISTILL = [
     (lambda tmp: dict(base=tmp / "no-base"), "does not exist"),
     (lambda tmp: dict(init_guide=tmp / "no-guide"), "does not exist"),
     (lambda tmp: dict(resume=tmp / "checkpoint-9"), "checkpoint"),
-    (lambda tmp: dict(source="data"), "source='data' trains on the embedded shapes images"),
+    (lambda tmp: dict(source="shapes"), "source 'shapes' is the embedded model's own training data"),
     (lambda tmp: dict(lr_scheduler="cosine-ish"), "lr_scheduler must be one of"),
 ]
 

@@ -5,7 +5,9 @@ learns to land, in one DDIM step, where its teacher lands in two. Only the guide
 UNet stays frozen, so the step-distilled guide still plugs into fine-tunes. w stays an input. Every
 student starts from the stage-1 guide or the previous student. The first teacher is true CFG (default:
 the stage-1 guide's own error is not passed on) or base + stage-1 guide (`first_teacher="guide"`,
-cheaper); each later round is taught by the previous student.
+cheaper); each later round is taught by the previous student. The states are a source's clean latents
+(images, shapes, or the final latents of CFG teacher runs from prompts: see `sources.teacher_trajectories`)
+noised onto the student's timesteps.
 """
 
 from __future__ import annotations
@@ -18,29 +20,30 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
-from .embedded.base import cache_dataset
+from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_prompts
 from .distill_guidance import check_guidance_range, freeze, sample_guidance_scales
 from .guide import GuideModel
 from .loading import default_guide_dir, load_guide, load_pipeline
+from .sources import SourceConfig, training_pools, training_resolution
 from .teacher import cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
-from .training import TrainingConfig, copy_ema_into, run_training
+from .training import copy_ema_into, make_accelerator, run_training, shard_rows
 
 
 FIRST_TEACHERS = ("cfg", "guide")
 
 
 @dataclass
-class StepDistillConfig(TrainingConfig):
+class StepDistillConfig(SourceConfig):
     output_dir: str = "runs/steps"
-    base: str | None = None  # SD folder (default: the embedded model)
+    base: str | None = None  # SD or SDXL folder (default: the embedded model)
     guide: str | None = None  # stage-1 guide to start from (default: the shipped tiny guide)
     teacher_steps: int = 32  # DDIM steps of the first teacher
     first_teacher: str = "cfg"  # "cfg" (true CFG, two UNet passes) or "guide" (base + the stage-1 guide)
     student_steps: int = 8  # stop when a student samples in this many steps
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention)
-    num_samples: int = 10000  # dataset images whose latents are noised onto the student's timesteps
+    num_samples: int = 10000  # shapes: images whose latents are noised onto the student's timesteps
     max_steps: int = 400  # optimizer steps per halving round
     learning_rate: float = 2e-4
     lr_warmup_steps: int = 20
@@ -55,6 +58,8 @@ class StepDistillConfig(TrainingConfig):
             raise ValueError(f"student_steps ({self.student_steps}) must be teacher_steps ({self.teacher_steps}) halved one or more times")
         if self.first_teacher not in FIRST_TEACHERS:
             raise ValueError(f"first_teacher must be one of {FIRST_TEACHERS}, got {self.first_teacher!r}")
+        if self.source == "mix":
+            raise ValueError("source 'mix' is for stage 1 (distill); distill-steps takes shapes, trajectories or images")
         check_guidance_range(self.w_min, self.w_max)
 
 
@@ -97,14 +102,15 @@ class Denoiser:
 
     unet: torch.nn.Module
     scheduler_config: dict
-    negative_prompt_embeds: torch.Tensor  # (1, tokens, dim): the empty prompt, for CFG
+    negative: Conditioning  # one row: CFG's unconditional branch
 
-    def x0(self, guide, sample, t, prompt_embeds, w, alpha, sigma) -> torch.Tensor:
+    def x0(self, guide, sample, t, conditioning: Conditioning, w, alpha, sigma) -> torch.Tensor:
         if guide is None:
-            negative = self.negative_prompt_embeds.expand_as(prompt_embeds)
-            output = cfg_noise_pred(self.unet, sample, t.clamp(min=0), prompt_embeds, negative, w)
+            negative = self.negative.expand(len(conditioning)).prompt_embeds
+            added = cfg_added_cond_kwargs(conditioning, self.negative)
+            output = cfg_noise_pred(self.unet, sample, t.clamp(min=0), conditioning.prompt_embeds, negative, w, added)
         else:
-            output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), prompt_embeds, w)
+            output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), conditioning.prompt_embeds, w, conditioning.added_cond_kwargs())
         return predicted_x0(output.float(), sample, alpha, sigma, self.scheduler_config["prediction_type"])
 
 
@@ -119,9 +125,9 @@ def teacher_target(denoiser: Denoiser, teacher: GuideModel, batch: dict, schedul
     a_mid, s_mid = _alpha_sigma(acp, mid, final_alpha)
     a_next, s_next = _alpha_sigma(acp, nxt, final_alpha)
     with torch.no_grad():
-        z_mid = ddim_step(denoiser.x0(teacher, z, t, batch["prompt_embeds"], batch["w"], a_t, s_t), z, a_t, s_t, a_mid, s_mid)
+        z_mid = ddim_step(denoiser.x0(teacher, z, t, batch["conditioning"], batch["w"], a_t, s_t), z, a_t, s_t, a_mid, s_mid)
         last = mid < 0  # the teacher's first step already ended sampling
-        x0_mid = denoiser.x0(teacher, z_mid, mid, batch["prompt_embeds"], batch["w"], a_mid, s_mid)
+        x0_mid = denoiser.x0(teacher, z_mid, mid, batch["conditioning"], batch["w"], a_mid, s_mid)
         z_next = torch.where(last.view(-1, 1, 1, 1), z_mid, ddim_step(x0_mid, z_mid, a_mid, s_mid, a_next, s_next))
     ratio = s_next / s_t
     return (z_next - ratio * z) / (a_next - ratio * a_t)
@@ -131,36 +137,40 @@ def student_loss(denoiser: Denoiser, student, teacher, batch: dict, schedule, fi
     """x0-space MSE with truncated-SNR weights max(SNR, 1) (Salimans & Ho 2022, sec. 4)."""
     target = teacher_target(denoiser, teacher, batch, schedule, final_alpha)
     a_t, s_t = _alpha_sigma(schedule["alphas_cumprod"], batch["t"], final_alpha)
-    prediction = denoiser.x0(student, batch["sample"], batch["t"], batch["prompt_embeds"], batch["w"], a_t, s_t)
+    prediction = denoiser.x0(student, batch["sample"], batch["t"], batch["conditioning"], batch["w"], a_t, s_t)
     weight = torch.clamp(a_t**2 / s_t**2, min=1.0)
     return (weight * (prediction - target) ** 2).mean()
 
 
-def _round_batch(cached, scheduler, student_grid, steps: int, config, generator) -> dict:
-    """Dataset latents noised onto a random student timestep, with the teacher's midpoint and the student's next step."""
-    base = cached.batch(config.batch_size, generator, caption_dropout=0.0)
-    t = student_grid[torch.randint(len(student_grid), (config.batch_size,), generator=generator)]
+def _round_batch(rows, scheduler, student_grid, steps: int, config, generator) -> dict:
+    """Clean latents noised onto a random student timestep, with the teacher's midpoint and the student's next step."""
+    n = len(rows.latents)
+    t = student_grid[torch.randint(len(student_grid), (n,), generator=generator)]
     total = scheduler.config.num_train_timesteps
     t_mid, t_next = next_timestep(t, total, 2 * steps), next_timestep(t, total, steps)
-    noise = torch.randn(base["latents"].shape, generator=generator)
-    sample = scheduler.add_noise(base["latents"], noise, t)
-    w = sample_guidance_scales(config.batch_size, config.w_min, config.w_max, generator)
-    return {"sample": sample, "t": t, "t_mid": t_mid, "t_next": t_next, "prompt_embeds": base["prompt_embeds"], "w": w}
+    noise = torch.randn(rows.latents.shape, generator=generator)
+    sample = scheduler.add_noise(rows.latents, noise, t)
+    w = sample_guidance_scales(n, config.w_min, config.w_max, generator)
+    return {"sample": sample, "t": t, "t_mid": t_mid, "t_next": t_next, "w": w}
 
 
 @training_run
 def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}."""
+    accelerator = make_accelerator(config)  # for the device and rank; each round's loop prepares its own (one model each)
     pipe = load_pipeline(config.base)
     freeze(pipe)
+    pipe.to(accelerator.device)
     stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
     stage1.check_compatible(pipe.unet)
     stage1.check_text_encoder(pipe.text_encoder)
-    cached = cache_dataset(pipe, config.num_samples, "flat", config.seed + 13)
+    stage1.to(accelerator.device)
+    (pool,) = training_pools(pipe, config, accelerator, record="samples", shapes_seed=config.seed + 13)
+    resolution = training_resolution(pipe, config)
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)  # students sample with DDIM, whatever the base ships
     schedule_config = {key: value for key, value in ddim.config.items() if not key.startswith("_")}
-    denoiser = Denoiser(pipe.unet, schedule_config, cached.embeddings[-1:])
-    schedule = {"alphas_cumprod": ddim.alphas_cumprod.float()}
+    denoiser = Denoiser(pipe.unet, schedule_config, encode_negative(pipe, accelerator.device, resolution))
+    schedule = {"alphas_cumprod": ddim.alphas_cumprod.float().to(accelerator.device)}
     final_alpha = float(ddim.final_alpha_cumprod)
     saved, steps, teacher = {}, config.teacher_steps, (None if config.first_teacher == "cfg" else stage1)
     while steps > config.student_steps:
@@ -170,7 +180,9 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
         round_config = dataclasses.replace(config, output_dir=str(Path(config.output_dir) / f"round-{steps}"))
 
         def make_batch(step, generator, student_grid=student_grid, steps=steps):
-            return _round_batch(cached, ddim, student_grid, steps, config, generator)
+            rows = pool.rows(shard_rows(len(pool), config.batch_size, step, config.seed, accelerator.process_index, accelerator.num_processes))
+            batch = {k: v.to(accelerator.device) for k, v in _round_batch(rows, ddim, student_grid, steps, config, generator).items()}
+            return batch | {"conditioning": encode_prompts(pipe, rows.prompts, accelerator.device, resolution)}
 
         def compute_loss(model, batch, teacher=teacher):
             return student_loss(denoiser, model, teacher, batch, schedule, final_alpha)

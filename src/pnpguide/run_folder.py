@@ -261,13 +261,14 @@ def claim_output_dir(config):
 def _input_checks() -> dict:
     """Config field name -> the check of the file or folder it names (imported here: those modules import us)."""
     from .loading import check_model_dir
-    from .sources import read_prompt_file
+    from .sources import read_image_folder, read_prompt_file
     from .loading import check_guide_dir
     from .training import check_resume_path
 
     return {
         "base": check_model_dir,
         "prompts": read_prompt_file,
+        "images": read_image_folder,
         "init_guide": check_guide_dir,
         "guide": check_guide_dir,
         "vae_dir": check_vae_dir,
@@ -288,6 +289,10 @@ def check_input_paths(config) -> None:
         value = getattr(config, name, None)
         if value is not None:
             check(value)
+    if getattr(config, "resolution", None) is not None:  # a stage with a data source: the base's VAE and UNet fix the multiple
+        from .sources import check_resolution
+
+        check_resolution(config.base, config.resolution)
 
 
 def training_run(train):

@@ -90,7 +90,7 @@ def encode_images(vae: AutoencoderKL, dataset: shapes.ShapesDataset, batch_size:
     latents = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images"):
         pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + batch_size, len(dataset)))])
-        latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+        latents.append(vae.encode(pixels.to(vae.device)).latent_dist.mean * vae.config.scaling_factor)
     return torch.cat(latents)
 
 
