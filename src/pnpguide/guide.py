@@ -241,22 +241,16 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
 
     def check_compatible(self, unet) -> None:
         """Raise ValueError naming the first architecture value in which `unet` differs from the guide's."""
-        config = unet.config
-        expected = {
-            "in_channels": (self.config.unet_in_channels, config.in_channels),
-            "cross_attention_dim": (self.config.unet_cross_attention_dim, config.cross_attention_dim),
-            "block_out_channels": (tuple(self.config.unet_block_out_channels), tuple(config.block_out_channels)),
-            "layers_per_block": (self.config.layers_per_block, config.layers_per_block),
-        }
-        for name, (ours, theirs) in expected.items():
-            if ours != theirs:
-                raise ValueError(f"guide built for {name}={ours}, this UNet has {theirs}; retrain or pick the matching guide")
+        problem = unet_mismatch(self.config, unet.config)
+        if problem:
+            raise ValueError(problem)
 
-    def check_text_encoder(self, text_encoder) -> None:
-        """Raise ValueError when the guide was distilled with another text encoder than `text_encoder`: the
-        prompt embeddings it reads would mean something else, even where their width is the same."""
-        trained, this = self.config.trained_text_encoder, text_encoder_signature(text_encoder)
-        if trained is not None and text_encoder is not None and trained != this:
+    def check_text_encoder(self, text_encoder, text_encoder_2=None) -> None:
+        """Raise ValueError when the guide was distilled with other text encoders than these (SDXL: both): the
+        prompt embeddings it reads would mean something else, even where their width is the same. A record of
+        the first encoder alone is accepted for an SDXL base (the second is then not checked)."""
+        trained, this = self.config.trained_text_encoder, text_encoder_signature(text_encoder, text_encoder_2)
+        if trained is not None and text_encoder is not None and trained not in (this, text_encoder_signature(text_encoder)):
             raise ValueError(f"guide was trained for another base, with text encoder {trained}; this base has {this}: retrain it here (pnpguide distill --base ...)")
 
     def residual_widths(self) -> tuple[list[int], int]:
@@ -348,16 +342,42 @@ class FeatureHead(nn.Module):
     def forward(self, feature: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         hidden = self.resnet(self.proj_in(feature), emb)
         if self.attention is not None:
-            hidden = self.attention(hidden, encoder_hidden_states=encoder_hidden_states).sample
+            # return_dict=False: the output class diffusers builds otherwise warns (a FutureWarning) at every call,
+            # which torch.compile cannot trace
+            hidden = self.attention(hidden, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return self.proj_out(hidden)
 
 
-def text_encoder_signature(text_encoder) -> str | None:
-    """A text encoder's architecture in words, recorded in a guide at training time: 'BertModel (6 layers, 384 wide, vocab 30522)'."""
+UNET_KINDS = {None: "an SD 1.x/2.x UNet (no added conditioning)", "text_time": "an SDXL UNet (text_time size/crop conditioning)"}
+
+
+def unet_mismatch(guide_config, unet_config) -> str | None:
+    """The first architecture value in which a UNet config differs from the one a guide config was built for, in
+    words (None: they fit). Mappings, so a preflight can compare two config.json files before loading weights."""
+    guide_kind, unet_kind = guide_config.get("addition_embed_type"), unet_config.get("addition_embed_type")
+    if guide_kind != unet_kind:
+        described = lambda kind: UNET_KINDS.get(kind, f"a UNet with addition_embed_type={kind!r}")  # noqa: E731
+        return f"guide built for {described(guide_kind)}, this base has {described(unet_kind)}; use a guide distilled on this base (pnpguide distill --base ...)"
+    expected = {
+        "in_channels": (guide_config.get("unet_in_channels"), unet_config.get("in_channels")),
+        "cross_attention_dim": (guide_config.get("unet_cross_attention_dim"), unet_config.get("cross_attention_dim")),
+        "block_out_channels": (tuple(guide_config.get("unet_block_out_channels")), tuple(unet_config.get("block_out_channels"))),
+        "layers_per_block": (guide_config.get("layers_per_block"), unet_config.get("layers_per_block")),
+    }
+    for name, (ours, theirs) in expected.items():
+        if ours != theirs:
+            return f"guide built for {name}={ours}, this UNet has {theirs}; retrain or pick the matching guide"
+    return None
+
+
+def text_encoder_signature(text_encoder, text_encoder_2=None) -> str | None:
+    """A text encoder's architecture in words, recorded in a guide at training time: 'BertModel (6 layers, 384 wide,
+    vocab 30522)'; with SDXL's second encoder, both joined by ' + '."""
     if text_encoder is None:
         return None
     config = text_encoder.config
-    return f"{type(text_encoder).__name__} ({config.num_hidden_layers} layers, {config.hidden_size} wide, vocab {config.vocab_size})"
+    words = f"{type(text_encoder).__name__} ({config.num_hidden_layers} layers, {config.hidden_size} wide, vocab {config.vocab_size})"
+    return words if text_encoder_2 is None else f"{words} + {text_encoder_signature(text_encoder_2)}"
 
 
 def skip_levels(num_blocks: int, layers_per_block: int) -> list[int]:

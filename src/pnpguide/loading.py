@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import inspect
 import json
 import logging
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 
 from .config_checks import check_base_configs, check_guide_config, read_json_object
-from .guide import GuideModel
+from .guide import GuideModel, unet_mismatch
 from .pipeline import PlugAndPlayPipeline
+from .pipeline_xl import PlugAndPlayXLPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +203,27 @@ def check_guide_dir(path: str | Path) -> Path:
     return path
 
 
-def load_plug_and_play(base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None) -> PlugAndPlayPipeline:
-    """Base SD folder (default: embedded) + guide folder (default: the shipped tiny guide) + optional LoRA."""
-    guide_model = load_guide(guide or default_guide_dir("tiny"))  # first: a bad guide path fails before the slow part
+def check_guide_fits_base(guide: str | Path, base: str | Path) -> None:
+    """One line before any weights load when the guide was built for another UNet (an SDXL guide on an SD 1.5
+    base, or the reverse; other widths), from the two config.json files, their classes' defaults filled in."""
+    guide_dir, base_dir = check_guide_dir(guide), check_model_dir(base)
+    problem = unet_mismatch(_with_defaults(GuideModel, guide_dir / "config.json"), _with_defaults(UNet2DConditionModel, base_dir / "unet" / "config.json"))
+    if problem:
+        raise ValueError(f"guide {guide_dir} does not fit base {base_dir}: {problem}")
+
+
+def _with_defaults(config_class, path: Path) -> dict:
+    parameters = inspect.signature(config_class.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | read_json_object(path)
+
+
+def load_plug_and_play(base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None) -> PlugAndPlayPipeline | PlugAndPlayXLPipeline:
+    """Base SD or SDXL folder (default: embedded) + guide folder (default: the shipped tiny guide) + optional LoRA,
+    as a PlugAndPlayPipeline or, for an SDXL base, a PlugAndPlayXLPipeline."""
+    check_guide_fits_base(guide or default_guide_dir("tiny"), base or default_base_dir())  # before any weights load
+    guide_model = load_guide(guide or default_guide_dir("tiny"))
     sd = load_pipeline(base, lora)
     guide_model.check_compatible(sd.unet)
-    pipe = PlugAndPlayPipeline.from_pipe(sd, guide=guide_model)
+    pipe = (PlugAndPlayXLPipeline if isinstance(sd, StableDiffusionXLPipeline) else PlugAndPlayPipeline).from_pipe(sd, guide=guide_model)
     pipe.set_progress_bar_config(disable=True)
     return pipe

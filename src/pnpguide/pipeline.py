@@ -1,4 +1,7 @@
-"""PlugAndPlayPipeline: Stable Diffusion with a guide, one UNet pass per step instead of CFG's two."""
+"""PlugAndPlayPipeline: Stable Diffusion with a guide, one UNet pass per step instead of CFG's two.
+
+What the SD and SDXL pipelines share (mode checks, the guide's trained range and schedule, the denoising loop)
+lives once in :class:`GuidedSamplingMixin`; `pipeline_xl.PlugAndPlayXLPipeline` is the SDXL twin."""
 
 from __future__ import annotations
 
@@ -15,39 +18,15 @@ from .schedules import GuidanceScale, guidance_schedule
 from .teacher import cfg_noise_pred, guided_noise_pred
 
 MODES = ("guide", "cfg", "none")
+ModelOutputHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "dict | None"], None]
 
 
-class PlugAndPlayPipeline(StableDiffusionPipeline):
-    """StableDiffusionPipeline plus a `guide` component; every helper is inherited, only `__call__` is new.
-
-    Load with `PlugAndPlayPipeline.from_pretrained(base_dir, guide=GuideModel.from_pretrained(guide_dir))`,
-    or switch an already-loaded pipeline (a fine-tune, LoRA weights loaded) with
-    `PlugAndPlayPipeline.from_pipe(sd_pipe, guide=guide)`.
-    """
-
-    _optional_components = StableDiffusionPipeline._optional_components + ["guide"]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        text_encoder,
-        tokenizer,
-        unet: UNet2DConditionModel,
-        scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker: bool = False,
-        guide: GuideModel | None = None,
-    ):
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder, requires_safety_checker)
-        if guide is not None:
-            guide.check_compatible(unet)
-            guide.check_text_encoder(text_encoder)
-        self.register_modules(guide=guide)
+class GuidedSamplingMixin:
+    """The guided sampling both pipelines run, once: a pipeline class adds it before its diffusers base and
+    writes only `__call__` (prompt encoding, latents, decoding: the inherited diffusers helpers)."""
 
     def check_guidance(self, num_inference_steps: int, mode: str) -> None:
-        """Our checks on top of StableDiffusionPipeline.check_inputs: mode and steps (w: see guidance_schedule)."""
+        """Our checks on top of the diffusers pipeline's check_inputs: mode and steps (w: see guidance_schedule)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "guide" and self.guide is None:
@@ -77,15 +56,72 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
             return self.scheduler
         return DDIMScheduler.from_config(self.guide.config.trained_schedule)
 
-    def mode_noise_pred(self, mode: str, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
-                        negative_prompt_embeds: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
-        """The model output one sampling step of `mode` uses, at any state (evaluation replays methods at the
-        CFG teacher's states with it). sample: (B, C, h, w); negative_prompt_embeds: only read by "cfg"."""
+    def guidance_plan(self, num_inference_steps: int, timesteps, guidance_scale: GuidanceScale, guidance_interval, mode: str, device):
+        """(scheduler, timesteps, one w per step), checked before the prompt is encoded."""
+        scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
+        schedule = guidance_schedule(guidance_scale, timesteps.tolist(), guidance_interval, scheduler.config.num_train_timesteps)
         if mode == "guide":
-            return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale)
+            self.warn_untrained(schedule, num_inference_steps)
+        return scheduler, timesteps, schedule
+
+    def mode_noise_pred(self, mode: str, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
+                        negative_prompt_embeds: torch.Tensor | None, guidance_scale: float,
+                        added_cond_kwargs: dict | None = None, negative_added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        """The model output one sampling step of `mode` uses, at any state (evaluation replays methods at the
+        CFG teacher's states with it). sample: (B, C, h, w); the negative_* arguments are only read by "cfg";
+        `added_cond_kwargs` (SDXL: text_embeds (B, dim), time_ids (B, 6)) and its negative have B rows each."""
+        if mode == "guide":
+            return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs)
         if mode == "cfg":
-            return cfg_noise_pred(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale)
-        return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+            added = None if added_cond_kwargs is None else {k: torch.cat([negative_added_cond_kwargs[k], v]) for k, v in added_cond_kwargs.items()}
+            return cfg_noise_pred(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added)
+        return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+
+    def denoise(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, schedule: list[float], mode: str,
+                extra_step_kwargs: dict, on_model_output: ModelOutputHook | None, **conditioning) -> torch.Tensor:
+        """The denoising loop: one model call per step, whichever mode; a step at w = 1 is the plain UNet.
+        `conditioning`: mode_noise_pred's prompt_embeds, negative_prompt_embeds and (SDXL) added_cond_kwargs,
+        negative_added_cond_kwargs. latents: (B, C, h, w), scaled for `scheduler`."""
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # as diffusers' SDXL pipeline: text-to-image starts at the first timestep
+        for t, w in zip(self.progress_bar(timesteps), schedule):
+            model_input = scheduler.scale_model_input(latents, t)
+            noise_pred = self.mode_noise_pred(mode if w != 1 else "none", model_input, t, guidance_scale=w, **conditioning)
+            if on_model_output is not None:
+                on_model_output(t, model_input, noise_pred, conditioning["prompt_embeds"], conditioning.get("added_cond_kwargs"))
+            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        return latents
+
+
+class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
+    """StableDiffusionPipeline plus a `guide` component; every helper is inherited, only `__call__` is new.
+
+    Load with `PlugAndPlayPipeline.from_pretrained(base_dir, guide=GuideModel.from_pretrained(guide_dir))`,
+    or switch an already-loaded pipeline (a fine-tune, LoRA weights loaded) with
+    `PlugAndPlayPipeline.from_pipe(sd_pipe, guide=guide)`.
+    """
+
+    _optional_components = StableDiffusionPipeline._optional_components + ["guide"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder,
+        tokenizer,
+        unet: UNet2DConditionModel,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+        guide: GuideModel | None = None,
+    ):
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder, requires_safety_checker)
+        if guide is not None:
+            guide.check_compatible(unet)
+            guide.check_text_encoder(text_encoder)
+        self.register_modules(guide=guide)
 
     @torch.no_grad()
     def __call__(
@@ -106,7 +142,7 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         mode: str | None = None,
-        on_model_output: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+        on_model_output: ModelOutputHook | None = None,
         guidance_interval: tuple[float, float] | None = None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionPipeline's, plus `mode`:
@@ -119,7 +155,7 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         that range, w = 1 elsewhere (see :func:`pnpguide.schedules.guidance_schedule`). Steps at w = 1 run the
         UNet alone, once at batch B, in every mode.
         `negative_prompt` only affects "cfg": the guide was distilled against the empty prompt.
-        `on_model_output(t, model_input, model_output, prompt_embeds)` is called at every step (evaluation
+        `on_model_output(t, model_input, model_output, prompt_embeds, added_cond_kwargs)` is called at every step (evaluation
         uses it to compare a method with the teacher on the method's own trajectory).
         A step-distilled guide samples on its own DDIM schedule (see :meth:`sampling_scheduler`).
         """
@@ -132,11 +168,7 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         self.check_guidance(num_inference_steps, mode)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
-        scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
-        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
-        schedule = guidance_schedule(guidance_scale, timesteps.tolist(), guidance_interval, scheduler.config.num_train_timesteps)
-        if mode == "guide":
-            self.warn_untrained(schedule, num_inference_steps)
+        scheduler, timesteps, schedule = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode, device)
 
         # 1. encode the prompt (and the empty prompt for the CFG teacher)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -152,12 +184,8 @@ class PlugAndPlayPipeline(StableDiffusionPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 3. denoising loop: one model call per step, whichever mode; a step at w = 1 is the plain UNet
-        for t, w in zip(self.progress_bar(timesteps), schedule):
-            model_input = scheduler.scale_model_input(latents, t)
-            noise_pred = self.mode_noise_pred(mode if w != 1 else "none", model_input, t, prompt_embeds, negative_prompt_embeds, w)
-            if on_model_output is not None:
-                on_model_output(t, model_input, noise_pred, prompt_embeds)
-            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        latents = self.denoise(latents, scheduler, timesteps, schedule, mode, extra_step_kwargs, on_model_output,
+                               prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
 
         # 4. decode
         if output_type == "latent":

@@ -1,0 +1,123 @@
+"""PlugAndPlayXLPipeline on a random SDXL-layout folder: the same modes and properties as PlugAndPlayPipeline."""
+
+import numpy as np
+import pytest
+import torch
+
+from pnpguide.guide import GuideModel
+from pnpguide.loading import load_pipeline
+from pnpguide.pipeline_xl import PlugAndPlayXLPipeline
+
+PROMPTS = ["a red cat", "a cat on a car"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these 64-px models are too small to share, and two threads on a busy machine spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_dir):
+    pipe = load_pipeline(sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _trained(guide):
+    torch.manual_seed(3)  # stand-in for training: non-zero projections make the guide change the output
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return guide
+
+
+def _pipe(sdxl, guide=None):
+    pipe = PlugAndPlayXLPipeline.from_pipe(sdxl, guide=guide)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, **kwargs):
+    args = dict(prompt=PROMPTS, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
+    return pipe(**(args | kwargs)).images
+
+
+def test_cfg_mode_reproduces_the_diffusers_sdxl_pipeline(sdxl):
+    expected = _run(sdxl, guidance_scale=6.0)
+    got = _run(_pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny")), guidance_scale=6.0, mode="cfg")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_cfg_mode_reproduces_diffusers_at_a_non_square_size_with_a_negative_prompt(sdxl):
+    kwargs = dict(guidance_scale=4.0, height=48, width=80, negative_prompt="a car")
+    expected = _run(sdxl, **kwargs)
+    got = _run(_pipe(sdxl), mode="cfg", **kwargs)
+    assert got.shape == (2, 48, 80, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_none_mode_is_the_diffusers_pipeline_at_w_1(sdxl):
+    np.testing.assert_allclose(_run(_pipe(sdxl), mode="none"), _run(sdxl, guidance_scale=1.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+def test_an_untrained_guide_gives_the_unguided_image(sdxl, reads):
+    pipe = _pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny", reads=reads))
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=6.0), _run(pipe, guidance_scale=6.0, mode="none"))
+
+
+@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+def test_a_trained_guide_changes_the_image_in_one_unet_call_per_step(sdxl, reads):
+    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads=reads)))
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        guided = _run(pipe, guidance_scale=6.0)
+    finally:
+        handle.remove()
+    assert calls == [2] * 3  # 2 prompts, 3 steps, no doubled CFG batch
+    assert np.abs(guided - _run(pipe, guidance_scale=6.0, mode="none")).max() > 1e-3
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=1.0), _run(pipe, mode="none"))
+
+
+def test_the_latent_guide_reads_sdxls_size_conditioning(sdxl):
+    """A latent-reading SDXL guide embeds text_embeds and time_ids as SDXL's UNet does: other sizes, other residuals."""
+    guide = _trained(GuideModel.from_unet(sdxl.unet, "tiny"))
+    sample, embeds = torch.randn(1, 4, 8, 8), torch.randn(1, 77, sdxl.unet.config.cross_attention_dim)
+    added = lambda size: {"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)}  # noqa: E731
+    small, large = (guide(sample, 500, embeds, 5.0, added_cond_kwargs=added(s)).mid_block_additional_residual for s in (64, 1024))
+    assert (small - large).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="added_cond_kwargs with 'text_embeds' and 'time_ids'"):
+        guide(sample, 500, embeds, 5.0)
+
+
+def test_a_guidance_schedule_and_interval_work_as_for_sd(sdxl):
+    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny")))
+    outside = _run(pipe, guidance_scale=[5.0, 5.0, 5.0], guidance_interval=(900, 1000))  # Euler samples t = 667, 334, 1: none inside, all w = 1
+    np.testing.assert_array_equal(outside, _run(pipe, mode="none"))
+    with pytest.raises(ValueError, match="guidance_scale has 2 values but sampling takes 3 steps"):
+        _run(pipe, guidance_scale=[5.0, 5.0])
+
+
+def test_save_and_load_with_guide(sdxl, tmp_path):
+    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny")))
+    pipe.save_pretrained(tmp_path / "pnp")
+    loaded = PlugAndPlayXLPipeline.from_pretrained(tmp_path / "pnp")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.guide, GuideModel)
+    np.testing.assert_allclose(_run(loaded, guidance_scale=5.0), _run(pipe, guidance_scale=5.0), atol=1e-6)
+
+
+@torch.no_grad()
+def test_mode_noise_pred_takes_sdxls_added_conditioning(sdxl):
+    pipe = _pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny"))
+    sample, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 77, sdxl.unet.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    negative = {"text_embeds": torch.zeros(2, 32), "time_ids": added["time_ids"]}
+    plain = pipe.mode_noise_pred("none", sample, 500, embeds, None, 1.0, added)
+    torch.testing.assert_close(pipe.mode_noise_pred("guide", sample, 500, embeds, None, 5.0, added), plain, atol=0, rtol=0)  # untrained guide
+    cfg_at_1 = pipe.mode_noise_pred("cfg", sample, 500, embeds, torch.zeros_like(embeds), 1.0, added, negative)
+    torch.testing.assert_close(cfg_at_1, plain, atol=1e-5, rtol=1e-5)
