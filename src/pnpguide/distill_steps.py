@@ -16,6 +16,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import DDIMScheduler
@@ -48,6 +49,7 @@ class StepDistillConfig(SourceConfig):
     learning_rate: float = 2e-4
     lr_warmup_steps: int = 20
     checkpointing_steps: int = 200
+    SOURCES: ClassVar[tuple[str, ...]] = ("shapes", "trajectories", "images")  # no "mix": students learn on clean latents noised onto their grid
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,8 +60,6 @@ class StepDistillConfig(SourceConfig):
             raise ValueError(f"student_steps ({self.student_steps}) must be teacher_steps ({self.teacher_steps}) halved one or more times")
         if self.first_teacher not in FIRST_TEACHERS:
             raise ValueError(f"first_teacher must be one of {FIRST_TEACHERS}, got {self.first_teacher!r}")
-        if self.source == "mix":
-            raise ValueError("source 'mix' is for stage 1 (distill); distill-steps takes shapes, trajectories or images")
         check_guidance_range(self.w_min, self.w_max)
 
 

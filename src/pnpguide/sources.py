@@ -20,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -68,6 +69,8 @@ def _prompt_from_json(line: str, path: Path, number: int) -> str:
 class SourceConfig(TrainingConfig):
     """The data settings both distillation stages share."""
 
+    SOURCES: ClassVar[tuple[str, ...]] = SOURCES  # the sources this stage can train on
+
     source: str | None = None  # "trajectories" (the CFG teacher's sampling from --prompts), "images" (an --images folder), "shapes" (the embedded model's own data) or "mix" (stage 1: half data, half trajectories over its captions) (default: images with --images, trajectories with --prompts, shapes on the embedded base)
     prompts: str | None = None  # text or JSONL prompt file for source "trajectories" (default on the embedded base: its shapes captions)
     images: str | None = None  # folder of images plus metadata.jsonl ({"file_name": ..., "text": ...} per line), for source "images" or "mix"
@@ -91,18 +94,18 @@ def resolve_source(config: SourceConfig) -> str:
     """The source a config names, or its default; a combination that cannot work is a one-line ValueError."""
     embedded = is_embedded(getattr(config, "base", None))
     source = config.source or ("images" if config.images else "trajectories" if config.prompts or not embedded else "shapes")
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if source == "trajectories" and config.prompts is None and not embedded:
-        raise ValueError("a --base needs training prompts or images: pass --prompts FILE (teacher trajectories) or --images DIR (images + metadata.jsonl)")
+    if source not in config.SOURCES:
+        raise ValueError(f"source must be one of {config.SOURCES}, got {source!r}")
     if source == "shapes" and not embedded:
         raise ValueError("source 'shapes' is the embedded model's own training data; with --base pass --prompts FILE or --images DIR")
-    if source == "images" and config.images is None or source == "mix" and config.images is None and not embedded:
-        raise ValueError(f"source {source!r} needs --images DIR (image files plus a metadata.jsonl of file_name and text)")
     if config.images is not None and source not in ("images", "mix"):
         raise ValueError(f"--images is read by source 'images' or 'mix', not {source!r}")
     if config.prompts is not None and source != "trajectories":
         raise ValueError(f"--prompts is read by source 'trajectories' only; source {source!r} takes the captions of its data")
+    if source == "trajectories" and config.prompts is None and not embedded:
+        raise ValueError("a --base needs training prompts or images: pass --prompts FILE (teacher trajectories) or --images DIR (images + metadata.jsonl)")
+    if source == "images" and config.images is None or source == "mix" and config.images is None and not embedded:
+        raise ValueError(f"source {source!r} needs --images DIR (image files plus a metadata.jsonl of file_name and text)")
     if config.resolution is not None:
         if config.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {config.resolution}")
