@@ -10,7 +10,7 @@ from pnpguide.guide import GuideModel
 
 ALL_CHECKS = [
     "base folder", "guide files", "base loads offline", "prediction type", "trained guidance range", "guide fits the UNet",
-    "guide fits the text encoder", "residuals",
+    "guide fits the text encoder", "residuals", "text encoders", "conditioning kind",
 ]
 
 

@@ -1,12 +1,19 @@
 """SD 1.5- and SDXL-layout folders through the loader and the commands: the pipeline class comes from the folder."""
 
 import json
+import re
 import shutil
 
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
 
-from pnpguide.loading import check_model_dir, load_pipeline, pipeline_class
+from pnpguide.cli import main
+from pnpguide.guide import GuideModel, text_encoder_signature
+from pnpguide.loading import check_model_dir, load_pipeline, load_plug_and_play, pipeline_class
+from pnpguide.pipeline import PlugAndPlayPipeline
+from pnpguide.pipeline_xl import PlugAndPlayXLPipeline
 
 
 def _copy(folder, tmp_path):
@@ -55,3 +62,89 @@ def test_an_sdxl_folder_missing_the_tokenizer_2_folder_is_named(sdxl_dir, tmp_pa
     shutil.rmtree(folder / "tokenizer_2")
     with pytest.raises(FileNotFoundError, match="tokenizer_2"):
         check_model_dir(folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these 64-px models are too small to share, and two threads on a busy machine spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_guide_dir(base_dir, folder, reads="latent"):
+    """An untrained (zero-initialised, valid) guide for the base's UNet, saved as `pnpguide distill` saves one."""
+    pipe = load_pipeline(base_dir)
+    guide = GuideModel.from_unet(pipe.unet, "tiny", reads=reads)
+    signature = text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    guide.register_to_config(trained_guidance_range=(2.0, 8.0), trained_text_encoder=signature)
+    guide.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd15_guide(sd15_dir, tmp_path_factory):
+    return make_guide_dir(sd15_dir, tmp_path_factory.mktemp("guides") / "sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl_guide(sdxl_dir, tmp_path_factory):
+    return make_guide_dir(sdxl_dir, tmp_path_factory.mktemp("guides") / "sdxl")
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_doctor_passes_a_matching_pair_and_checks_the_text_encoders(kind, request, capsys):
+    base, guide = request.getfixturevalue(f"{kind}_dir"), request.getfixturevalue(f"{kind}_guide")
+    assert main(["doctor", "--base", str(base), "--guide", str(guide)]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "OK   conditioning kind" in out and "OK   guide fits the text encoder" in out
+    encoders = next(line for line in out.splitlines() if line.startswith("OK   text encoders"))
+    assert ("CLIPTextModelWithProjection" in encoders) == (kind == "sdxl")
+
+
+@pytest.mark.parametrize("base, guide, words", [("sdxl", "sd15", "guide built for an SD 1.x/2.x UNet.*this base has an SDXL UNet"),
+                                                ("sd15", "sdxl", "guide built for an SDXL UNet.*this base has an SD 1.x/2.x UNet")])
+def test_doctor_refuses_a_guide_for_the_other_kind_of_base_before_loading(base, guide, words, request, capsys, monkeypatch):
+    import pnpguide.doctor as doctor
+
+    monkeypatch.setattr(doctor, "load_pipeline", lambda *a, **k: pytest.fail("the base was loaded"))
+    monkeypatch.setattr(doctor, "load_guide", lambda *a, **k: pytest.fail("the guide was loaded"))
+    args = ["doctor", "--base", str(request.getfixturevalue(f"{base}_dir")), "--guide", str(request.getfixturevalue(f"{guide}_guide"))]
+    assert main(args) == 1
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and out.startswith("FAIL guide fits the base (configs)")
+    assert re.search(words, out) and "pnpguide distill --base" in out
+
+
+def test_doctor_fails_a_guide_distilled_with_other_sdxl_text_encoders(sdxl_dir, sdxl_guide, tmp_path, capsys):
+    folder = shutil.copytree(sdxl_guide, tmp_path / "guide")
+    _edit_json(folder / "config.json", trained_text_encoder="CLIPTextModel (12 layers, 768 wide, vocab 49408) + CLIPTextModelWithProjection (32 layers, 1280 wide, vocab 49408)")
+    assert main(["doctor", "--base", str(sdxl_dir), "--guide", str(folder)]) == 1
+    assert "FAIL guide fits the text encoder: guide was trained for another base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("base, guide", [("sdxl", "sd15"), ("sd15", "sdxl")])
+def test_generate_with_a_guide_for_the_other_kind_of_base_is_one_line_before_loading(base, guide, request, capsys, monkeypatch):
+    import pnpguide.loading as loading
+
+    monkeypatch.setattr(loading, "load_guide", lambda *a, **k: pytest.fail("the guide was loaded"))
+    args = ["generate", "--prompt", "a red cat", "--base", str(request.getfixturevalue(f"{base}_dir")),
+            "--guide", str(request.getfixturevalue(f"{guide}_guide"))]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit base" in err and "pnpguide distill --base" in err
+
+
+@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+def test_generate_on_an_sdxl_folder_with_a_guide(sdxl_dir, tmp_path, reads):
+    guide = make_guide_dir(sdxl_dir, tmp_path / "guide", reads)
+    out = tmp_path / "image.png"
+    assert main(["--threads", "1", "generate", "--prompt", "a red cat", "--base", str(sdxl_dir), "--guide", str(guide),
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_load_plug_and_play_builds_the_xl_pipeline_for_sdxl(sdxl_dir, sdxl_guide, sd15_dir, sd15_guide):
+    assert type(load_plug_and_play(sdxl_dir, sdxl_guide)) is PlugAndPlayXLPipeline
+    assert type(load_plug_and_play(sd15_dir, sd15_guide)) is PlugAndPlayPipeline

@@ -10,10 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .guide import GuideModel, residual_channels
-from .loading import GUIDE_WEIGHTS, PICKLE_SUFFIXES, PREDICTION_TYPES, check_model_dir, default_base_dir, default_guide_dir, load_guide, load_pipeline
+from .guide import UNET_KINDS, GuideModel, conditioning_mismatch, residual_channels, text_encoder_signature
+from .loading import (
+    GUIDE_WEIGHTS,
+    PICKLE_SUFFIXES,
+    PREDICTION_TYPES,
+    check_model_dir,
+    default_base_dir,
+    default_guide_dir,
+    guide_base_mismatch,
+    load_guide,
+    load_pipeline,
+)
 
 CHECK_ERRORS = (OSError, ValueError, RuntimeError)  # what the loaders raise for bad folders; other errors are bugs
 
@@ -32,20 +42,24 @@ def check_pair(base: str | Path | None = None, guide: str | Path | None = None) 
 
     Checks the base folder's structure, that it holds no pickle weights and loads offline, that the guide
     folder is safe and readable, the scheduler's prediction type, the guide's trained guidance range, and
-    that the guide fits the UNet (architecture and residuals). Checks that need a folder that failed are
-    left out.
+    that the guide fits the UNet (conditioning kind, architecture and residuals) and the text encoders (SDXL:
+    both). Checks that need a folder that failed are left out; when the two config.json files already show that
+    the guide was built for another kind of UNet (SDXL vs SD 1.x/2.x, other widths), nothing is loaded.
     """
     base_dir = Path(base) if base is not None else default_base_dir()
     guide_dir = Path(guide) if guide is not None else default_guide_dir("tiny")
     checks: list[Check] = []
+    if not _configs_fit(guide_dir, base_dir, checks):
+        return checks
     pipe = _check_base(base_dir, checks)
     guide_model = _check_guide(guide_dir, checks)
     if pipe is not None:
-        checks.append(_prediction_type(pipe.scheduler))
+        checks += [_text_encoders(pipe), _prediction_type(pipe.scheduler)]
     if guide_model is not None:
         checks.append(_guidance_range(guide_model))
     if pipe is not None and guide_model is not None:
-        checks += [_compatibility(guide_model, pipe.unet), _text_encoder(guide_model, pipe.text_encoder), _residuals(guide_model, pipe.unet)]
+        checks += [_conditioning(guide_model, pipe.unet), _compatibility(guide_model, pipe.unet),
+                   _text_encoder(guide_model, pipe), _residuals(guide_model, pipe.unet)]
     return checks
 
 
@@ -54,7 +68,20 @@ def format_checks(checks: list[Check]) -> str:
     return "\n".join(f"{'OK' if check.ok else 'FAIL':<4} {check.name}: {_one_line(check.detail)}" for check in checks)
 
 
-def _check_base(path: Path, checks: list[Check]) -> StableDiffusionPipeline | None:
+def _configs_fit(guide_dir: Path, base_dir: Path, checks: list[Check]) -> bool:
+    """False (with a FAIL line) when both folders are readable and their configs show a guide for the other kind
+    of UNet (SDXL vs SD 1.x/2.x): then no other check means anything. Broken folders and other mismatches are
+    reported by the checks that follow."""
+    try:
+        problem = guide_base_mismatch(guide_dir, base_dir, conditioning_mismatch)
+    except CHECK_ERRORS:
+        return True
+    if problem:
+        checks.append(Check("guide fits the base (configs)", False, problem))
+    return problem is None
+
+
+def _check_base(path: Path, checks: list[Check]) -> StableDiffusionPipeline | StableDiffusionXLPipeline | None:
     """Append the base folder checks; return the loaded pipeline, or None when a check failed."""
     try:
         check_model_dir(path)  # its structure and the UNet's and scheduler's config fields
@@ -70,7 +97,7 @@ def _check_base(path: Path, checks: list[Check]) -> StableDiffusionPipeline | No
         checks.append(Check("base loads offline", False, _one_line(error)))
         return None
     unet = pipe.unet.config
-    detail = f"UNet block_out_channels={tuple(unet.block_out_channels)}, cross_attention_dim={unet.cross_attention_dim}"
+    detail = f"{type(pipe).__name__}, UNet block_out_channels={tuple(unet.block_out_channels)}, cross_attention_dim={unet.cross_attention_dim}"
     checks.append(Check("base loads offline", True, detail))
     return pipe
 
@@ -92,6 +119,22 @@ def _check_guide(path: Path, checks: list[Check]) -> GuideModel | None:
     parameters = sum(p.numel() for p in guide.parameters())
     checks.append(Check("guide files", True, f"{path}: config.json, {GUIDE_WEIGHTS} ({parameters:,} parameters); no pickles"))
     return guide
+
+
+def _text_encoders(pipe) -> Check:
+    """Every text encoder and tokenizer the pipeline class needs was loaded (SDXL: two of each)."""
+    names = ("text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if isinstance(pipe, StableDiffusionXLPipeline) else ())
+    missing = [name for name in names if getattr(pipe, name, None) is None]
+    if missing:
+        return Check("text encoders", False, f"{type(pipe).__name__} needs {', '.join(missing)}; the folder has none")
+    return Check("text encoders", True, text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
+
+
+def _conditioning(guide: GuideModel, unet) -> Check:
+    """SDXL's UNet also reads the pooled prompt and size/crop ids; a guide built for the other kind cannot fit."""
+    guide_kind, unet_kind = guide.config.addition_embed_type, unet.config.addition_embed_type
+    detail = f"guide built for {UNET_KINDS.get(guide_kind, guide_kind)}, base has {UNET_KINDS.get(unet_kind, unet_kind)}"
+    return Check("conditioning kind", guide_kind == unet_kind, detail)
 
 
 def _prediction_type(scheduler) -> Check:
@@ -117,9 +160,9 @@ def _compatibility(guide: GuideModel, unet) -> Check:
     return Check("guide fits the UNet", True, "in_channels, cross_attention_dim, block_out_channels and layers_per_block match")
 
 
-def _text_encoder(guide: GuideModel, text_encoder) -> Check:
+def _text_encoder(guide: GuideModel, pipe) -> Check:
     try:
-        guide.check_text_encoder(text_encoder)
+        guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     except ValueError as error:
         return Check("guide fits the text encoder", False, str(error))
     trained = guide.config.trained_text_encoder

@@ -18,7 +18,9 @@ the correction grows with w as CFG's own `w * (cond - uncond)` term does.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -37,6 +39,7 @@ HEAD_DIM = 8  # attention head width of tiny guides (both kinds): a multiple of 
 TINY_WIDTH_DIVISOR = 8  # tiny guides are 1/8 of the UNet's width: ~0.6% of SD1.5's parameters
 FEATURE_WIDTH_DIVISOR = 16  # tiny feature-reading guides are 1/16 of it: 0.45% of SD1.5's parameters
 TINY_MIN_CHANNELS = 16
+SHIPPED_GUIDES_DIR = Path(__file__).parent / "assets" / "guides"  # guides for the embedded base, by folder name
 W_EMBED_SCALE = 100.0  # w in [1, 15] -> [100, 1500]: the range the sinusoidal timestep embedding is built for
 
 
@@ -187,6 +190,23 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             for c, level, attend in zip(channels, levels, attends, strict=True)
         )
         self.mid_head = FeatureHead(unet_widths[-1], widths[-1], temb, cross_dim, groups, eps)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GuideModel":
+        """ModelMixin's `from_pretrained`, which also takes a shipped guide's name (tiny, full, tiny-16step, ...) as
+        the CLI's `--guide` does; a name that is neither a folder nor shipped is an error listing the shipped ones."""
+        path, shipped = pretrained_model_name_or_path, shipped_guides()
+        if Path(path).exists():
+            return super().from_pretrained(path, **kwargs)
+        if str(path) in shipped:
+            return super().from_pretrained(str(shipped[str(path)]), **kwargs)
+        listed = f"shipped guides: {', '.join(shipped)}"
+        if "/" not in str(path):  # neither a folder nor a Hub id ("owner/name")
+            raise FileNotFoundError(f"no guide folder or shipped guide named {str(path)!r} ({listed})")
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except OSError as error:
+            raise OSError(f"{' '.join(str(error).split())} ({listed})") from error
 
     @classmethod
     def from_unet(
@@ -351,13 +371,22 @@ class FeatureHead(nn.Module):
 UNET_KINDS = {None: "an SD 1.x/2.x UNet (no added conditioning)", "text_time": "an SDXL UNet (text_time size/crop conditioning)"}
 
 
+def conditioning_mismatch(guide_config, unet_config) -> str | None:
+    """An SDXL guide on an SD 1.x/2.x UNet or the reverse, in words (None: the same kind): the guide reads, or
+    lacks, SDXL's pooled-prompt and size/crop embedding, so nothing else about it can fit."""
+    guide_kind, unet_kind = guide_config.get("addition_embed_type"), unet_config.get("addition_embed_type")
+    if guide_kind == unet_kind:
+        return None
+    described = lambda kind: UNET_KINDS.get(kind, f"a UNet with addition_embed_type={kind!r}")  # noqa: E731
+    return f"guide built for {described(guide_kind)}, this base has {described(unet_kind)}; use a guide distilled on this base (pnpguide distill --base ...)"
+
+
 def unet_mismatch(guide_config, unet_config) -> str | None:
     """The first architecture value in which a UNet config differs from the one a guide config was built for, in
     words (None: they fit). Mappings, so a preflight can compare two config.json files before loading weights."""
-    guide_kind, unet_kind = guide_config.get("addition_embed_type"), unet_config.get("addition_embed_type")
-    if guide_kind != unet_kind:
-        described = lambda kind: UNET_KINDS.get(kind, f"a UNet with addition_embed_type={kind!r}")  # noqa: E731
-        return f"guide built for {described(guide_kind)}, this base has {described(unet_kind)}; use a guide distilled on this base (pnpguide distill --base ...)"
+    kind_problem = conditioning_mismatch(guide_config, unet_config)
+    if kind_problem:
+        return kind_problem
     expected = {
         "in_channels": (guide_config.get("unet_in_channels"), unet_config.get("in_channels")),
         "cross_attention_dim": (guide_config.get("unet_cross_attention_dim"), unet_config.get("cross_attention_dim")),
@@ -368,6 +397,13 @@ def unet_mismatch(guide_config, unet_config) -> str | None:
         if ours != theirs:
             return f"guide built for {name}={ours}, this UNet has {theirs}; retrain or pick the matching guide"
     return None
+
+
+def shipped_guides() -> dict[str, Path]:
+    """The guides shipped for the embedded base, by name: tiny, full, and the step-distilled ones."""
+    if not SHIPPED_GUIDES_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_GUIDES_DIR.iterdir()) if (p / "config.json").is_file()}
 
 
 def text_encoder_signature(text_encoder, text_encoder_2=None) -> str | None:

@@ -93,14 +93,14 @@ def _check_conditioning(path: Path, kind: type, listed: set[str]) -> None:
 
 
 def load_pipeline(
-    path: str | Path | None = None, lora: str | Path | None = None, dtype: torch.dtype = torch.float32
+    path: str | Path | None = None, lora: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """Load a Stable Diffusion 1.x / 2.x or SDXL folder (the embedded default when `path` is None) offline, as the
     class :func:`pipeline_class` picks, plus LoRA weights."""
     path = check_model_dir(path or default_base_dir())
     try:
         # use_safetensors: never fall back to unpickling a .bin file, which can run arbitrary code
-        dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}  # fp32 is the default; the kwarg is being renamed
+        dtype_kwargs = {} if dtype == torch.float32 else {"dtype": dtype}  # fp32 is the default
         pipe = pipeline_class(path).from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
@@ -109,7 +109,7 @@ def load_pipeline(
             raise FileNotFoundError(f"LoRA folder {str(lora)!r} does not exist")
         pipe.load_lora_weights(str(lora))
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device) if torch.device(device) != torch.device("cpu") else pipe
 
 
 def assemble_pipeline(unet, vae, tokenizer, text_encoder, scheduler) -> StableDiffusionPipeline:
@@ -205,11 +205,19 @@ def check_guide_dir(path: str | Path) -> Path:
 
 def check_guide_fits_base(guide: str | Path, base: str | Path) -> None:
     """One line before any weights load when the guide was built for another UNet (an SDXL guide on an SD 1.5
-    base, or the reverse; other widths), from the two config.json files, their classes' defaults filled in."""
-    guide_dir, base_dir = check_guide_dir(guide), check_model_dir(base)
-    problem = unet_mismatch(_with_defaults(GuideModel, guide_dir / "config.json"), _with_defaults(UNet2DConditionModel, base_dir / "unet" / "config.json"))
+    base, or the reverse; other widths): see :func:`guide_base_mismatch`."""
+    problem = guide_base_mismatch(guide, base)
     if problem:
-        raise ValueError(f"guide {guide_dir} does not fit base {base_dir}: {problem}")
+        raise ValueError(problem)
+
+
+def guide_base_mismatch(guide: str | Path, base: str | Path, compare=unet_mismatch) -> str | None:
+    """Why the guide cannot fit the base's UNet, from the two config.json files (their classes' defaults filled
+    in) and `compare` (guide.unet_mismatch, or guide.conditioning_mismatch for the kind alone), or None; broken
+    folders raise as check_guide_dir and check_model_dir do."""
+    guide_dir, base_dir = check_guide_dir(guide), check_model_dir(base)
+    problem = compare(_with_defaults(GuideModel, guide_dir / "config.json"), _with_defaults(UNet2DConditionModel, base_dir / "unet" / "config.json"))
+    return f"guide {guide_dir} does not fit base {base_dir}: {problem}" if problem else None
 
 
 def _with_defaults(config_class, path: Path) -> dict:
@@ -217,12 +225,16 @@ def _with_defaults(config_class, path: Path) -> dict:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty} | read_json_object(path)
 
 
-def load_plug_and_play(base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None) -> PlugAndPlayPipeline | PlugAndPlayXLPipeline:
+def load_plug_and_play(
+    base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+) -> PlugAndPlayPipeline | PlugAndPlayXLPipeline:
     """Base SD or SDXL folder (default: embedded) + guide folder (default: the shipped tiny guide) + optional LoRA,
-    as a PlugAndPlayPipeline or, for an SDXL base, a PlugAndPlayXLPipeline."""
+    as a PlugAndPlayPipeline or, for an SDXL base, a PlugAndPlayXLPipeline, in `dtype` on `device` (the guide
+    follows the UNet: see `pipeline.follow_unet`)."""
     check_guide_fits_base(guide or default_guide_dir("tiny"), base or default_base_dir())  # before any weights load
     guide_model = load_guide(guide or default_guide_dir("tiny"))
-    sd = load_pipeline(base, lora)
+    sd = load_pipeline(base, lora, dtype, device)
     guide_model.check_compatible(sd.unet)
     pipe = (PlugAndPlayXLPipeline if isinstance(sd, StableDiffusionXLPipeline) else PlugAndPlayPipeline).from_pipe(sd, guide=guide_model)
     pipe.set_progress_bar_config(disable=True)
