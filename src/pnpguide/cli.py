@@ -158,27 +158,19 @@ def cmd_distill_steps(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .loading import load_plug_and_play
+    from .generate import GenerateRequest, check_request, generate
+    from .loading import load_plug_and_play, warn_if_truncated
 
-    from .loading import warn_if_truncated
-    from .schedules import parse_w_schedule
-
-    pipe = load_plug_and_play(args.base, args.guide, args.lora)
+    request = GenerateRequest(
+        args.prompt, args.out, args.negative_prompt, args.num_images, args.height, args.width, args.steps, args.w, args.w_schedule,
+        args.guidance_interval, args.mode, args.scheduler, args.seed, args.device, args.dtype,
+    )
+    device, dtype = check_request(request, args.base)  # before the slow part
+    pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
     warn_if_truncated(pipe.tokenizer, [args.prompt])
     pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)
-    steps = args.steps if args.steps is not None else (pipe.guide.config.trained_step_counts or [25])[0]  # step-distilled: its own count
-    w = 1.0 if args.mode == "none" else parse_w_schedule(args.w_schedule, steps) if args.w_schedule else args.w
-    image = pipe(args.prompt, guidance_scale=w, num_inference_steps=steps, generator=torch_generator(args.seed), mode=args.mode,
-                 guidance_interval=args.guidance_interval).images[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
-    print(f"image written to {args.out}")
-
-
-def torch_generator(seed: int):
-    import torch
-
-    return torch.Generator().manual_seed(seed)
+    paths = generate(pipe, request)
+    print(f"image{'s' if len(paths) > 1 else ''} written to {', '.join(map(str, paths))}")
 
 
 def cmd_demo(args) -> None:
@@ -303,9 +295,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser("generate", help="one image from a prompt, with the guide (default), CFG or no guidance")
+    p = sub.add_parser("generate", help="images from a prompt, with the guide (default), CFG or no guidance")
     p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt; only --mode cfg uses it (guides were distilled against the empty prompt)")
+    p.add_argument("--num-images", type=count, default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, ... (default: 1)")
+    p.add_argument("--height", type=count, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=count, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--scheduler", default=None, metavar="NAME", help=f"sampler, built from the base's scheduler config: {', '.join(_scheduler_names())} (default: the base's own)")
     _add_pipeline_flags(p)
+    _add_device_flags(p)
     p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: 1 UNet pass per step; cfg: 2; none: w=1")
     p.add_argument("--steps", type=count, default=None, help="sampling steps (default: 25, or a step-distilled guide's own count)")
     p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
@@ -319,7 +317,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="apply w only at timesteps T_LOW <= t <= T_HIGH (0..num_train_timesteps, e.g. 1000), w = 1 elsewhere "
         "(Kynkaanniemi et al. 2024); those steps run the UNet once, without guide or CFG (default: every step)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")
     p.set_defaults(handler=cmd_generate)
 
@@ -389,6 +387,18 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
     p.add_argument("--guide", default=None, help="guide folder, or a shipped guide: tiny, full, tiny-16step, tiny-8step (default: tiny)")
     if lora:
         p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="weights and activations; bfloat16 also speeds up CPU sampling (default: float32)")
+
+
+def _scheduler_names() -> list[str]:
+    from .schedulers import SCHEDULERS  # imports nothing heavy
+
+    return list(SCHEDULERS)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:

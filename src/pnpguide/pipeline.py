@@ -25,14 +25,31 @@ class GuidedSamplingMixin:
     """The guided sampling both pipelines run, once: a pipeline class adds it before its diffusers base and
     writes only `__call__` (prompt encoding, latents, decoding: the inherited diffusers helpers)."""
 
-    def check_guidance(self, num_inference_steps: int, mode: str) -> None:
-        """Our checks on top of the diffusers pipeline's check_inputs: mode and steps (w: see guidance_schedule)."""
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`, keeping the UNet's dtype: diffusers casts every shared component to float32
+        unless given `dtype`, which would silently turn a half-precision pipeline (and the original) into fp32."""
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = pipeline.unet.dtype
+        return super().from_pipe(pipeline, **kwargs)
+
+    def check_guidance(self, num_inference_steps: int, mode: str, height: int | None = None, width: int | None = None,
+                       negatives: tuple = ()) -> None:
+        """Our checks on top of the diffusers pipeline's check_inputs: mode, steps, the guide's dtype and device,
+        the image size (w: see guidance_schedule). `negatives`: the negative prompt arguments, which guide mode
+        ignores (with a warning)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "guide" and self.guide is None:
             raise ValueError("mode='guide' needs a guide: pass guide=GuideModel.from_pretrained(...) or use mode='cfg'")
+        if mode == "guide":
+            check_same_placement(self.guide, self.unet)
         if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if height is not None and width is not None:
+            check_image_size(height, width, size_multiple(self.vae, self.unet))
+        if mode == "guide" and any(n is not None for n in negatives):
+            warn_negative_prompt_ignored()
 
     def warn_untrained(self, schedule: list[float], num_inference_steps: int) -> None:
         """Warn when the guide runs at a w or step count it was not trained for: it extrapolates there."""
@@ -121,7 +138,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         if guide is not None:
             guide.check_compatible(unet)
             guide.check_text_encoder(text_encoder)
-        self.register_modules(guide=guide)
+        self.register_modules(guide=follow_unet(guide, unet))
 
     @torch.no_grad()
     def __call__(
@@ -154,7 +171,8 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         `(step_index, timestep) -> w`; `guidance_interval=(t_low, t_high)` applies w only at timesteps inside
         that range, w = 1 elsewhere (see :func:`pnpguide.schedules.guidance_schedule`). Steps at w = 1 run the
         UNet alone, once at batch B, in every mode.
-        `negative_prompt` only affects "cfg": the guide was distilled against the empty prompt.
+        `negative_prompt` only affects "cfg": the guide was distilled against the empty prompt, so "guide" mode
+        ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
         `on_model_output(t, model_input, model_output, prompt_embeds, added_cond_kwargs)` is called at every step (evaluation
         uses it to compare a method with the teacher on the method's own trajectory).
         A step-distilled guide samples on its own DDIM schedule (see :meth:`sampling_scheduler`).
@@ -165,7 +183,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        self.check_guidance(num_inference_steps, mode)
+        self.check_guidance(num_inference_steps, mode, height, width, (negative_prompt, negative_prompt_embeds))
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode, device)
@@ -197,3 +215,40 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         if not return_dict:
             return (image, None)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=None)
+
+
+def follow_unet(guide: GuideModel | None, unet) -> GuideModel | None:
+    """The guide on the UNet's device and in its dtype (cast in place, as `pipe.to` would): a guide loaded in fp32
+    and a UNet loaded in half precision otherwise meet as torch's "mat1 and mat2 must have the same dtype"."""
+    if guide is not None and (guide.dtype != unet.dtype or guide.device != unet.device):
+        guide.to(device=unet.device, dtype=unet.dtype)
+    return guide
+
+
+def check_same_placement(guide: GuideModel, unet) -> None:
+    """One line naming both dtypes (or devices) when the guide and the UNet were moved apart after registration."""
+    if guide.dtype != unet.dtype:
+        raise ValueError(f"the guide is {guide.dtype} but the UNet is {unet.dtype}: move both with pipe.to(dtype) (or guide.to({unet.dtype}))")
+    if guide.device != unet.device:
+        raise ValueError(f"the guide is on {guide.device} but the UNet is on {unet.device}: move both with pipe.to(device)")
+
+
+def size_multiple(vae, unet) -> int:
+    """What image sides must be a multiple of: the VAE's downsampling times the UNet's, 2^(down blocks - 1), so
+    that every skip connection the guide adds to is exactly as large as the decoder tensor it meets."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def check_image_size(height: int, width: int, multiple: int) -> None:
+    if height % multiple or width % multiple:
+        raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
+
+
+def warn_negative_prompt_ignored() -> None:
+    """The one place that says it, for both pipelines (Python shows a warning from one place once)."""
+    warnings.warn(
+        "negative_prompt is ignored in guide mode: the guide was distilled against the empty prompt. "
+        "Use mode='cfg' (--mode cfg) to apply a negative prompt.",
+        UserWarning,
+        stacklevel=3,  # the pipeline's __call__
+    )

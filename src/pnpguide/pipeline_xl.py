@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
 from .guide import GuideModel
-from .pipeline import GuidedSamplingMixin, ModelOutputHook
+from .pipeline import GuidedSamplingMixin, ModelOutputHook, follow_unet
 from .schedules import GuidanceScale
 
 
@@ -42,7 +42,7 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         if guide is not None:
             guide.check_compatible(unet)
             guide.check_text_encoder(text_encoder, text_encoder_2)
-        self.register_modules(guide=guide)
+        self.register_modules(guide=follow_unet(guide, unet))
 
     @torch.no_grad()
     def __call__(
@@ -83,7 +83,8 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        self.check_guidance(num_inference_steps, mode)
+        self.check_guidance(num_inference_steps, mode, height, width,
+                            (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds))
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode, device)

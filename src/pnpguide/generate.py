@@ -1,0 +1,86 @@
+"""`pnpguide generate`: images from one prompt, written as PNG files; everything checkable is checked before loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config_checks import read_json_object
+from .devices import resolve_device, resolve_dtype
+from .pipeline import check_image_size
+from .schedulers import check_scheduler_name, scheduler_from_name
+from .schedules import parse_w_schedule
+
+
+@dataclass
+class GenerateRequest:
+    """What to generate; `None` sizes and steps mean the model's defaults."""
+
+    prompt: str
+    out: str = "image.png"  # PNG file; with several images, numbered: image-0.png, image-1.png, ...
+    negative_prompt: str | None = None  # cfg mode only: guide mode ignores it (with a warning)
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None  # None: 25, or a step-distilled guide's own count
+    guidance_scale: float = 7.5
+    w_schedule: str | None = None  # "W1,W2,..." or "linear:W0:W1" (see schedules.parse_w_schedule)
+    guidance_interval: tuple[float, float] | None = None
+    mode: str = "guide"
+    scheduler: str | None = None  # a name in schedulers.SCHEDULERS; None: the base's own
+    seed: int = 0  # image i uses seed + i, so adding images never changes the earlier ones
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str = "float32"
+
+
+def check_request(request: GenerateRequest, base: str | Path | None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to load in, after the checks that need no weights: device, dtype, scheduler, size."""
+    device = resolve_device(request.device)
+    dtype = resolve_dtype(request.dtype, device)
+    if request.scheduler is not None:
+        check_scheduler_name(request.scheduler)
+    if request.height is not None or request.width is not None:
+        from .loading import check_model_dir, default_base_dir
+
+        folder = check_model_dir(base or default_base_dir())
+        multiple = folder_size_multiple(folder)
+        default = read_json_object(folder / "unet" / "config.json").get("sample_size", 64) * _vae_factor(folder)
+        check_image_size(request.height or default, request.width or default, multiple)
+    return device, dtype
+
+
+def generate(pipe, request: GenerateRequest) -> list[Path]:
+    """Sample `request.num_images` images with `pipe` (a PlugAndPlayPipeline or its SDXL twin) and write them."""
+    if request.scheduler is not None:
+        pipe.scheduler = scheduler_from_name(request.scheduler, pipe.scheduler.config)
+    steps = request.steps if request.steps is not None else (pipe.guide.config.trained_step_counts or [25])[0]
+    w = 1.0 if request.mode == "none" else parse_w_schedule(request.w_schedule, steps) if request.w_schedule else request.guidance_scale
+    generators = [torch.Generator().manual_seed(request.seed + i) for i in range(request.num_images)]
+    images = pipe(
+        request.prompt, height=request.height, width=request.width, negative_prompt=request.negative_prompt,
+        num_images_per_prompt=request.num_images, guidance_scale=w, num_inference_steps=steps, generator=generators,
+        mode=request.mode, guidance_interval=request.guidance_interval,
+    ).images
+    paths = output_paths(request.out, len(images))
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+def output_paths(out: str | Path, count: int) -> list[Path]:
+    """`out` itself for one image; `stem-0.png`, `stem-1.png`, ... beside it for several."""
+    out = Path(out)
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def folder_size_multiple(folder: Path) -> int:
+    """pipeline.size_multiple, from a model folder's config files (no weights loaded)."""
+    unet_blocks = len(read_json_object(folder / "unet" / "config.json").get("block_out_channels", (0,) * 4))
+    return _vae_factor(folder) * 2 ** (unet_blocks - 1)
+
+
+def _vae_factor(folder: Path) -> int:
+    return 2 ** (len(read_json_object(folder / "vae" / "config.json").get("block_out_channels", (0,) * 4)) - 1)
