@@ -59,6 +59,14 @@ def test_stage1_trains_on_an_image_folder(sd15_dir, tmp_path):
     assert json.loads((run / "config.json").read_text())["source"] == "images"
 
 
+def test_mix_on_a_real_base_is_images_plus_trajectories_over_their_captions(sd15_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(_distill(sd15_dir, run, "--source", "mix", "--images", str(_image_folder(tmp_path / "images")))) == 0
+    assert (run / "image-latents" / INDEX).is_file() and (run / "guide" / "config.json").is_file()
+    ids = _shard(run / "trajectories" / "shard-00000.safetensors", "prompt_ids")
+    assert len(ids) == 2 * 2 and int(ids.max()) < 3  # indices into the three images' captions
+
+
 def test_stage1_from_prompts_at_another_resolution(sd15_dir, prompts, tmp_path):
     run = tmp_path / "run"
     assert main(_distill(sd15_dir, run, "--prompts", str(prompts), "--resolution", "128")) == 0
@@ -76,6 +84,16 @@ def test_stage2_from_prompts_noises_teacher_samples(sd15_dir, prompts, tmp_path)
     assert GuideModel.from_pretrained(run / "guide-2").config.trained_step_counts == [2]
     shard = run / "trajectories" / "shard-00000.safetensors"
     assert _shard(shard, "latents").shape == (2, 4, 8, 8) and _shard(shard, "timesteps") is None  # final latents only
+
+
+def test_stage2_on_sdxl_from_prompts(sdxl_dir, prompts, tmp_path):
+    GuideModel.from_unet(load_pipeline(sdxl_dir).unet, "tiny").save_pretrained(tmp_path / "stage1")
+    run = tmp_path / "steps"
+    flags = ["--threads", "1", "distill-steps", "--base", str(sdxl_dir), "--guide", str(tmp_path / "stage1"), "--prompts", str(prompts),
+             "--teacher-steps", "4", "--student-steps", "2", "--output-dir", str(run), "--resolution", "48", *FAST]
+    assert main(flags) == 0
+    assert (run / "guide-2" / "config.json").is_file()
+    assert _shard(run / "trajectories" / "shard-00000.safetensors", "latents").shape == (2, 4, 6, 6)  # 48 px / 8
 
 
 def test_stage1_on_sdxl_from_prompts(sdxl_dir, prompts, tmp_path):
