@@ -161,6 +161,30 @@ def test_a_shard_pool_reads_rows_across_shards_in_the_order_asked(tiny_base_dir,
     assert rows.latents.flatten().tolist() == [22.0, 0.0, 11.0, 10.0] and rows.prompts == ["two", "zero", "one", "one"]
 
 
+class FakeRank:
+    """What write_shards asks of an Accelerator, for one rank of a data-parallel run."""
+
+    def __init__(self, rank, world_size):
+        self.process_index, self.num_processes, self.is_main_process = rank, world_size, rank == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_ranks_write_disjoint_shards_and_rank_0_indexes_them(tmp_path):
+    from pnpguide.shards import write_shards
+
+    written = {0: [], 1: []}
+
+    def make(rank):
+        return lambda n: written[rank].append(n) or {"latents": torch.zeros(2, 1, 1, 1), "prompt_ids": torch.zeros(2, dtype=torch.long)}
+
+    write_shards(tmp_path, 5, make(1), {"kind": "test"}, FakeRank(1, 2))  # the second rank first: it must not write the index
+    assert written[1] == [1, 3] and not (tmp_path / INDEX).exists()
+    write_shards(tmp_path, 5, make(0), {"kind": "test"}, FakeRank(0, 2))
+    assert written[0] == [0, 2, 4] and len(ShardPool(tmp_path, ["p"])) == 10
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad data: one line, exit code 2, nothing written, no model loaded
 
