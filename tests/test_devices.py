@@ -1,0 +1,109 @@
+"""Devices, dtypes and GPU readiness: the guide follows the pipeline, mismatches are one line, shipped names load,
+attention heads suit fused kernels, and a UNet + guide step compiles as one graph."""
+
+import pytest
+import torch
+import torch._dynamo
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+from conftest import tiny_unet
+from pnpguide.devices import resolve_device, resolve_dtype
+from pnpguide.evaluation.speed import SD15, SDXL
+from pnpguide.guide import GuideModel
+from pnpguide.loading import shipped_guide_dirs
+from pnpguide.pipeline import PlugAndPlayPipeline
+from pnpguide.teacher import feature_tap, guided_noise_pred
+
+
+def _pipe(tiny_components, dtype=torch.float32):
+    return StableDiffusionPipeline(**tiny_components).to(dtype=dtype)
+
+
+def test_from_pipe_keeps_the_dtype_and_casts_the_guide_to_it(tiny_components):
+    sd = _pipe(tiny_components, torch.bfloat16)
+    guide = GuideModel.from_unet(sd.unet, "tiny")
+    assert guide.dtype == torch.float32
+    pipe = PlugAndPlayPipeline.from_pipe(sd, guide=guide)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.guide.dtype == torch.bfloat16  # diffusers alone: float32
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="latent").images
+    assert image.dtype == torch.bfloat16
+
+
+def test_pipe_to_moves_the_guide_with_the_unet(tiny_components):
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe.to(torch.bfloat16)
+    assert pipe.guide.dtype == torch.bfloat16
+
+
+def test_a_guide_moved_apart_from_the_unet_is_one_line_naming_both_dtypes(tiny_components):
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe.unet.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"the guide is torch.float32 but the UNet is torch.bfloat16: move both with pipe.to"):
+        pipe("a red circle", num_inference_steps=1, output_type="latent")
+    pipe.to(torch.bfloat16)  # what the message says to do
+    assert pipe("a red circle", num_inference_steps=1, output_type="latent").images.dtype == torch.bfloat16
+
+
+def test_devices_and_dtypes_resolve_or_fail_in_one_line():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("float16", "cpu") is torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("name", ["tiny", "full", "tiny-16step", "tiny-8step"])
+def test_guide_from_pretrained_takes_the_shipped_names(name):
+    assert name in [p.name for p in shipped_guide_dirs()]
+    guide = GuideModel.from_pretrained(name)
+    assert guide.config.size == name.split("-")[0]
+
+
+def test_an_unknown_guide_name_lists_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="no guide folder or shipped guide named 'tinny'.*tiny, tiny-16step, tiny-8step"):
+        GuideModel.from_pretrained("tinny")
+
+
+@pytest.mark.parametrize("config", [SD15, SDXL], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+def test_tiny_guide_attention_heads_are_multiples_of_8_wide(config, reads):
+    with torch.device("meta"):
+        guide = GuideModel.from_unet(UNet2DConditionModel(**config), "tiny", reads=reads)
+    attentions = [m for m in guide.modules() if isinstance(m, Attention)]
+    assert attentions
+    assert all(m.inner_dim // m.heads % 8 == 0 for m in attentions), [m.inner_dim // m.heads for m in attentions]
+
+
+def _randomised(guide):
+    torch.manual_seed(2)
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return guide.eval()
+
+
+@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+def test_a_guided_step_compiles_as_one_graph(reads):
+    """fullgraph=True fails on any graph break; the "eager" backend proves that without a C++ toolchain (inductor
+    compiles the same graph, but takes minutes on this CPU)."""
+    unet = tiny_unet().eval()
+    guide = _randomised(GuideModel.from_unet(unet, "tiny", reads=reads))
+    feature_tap(unet)  # hooks are registered eagerly, once; inside the graph only their state changes
+
+    def step(sample, timestep, embeds):
+        return guided_noise_pred(unet, guide, sample, timestep, embeds, 5.0)
+
+    torch.manual_seed(0)
+    sample, timestep, embeds = torch.randn(2, 4, 8, 8), torch.tensor(500), torch.randn(2, 6, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(step, fullgraph=True, backend="eager")(sample, timestep, embeds)
+        eager = step(sample, timestep, embeds)
+    assert not torch.equal(eager, unet(sample, timestep, embeds).sample)  # the guide does act
+    torch.testing.assert_close(compiled, eager)
