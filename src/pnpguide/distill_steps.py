@@ -36,6 +36,8 @@ FIRST_TEACHERS = ("cfg", "guide")
 
 @dataclass
 class StepDistillConfig(SourceConfig):
+    SOURCES: ClassVar[tuple[str, ...]] = ("shapes", "trajectories", "images")  # no "mix": students learn on clean latents noised onto their grid
+
     output_dir: str = "runs/steps"
     base: str | None = None  # SD or SDXL folder (default: the embedded model)
     guide: str | None = None  # stage-1 guide to start from (default: the shipped tiny guide)
@@ -49,7 +51,6 @@ class StepDistillConfig(SourceConfig):
     learning_rate: float = 2e-4
     lr_warmup_steps: int = 20
     checkpointing_steps: int = 200
-    SOURCES: ClassVar[tuple[str, ...]] = ("shapes", "trajectories", "images")  # no "mix": students learn on clean latents noised onto their grid
 
     def __post_init__(self):
         super().__post_init__()

@@ -104,12 +104,12 @@ def resolve_source(config: SourceConfig) -> str:
         raise ValueError(f"--prompts is read by source 'trajectories' only; source {source!r} takes the captions of its data")
     if source == "trajectories" and config.prompts is None and not embedded:
         raise ValueError("a --base needs training prompts or images: pass --prompts FILE (teacher trajectories) or --images DIR (images + metadata.jsonl)")
-    if source == "images" and config.images is None or source == "mix" and config.images is None and not embedded:
+    if config.images is None and (source == "images" or (source == "mix" and not embedded)):
         raise ValueError(f"source {source!r} needs --images DIR (image files plus a metadata.jsonl of file_name and text)")
     if config.resolution is not None:
         if config.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {config.resolution}")
-        if source == "shapes" or source == "mix" and config.images is None:
+        if source == "shapes" or (source == "mix" and config.images is None):
             raise ValueError("the shapes data is drawn at the embedded model's own resolution; leave out --resolution")
     return source
 
