@@ -173,10 +173,20 @@ def cmd_generate(args) -> None:
     print(f"image{'s' if len(paths) > 1 else ''} written to {', '.join(map(str, paths))}")
 
 
+def placement(args):
+    """(torch.device, torch.dtype) from --device and --dtype, checked to run here before any model loads."""
+    from .devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo, timing_table
 
-    grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    device, dtype = placement(args)
+    grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                             device=device, dtype=dtype)
     print(timing_table(timings))
     print(f"\ngrid (rows: no guidance | CFG teacher | guide | step-distilled guides) written to {grid}")
 
@@ -185,7 +195,8 @@ def cmd_fidelity(args) -> None:
     from .evaluation.fidelity import fidelity, fidelity_markdown
     from .loading import load_plug_and_play
 
-    pipe = load_plug_and_play(args.base, args.guide, args.lora)
+    device, dtype = placement(args)
+    pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
     rows = fidelity(pipe, args.style, args.prompts, args.scales, args.steps_list, args.seed)
     name = f"{args.base or 'embedded base'}{' + ' + args.lora if args.lora else ''}, guide {args.guide or 'shipped tiny'}"
     print(fidelity_markdown(rows, name))
@@ -227,14 +238,16 @@ def cmd_judge_accuracy(args) -> None:
 def cmd_sample_grid(args) -> None:
     from .embedded.base_report import base_grid
 
-    path = base_grid(args.base, args.out, args.lora, args.style, args.steps, args.seed)
+    device, dtype = placement(args)
+    path = base_grid(args.base, args.out, args.lora, args.style, args.steps, args.seed, dtype, device)
     print(f"grid written to {path}")
 
 
 def cmd_base_adherence(args) -> None:
     from .embedded.base_report import base_adherence_table
 
-    print(base_adherence_table(args.base, args.lora, args.style, args.prompts, args.steps, args.scales, args.seed, args.split))
+    device, dtype = placement(args)
+    print(base_adherence_table(args.base, args.lora, args.style, args.prompts, args.steps, args.scales, args.seed, args.split, dtype, device))
 
 
 CONFIG_CLASSES = {  # command -> "module:ConfigClass", imported only when that command runs (or shows its --help)
@@ -293,6 +306,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=count, default=25, help="sampling steps (default: 25)")
     p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_device_flags(p)
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("generate", help="images from a prompt, with the guide (default), CFG or no guidance")
@@ -341,6 +355,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scales", type=guidance_scale, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales (default: 3 5 7.5)")
     p.add_argument("--steps-list", type=count, nargs="+", default=[16, 25], help="step counts (default: 16 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_device_flags(p)
     p.set_defaults(handler=cmd_fidelity)
 
     p = sub.add_parser("eval", help="FID, adherence, fidelity to CFG, compute and speed of none | cfg | guides; report + plots")
@@ -407,6 +422,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette")
     p.add_argument("--steps", type=count, default=25, help="sampling steps")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_device_flags(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .embedded.base_report import grid_captions
 from .evaluation.plots import captioned_grid
 from .evaluation.sampling import generate_images
 from .evaluation.speed import UNetCallCounter, median_seconds, step_cost
 from .guide import GuideModel
 from .loading import load_guide, load_plug_and_play, shipped_guide_dirs
+from .pipeline import follow_unet
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ def run_demo(
     guidance_scale: float = 7.5,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ):
     """Write `grid.png` and return one ModeTiming per row (wall time measured here, FLOPs counted).
 
@@ -55,13 +60,13 @@ def run_demo(
     """
     say = progress or (lambda line: None)
     say(f"loading the embedded base and the {guide or 'tiny'} guide")
-    pipe = load_plug_and_play(guide=guide)
+    pipe = load_plug_and_play(guide=guide, dtype=dtype, device=device)
     captions = grid_captions()
     images, timings = {}, []
     rows = demo_rows(pipe.guide, steps)
     for number, row in enumerate(rows, 1):
         say(f"[{number}/{len(rows)}] {row.label}, {row.steps} steps: sampling {len(captions)} images, then timing them")
-        pipe.guide = row.guide  # None for "none" and "cfg": they never call it
+        pipe.guide = follow_unet(row.guide, pipe.unet)  # None for "none" and "cfg": they never call it
         w = 1.0 if row.mode == "none" else guidance_scale
         cost = step_cost(pipe.unet, row.guide, tokens=pipe.tokenizer.model_max_length)
         flops = {"none": cost.unet, "cfg": cost.cfg, "guide": cost.guided}[row.mode] * row.steps

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from . import shapes
 from ..loading import load_pipeline
 from .adherence import FAILURE_KINDS, failure_counts, relation_accuracy
@@ -15,9 +17,10 @@ def grid_captions() -> list[str]:
     return shapes.heldout_captions(4, objects=1) + shapes.heldout_captions(4, objects=2)
 
 
-def base_grid(base: str | None, out: str | Path, lora: str | None = None, style: str = "flat", steps: int = 25, seed: int = 0) -> Path:
+def base_grid(base: str | None, out: str | Path, lora: str | None = None, style: str = "flat", steps: int = 25, seed: int = 0,
+              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Path:
     """Held-out captions (columns) at w = 1 and w = 7.5 (rows), same seeds."""
-    pipe = load_pipeline(base, lora)
+    pipe = load_pipeline(base, lora, dtype, device)
     captions = grid_captions()
     rows = {f"w={w}": generate_images(pipe, captions, w, steps, seed, progress=False) for w in (1.0, 7.5)}
     name = Path(base).name if base else "embedded base"
@@ -33,13 +36,15 @@ def base_adherence_table(
     scales: list[float],
     seed: int = 0,
     split: str = "heldout",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> str:
     """Markdown table: adherence on `prompts` one-object and two-object captions of `split` per w.
 
     The two-object failures are split by the judge's first failed check, and the relation column says
     how often an image that drew both objects right also put them the right way round.
     """
-    pipe = load_pipeline(base, lora)
+    pipe = load_pipeline(base, lora, dtype, device)
     lines = [
         "| w | one object | two objects | two objects: relation right when both objects are | two-object failures: "
         + " / ".join(FAILURE_KINDS)
