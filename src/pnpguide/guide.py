@@ -52,7 +52,9 @@ class GuideOutput(BaseOutput):
     """
 
     down_block_additional_residuals: tuple[torch.Tensor, ...]
-    mid_block_additional_residual: torch.Tensor
+    # None only while BaseOutput rebuilds an output from a mapping (accelerate does, casting a mixed-precision model's
+    # outputs back to fp32): `GuideOutput({...})` then fills both fields from it
+    mid_block_additional_residual: torch.Tensor = None
 
 
 @dataclass

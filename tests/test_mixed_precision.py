@@ -1,0 +1,27 @@
+"""`--mixed-precision bf16` on the CPU: accelerate's autocast wrapper rebuilds the guide's output from a mapping when
+it casts it back to fp32, and the guide trains and saves in fp32."""
+
+import pytest
+import torch
+
+from conftest import distill_flags
+from pnpguide.cli import main
+from pnpguide.guide import GuideModel, GuideOutput
+
+
+def test_a_guide_output_can_be_rebuilt_from_a_mapping_as_accelerate_does():
+    output = GuideOutput((torch.ones(1), torch.zeros(1)), torch.full((1,), 2.0))
+    rebuilt = type(output)({key: value for key, value in output.items()})  # accelerate's recursively_apply
+    assert rebuilt.mid_block_additional_residual.item() == 2.0
+    assert len(rebuilt.down_block_additional_residuals) == 2
+
+
+@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+def test_distill_with_bf16_mixed_precision_trains_an_fp32_guide(tiny_base_dir, prompt_file, tmp_path, reads):
+    out = tmp_path / "run"
+    assert main(distill_flags(tiny_base_dir, prompt_file, out, mixed_precision="bf16", reads=reads)) == 0
+    guide = GuideModel.from_pretrained(str(out / "guide"))
+    assert guide.dtype == torch.float32
+    projections = guide.skip_heads[0].proj_out if reads == "unet_features" else guide.down_projections[0]
+    assert projections.weight.abs().sum() > 0  # moved away from the zero init
+    assert all(torch.isfinite(p).all() for p in guide.parameters())
