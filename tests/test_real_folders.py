@@ -148,3 +148,26 @@ def test_generate_on_an_sdxl_folder_with_a_guide(sdxl_dir, tmp_path, reads):
 def test_load_plug_and_play_builds_the_xl_pipeline_for_sdxl(sdxl_dir, sdxl_guide, sd15_dir, sd15_guide):
     assert type(load_plug_and_play(sdxl_dir, sdxl_guide)) is PlugAndPlayXLPipeline
     assert type(load_plug_and_play(sd15_dir, sd15_guide)) is PlugAndPlayPipeline
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_eval_on_a_real_folder_skips_the_shapes_metrics_and_reports_the_gaps(kind, request, tmp_path):
+    base, guide = request.getfixturevalue(f"{kind}_dir"), request.getfixturevalue(f"{kind}_guide")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na cat on a car\n")
+    out = tmp_path / "eval"
+    args = ["--threads", "1", "eval", "--base", str(base), "--guide", str(guide), "--prompts", str(prompts), "--images", "2",
+            "--steps", "2", "--scales", "3", "--no-speed", "--json", "--out-dir", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "report.json").read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == {"none", "cfg", f"guide:{guide.name}"}
+    assert all(row["fid"] is None and row["adherence"] is None for row in rows.values())
+    assert rows["cfg"]["step_gap_closed"] == pytest.approx(1.0) and rows["none"]["step_gap_closed"] == pytest.approx(0.0)
+    untrained = rows[f"guide:{guide.name}"]  # a zero-initialised guide is exactly the conditional model
+    assert untrained["image_gap_closed"] == pytest.approx(0.0, abs=1e-6) and untrained["step_gap_closed"] == pytest.approx(0.0, abs=1e-6)
+    steps = rows["none"]["unet_evals_per_image"]  # PNDM (SD 1.5's) takes one more model call than its step count
+    assert rows["cfg"]["unet_evals_per_image"] == 2 * steps and untrained["unet_evals_per_image"] == steps == untrained["guide_evals_per_image"]
+    report = (out / "report.md").read_text()
+    assert "image gap closed" in report and "step gap closed" in report
+    assert "not of the embedded shapes world: adherence (the shapes judge) and FID" in report

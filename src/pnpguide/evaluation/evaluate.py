@@ -19,17 +19,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..conditioning import Conditioning, encode_negative
 from ..embedded import shapes
 from ..embedded.adherence import judge, parse_caption
 from ..loading import ASSETS_DIR, load_guide, load_pipeline, shipped_guide_dirs
 from ..pipeline import PlugAndPlayPipeline
 from ..sources import read_prompt_file
-from ..teacher import cfg_noise_pred
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
-from .sampling import mean_psnr
+from .sampling import as_plug_and_play, mean_psnr
 from .speed import UNetCallCounter, median_seconds, parameter_count, peak_memory_bytes, step_cost
-from .teacher_states import TeacherTrajectory
+from .teacher_states import TeacherTrajectory, negative_inputs
 
 METHODS = ("none", "cfg", "guide")
 FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra model call per step and row)
@@ -150,24 +150,26 @@ def _judgeable(prompts: list[str]) -> bool:
 
 @torch.no_grad()
 def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps: int, w: float, seed: int, batch_size: int,
-           negative_embeds: torch.Tensor | None = None, teacher_scale: float | None = None,
+           negative: Conditioning | None = None, teacher_scale: float | None = None,
            trajectory: TeacherTrajectory | None = None) -> tuple[list[Image.Image], float | None, UNetCallCounter]:
-    """Images i from the generator seeded `seed * 1_000_003 + i`; with `negative_embeds`, also the mean per-step
+    """Images i from the generator seeded `seed * 1_000_003 + i`; with `negative` (one row of CFG's unconditional
+    input, :func:`pnpguide.conditioning.encode_negative`), also the mean per-step
     squared error between the method's model output and the CFG teacher's (at `teacher_scale`, default w) on the
     method's own trajectory, for the first FIDELITY_SUBSET images. The cfg method instead records its states
     for those images into `trajectory`, if given."""
     pipe.guide = method.guide
     counter, errors, images = UNetCallCounter(pipe.unet), [], []
 
-    def compare(t, model_input, output, prompt_embeds):
+    def compare(t, model_input, output, prompt_embeds, added_cond_kwargs=None):
         with counter.paused():  # the teacher calls made for the comparison are not the method's cost
-            teacher = cfg_noise_pred(pipe.unet, model_input, t, prompt_embeds, negative_embeds.expand_as(prompt_embeds), teacher_scale or w)
+            teacher = pipe.mode_noise_pred("cfg", model_input, t, prompt_embeds, guidance_scale=teacher_scale or w, added_cond_kwargs=added_cond_kwargs,
+                                           **negative_inputs(negative, len(prompt_embeds), added_cond_kwargs))
         errors.append(float((output.float() - teacher.float()).pow(2).mean()))
 
     if method.mode == "cfg":
         hook = trajectory.record if trajectory is not None else None
     else:
-        hook = compare if negative_embeds is not None else None
+        hook = compare if negative is not None else None
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=f"{method.name} {steps} steps w={w}", leave=False):
             batch = prompts[start : start + batch_size]
@@ -177,7 +179,7 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
             images += output.images
     finally:
         counter.close()
-    mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative_embeds is not None else None)
+    mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative is not None else None)
     return images, mse, counter
 
 
@@ -228,22 +230,38 @@ def _settings(methods: list[Method], config: EvalConfig) -> list[tuple[Method, i
     return settings
 
 
-def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, scorer: FidScorer | None, timing: bool) -> tuple[list[Row], dict]:
-    """All rows for one model, and the images of the grid (first `grid_prompts` prompts, first seed, largest w)."""
+def draws_shapes(pipe) -> bool:
+    """Whether the model is of the embedded shapes world, the only one the adherence judge and the shapes FID
+    features can score: its models read prompts with the BERT encoder embedded.components builds, while SD 1.x,
+    2.x and SDXL checkpoints read them with CLIP."""
+    return type(pipe.text_encoder).__name__ == "BertModel" and getattr(pipe, "text_encoder_2", None) is None
+
+
+def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, scorer: FidScorer | None, timing: bool,
+                   notes: list[str] | None = None) -> tuple[list[Row], dict]:
+    """All rows for one model, and the images of the grid (first `grid_prompts` prompts, first seed, largest w).
+    Metrics that cannot apply to the model are skipped, with a sentence appended to `notes`."""
     sd = load_pipeline(spec.base, spec.lora)
     if config.device != "cpu":
         sd = sd.to(config.device)
-    pipe = PlugAndPlayPipeline.from_pipe(sd)
+    pipe = as_plug_and_play(sd)  # PlugAndPlayXLPipeline for an SDXL folder
     pipe.set_progress_bar_config(disable=True)
     for method in methods:
         if method.guide is not None:
             method.guide.check_compatible(pipe.unet)
-            method.guide.check_text_encoder(pipe.text_encoder)
+            method.guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     prompts = eval_prompts(config)
-    judgeable = _judgeable(prompts)
+    shapes_world = draws_shapes(pipe)
+    judgeable = shapes_world and _judgeable(prompts)
+    if not shapes_world and (scorer is None or config.fid_features == "shapes" or config.reference is None):
+        scorer = None  # the shapes FID network and held-out shapes images say nothing about another model's images
+    if not shapes_world and notes is not None:
+        notes.append(f"{spec.name}: a {type(sd).__name__} checkpoint, not of the embedded shapes world: adherence (the shapes judge) "
+                     + ("skipped; FID with the given reference." if scorer else "and FID (shapes features or no --reference) skipped."))
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if scorer is not None:
-        scorer.set_reference(spec.style, len(prompts), image_size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    negative = pipe.encode_prompt("", pipe.device, 1, False)[0]
+        scorer.set_reference(spec.style, len(prompts), image_size=resolution)
+    negative = encode_negative(pipe, pipe.device, resolution)
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
     rows, grid, references = [], {}, _References()
@@ -267,7 +285,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
             if seed == config.seeds[0] and w in (1.0, max(config.scales)) and _in_grid(method, steps, config):
                 grid[(method.name, steps)] = images[: config.grid_prompts]
         _fill_quality(row, per_seed)
-        _fill_compute(row, method, costs[method.name], steps, pipe)
+        _fill_compute(row, method, costs[method.name], pipe)
         if timing and (method.mode == "none" or w == max(config.scales)):
             _fill_speed(row, pipe, method, prompts, steps, w)
         rows.append(row)
@@ -331,8 +349,8 @@ def _fill_quality(row: Row, per_seed: dict) -> None:
         row.step_gap_closed, row.step_gap_closed_per_timestep = step_gaps(per_seed["step_errors"], per_seed["step_baselines"])
 
 
-def _fill_compute(row: Row, method: Method, cost, steps: int, pipe) -> None:
-    row.guide_evals_per_image = float(steps) if method.mode == "guide" else 0.0
+def _fill_compute(row: Row, method: Method, cost, pipe) -> None:
+    row.guide_evals_per_image = row.unet_evals_per_image if method.mode == "guide" else 0.0  # one guide call per UNet call (PNDM makes steps + 1)
     row.gflops_per_image = (row.unet_evals_per_image * cost.unet + row.guide_evals_per_image * cost.guide) / 1e9
     row.parameters = parameter_count(pipe.unet) + (parameter_count(method.guide) if method.guide is not None else 0)
 
@@ -366,11 +384,12 @@ def run_eval(config: EvalConfig) -> dict:
     evaluations = sum(steps * (2 if method.mode == "cfg" else 1) for method, steps, _ in settings) * config.images * len(config.seeds)
     tqdm.write(f"pnpguide eval: {len(specs)} model(s) x {len(settings)} settings x {config.images} images x {len(config.seeds)} seed(s) "
                f"= {evaluations * len(specs):,} UNet evaluations (the embedded UNet does ~150-200 per second per CPU core)", file=sys.stderr)
-    rows, grids = [], {}
+    rows, grids, notes = [], {}, []
     for index, spec in enumerate(specs):
-        model_rows, grids[spec.name] = evaluate_model(spec, methods, config, scorer, timing=config.speed and index == 0)
+        model_rows, grids[spec.name] = evaluate_model(spec, methods, config, scorer, timing=config.speed and index == 0, notes=notes)
         rows += model_rows
     result = {
+        "notes": notes,
         "config": dataclasses.asdict(config),
         "fid_features": scorer.describe() if scorer else None,
         "environment": {"torch": torch.__version__, "device": config.device, "threads": torch.get_num_threads(), "machine": platform.machine()},

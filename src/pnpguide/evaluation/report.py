@@ -72,6 +72,7 @@ def markdown(result: dict) -> str:
                  "relative to no guidance's; *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
                  f"the conditional output, on the first {_step_gap_images(result['rows'])} images of each seed (per step: `step_gap_closed_per_timestep` in report.json).")
     lines.append("Speed: whole pipeline calls (text encoder, sampling, VAE), median of 3 after a warm-up, on the first model only.")
+    lines += [f"Note: {note}" for note in result.get("notes", [])]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         lines += ["", f"## {model}", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in (r for r in result["rows"] if r["model"] == model):

@@ -7,18 +7,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffusers import StableDiffusionXLPipeline
+
 from ..pipeline import PlugAndPlayPipeline
+from ..pipeline_xl import PlugAndPlayXLPipeline
 
 
-def as_plug_and_play(pipe) -> PlugAndPlayPipeline:
-    """The same components as a PlugAndPlayPipeline, keeping `pipe`'s progress-bar setting.
+def as_plug_and_play(pipe) -> PlugAndPlayPipeline | PlugAndPlayXLPipeline:
+    """The same components as a PlugAndPlayPipeline (PlugAndPlayXLPipeline for SDXL), keeping `pipe`'s progress-bar setting.
 
     diffusers' `from_pipe` starts with a fresh progress-bar config, which printed a 25-step bar for
     every batch under the evaluation's own bar.
     """
-    if isinstance(pipe, PlugAndPlayPipeline):
+    if isinstance(pipe, (PlugAndPlayPipeline, PlugAndPlayXLPipeline)):
         return pipe
-    plug_and_play = PlugAndPlayPipeline.from_pipe(pipe)
+    plug_and_play = (PlugAndPlayXLPipeline if isinstance(pipe, StableDiffusionXLPipeline) else PlugAndPlayPipeline).from_pipe(pipe)
     plug_and_play.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return plug_and_play
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..conditioning import Conditioning
 from ..pipeline import PlugAndPlayPipeline
 
 
@@ -19,6 +20,7 @@ class TeacherState:
     sample: torch.Tensor  # (B, C, h, w): the scaled model input at this step, on the CPU
     prompt_embeds: torch.Tensor  # (B, tokens, dim), on the CPU
     cfg_output: torch.Tensor  # (B, C, h, w): the teacher's output, on the CPU
+    added_cond_kwargs: dict | None = None  # SDXL: text_embeds (B, dim) and time_ids (B, 6), on the CPU
 
 
 class TeacherTrajectory:
@@ -29,12 +31,13 @@ class TeacherTrajectory:
     def __init__(self):
         self.states: list[TeacherState] = []
         self._baselines: dict[int, float] | None = None
-        self._embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # (the pipeline's tensor, its CPU copy)
+        self._embeds: tuple[torch.Tensor, torch.Tensor, dict | None] | None = None  # (the pipeline's tensor, CPU copies)
 
-    def record(self, t, model_input: torch.Tensor, output: torch.Tensor, prompt_embeds: torch.Tensor) -> None:
+    def record(self, t, model_input: torch.Tensor, output: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None) -> None:
         if self._embeds is None or self._embeds[0] is not prompt_embeds:  # one copy per batch, not one per step
-            self._embeds = (prompt_embeds, prompt_embeds.cpu())
-        self.states.append(TeacherState(int(t), model_input.cpu(), self._embeds[1], output.float().cpu()))
+            added = None if added_cond_kwargs is None else {k: v.cpu() for k, v in added_cond_kwargs.items()}
+            self._embeds = (prompt_embeds, prompt_embeds.cpu(), added)
+        self.states.append(TeacherState(int(t), model_input.cpu(), self._embeds[1], output.float().cpu(), self._embeds[2]))
 
     @property
     def images(self) -> int:
@@ -43,20 +46,31 @@ class TeacherTrajectory:
 
     @torch.no_grad()
     def squared_errors(self, pipe: PlugAndPlayPipeline, mode: str, guidance_scale: float,
-                       negative_embeds: torch.Tensor) -> tuple[dict[int, float], dict[int, float]]:
+                       negative: Conditioning) -> tuple[dict[int, float], dict[int, float]]:
         """timestep -> summed ||output - CFG output||^2 over the recorded images, for `mode` (with `pipe.guide`
         at `guidance_scale`) and for the conditional model (the baseline, computed once with the same call
-        that mode "none" makes, so that "none" scores exactly 0)."""
+        that mode "none" makes, so that "none" scores exactly 0). `negative`: one row, CFG's unconditional input."""
         if self._baselines is None:
-            self._baselines = self._errors(pipe, "none", 1.0, negative_embeds)
-        return self._errors(pipe, mode, guidance_scale, negative_embeds), self._baselines
+            self._baselines = self._errors(pipe, "none", 1.0, negative)
+        return self._errors(pipe, mode, guidance_scale, negative), self._baselines
 
-    def _errors(self, pipe, mode: str, guidance_scale: float, negative_embeds: torch.Tensor) -> dict[int, float]:
+    def _errors(self, pipe, mode: str, guidance_scale: float, negative: Conditioning) -> dict[int, float]:
         errors: dict[int, float] = {}
         for state in self.states:
             embeds = state.prompt_embeds.to(pipe.device)
-            output = pipe.mode_noise_pred(mode, state.sample.to(pipe.device), state.timestep, embeds,
-                                          negative_embeds.expand_as(embeds), guidance_scale)
+            added = None if state.added_cond_kwargs is None else {k: v.to(pipe.device) for k, v in state.added_cond_kwargs.items()}
+            output = pipe.mode_noise_pred(mode, state.sample.to(pipe.device), state.timestep, embeds, guidance_scale=guidance_scale,
+                                          added_cond_kwargs=added, **negative_inputs(negative.to(pipe.device), len(embeds), added))
             error = float((output.float().cpu() - state.cfg_output).pow(2).sum())
             errors[state.timestep] = errors.get(state.timestep, 0.0) + error
         return errors
+
+
+def negative_inputs(negative: Conditioning, batch: int, added_cond_kwargs: dict | None) -> dict:
+    """mode_noise_pred's negative_* arguments for `batch` rows from a one-row negative; SDXL's negative time ids
+    are the prompt's own (size and crop), as StableDiffusionXLPipeline builds them."""
+    negative = negative.expand(batch)
+    if added_cond_kwargs is None:
+        return {"negative_prompt_embeds": negative.prompt_embeds, "negative_added_cond_kwargs": None}
+    added = {"text_embeds": negative.text_embeds, "time_ids": added_cond_kwargs["time_ids"]}
+    return {"negative_prompt_embeds": negative.prompt_embeds, "negative_added_cond_kwargs": added}
