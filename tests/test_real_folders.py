@@ -137,12 +137,12 @@ def test_generate_with_a_guide_for_the_other_kind_of_base_is_one_line_before_loa
 
 
 @pytest.mark.parametrize("reads", ["latent", "unet_features"])
-def test_generate_on_an_sdxl_folder_with_a_guide(sdxl_dir, tmp_path, reads):
+def test_generate_on_an_sdxl_folder_with_a_guide_at_a_non_square_size(sdxl_dir, tmp_path, reads):
     guide = make_guide_dir(sdxl_dir, tmp_path / "guide", reads)
     out = tmp_path / "image.png"
     assert main(["--threads", "1", "generate", "--prompt", "a red cat", "--base", str(sdxl_dir), "--guide", str(guide),
-                 "--steps", "2", "--out", str(out)]) == 0
-    assert Image.open(out).size == (64, 64)
+                 "--steps", "2", "--height", "48", "--width", "80", "--out", str(out)]) == 0
+    assert Image.open(out).size == (80, 48)
 
 
 def test_load_plug_and_play_builds_the_xl_pipeline_for_sdxl(sdxl_dir, sdxl_guide, sd15_dir, sd15_guide):
