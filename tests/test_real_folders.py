@@ -170,4 +170,4 @@ def test_eval_on_a_real_folder_skips_the_shapes_metrics_and_reports_the_gaps(kin
     assert rows["cfg"]["unet_evals_per_image"] == 2 * steps and untrained["unet_evals_per_image"] == steps == untrained["guide_evals_per_image"]
     report = (out / "report.md").read_text()
     assert "image gap closed" in report and "step gap closed" in report
-    assert "not of the embedded shapes world: adherence (the shapes judge) and FID" in report
+    assert "not of the embedded shapes world: adherence (the shapes judge) and FID" in report and "FID features" not in report

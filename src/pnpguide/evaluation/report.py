@@ -64,7 +64,7 @@ def markdown(result: dict) -> str:
     config, features = result["config"], result["fid_features"]
     lines = ["# pnpguide eval", ""]
     lines.append(f"{config['images']} images per row and seed, seeds {config['seeds']}; prompts: {config['prompts'] or 'held-out shapes captions'}.")
-    if features:
+    if features and any(r.get("fid") is not None for r in result["rows"]):
         lines.append(f"FID features: **{features['network']}** (weights {features['weights']}); compare FIDs only within one feature network.")
     if len(config["seeds"]) > 1:
         lines.append("FID is the mean over seeds ± half the range between them.")
