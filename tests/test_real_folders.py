@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
+from conftest import distill_flags
 from pnpguide.cli import main
 from pnpguide.guide import GuideModel, text_encoder_signature
 from pnpguide.loading import check_model_dir, load_pipeline, load_plug_and_play, pipeline_class
@@ -171,3 +172,17 @@ def test_eval_on_a_real_folder_skips_the_shapes_metrics_and_reports_the_gaps(kin
     report = (out / "report.md").read_text()
     assert "image gap closed" in report and "step gap closed" in report
     assert "not of the embedded shapes world: adherence (the shapes judge) and FID" in report and "FID features" not in report
+
+
+def test_distill_on_sdxl_records_both_text_encoders_and_the_guide_passes_doctor_and_generates(sdxl_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na cat on a car\n")
+    run = tmp_path / "run"
+    assert main(distill_flags(sdxl_dir, prompts, run, trajectories=4, trajectory_steps=2, max_steps=2, batch_size=2, checkpointing_steps=2)) == 0
+    recorded = json.loads((run / "guide" / "config.json").read_text())["trained_text_encoder"]
+    assert recorded.startswith("CLIPTextModel (") and "+ CLIPTextModelWithProjection (" in recorded
+    assert main(["doctor", "--base", str(sdxl_dir), "--guide", str(run / "guide")]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+    out = tmp_path / "image.png"
+    assert main(["--threads", "1", "generate", "--prompt", "a cat", "--base", str(sdxl_dir), "--guide", str(run / "guide"), "--steps", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)

@@ -159,7 +159,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
 
     guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}")
     guide = copy_ema_into(guide, ema).eval()
-    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_text_encoder=text_encoder_signature(pipe.text_encoder))
+    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
     if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
         guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)
     return guide

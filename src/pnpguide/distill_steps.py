@@ -164,7 +164,7 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     pipe.to(accelerator.device)
     stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
     stage1.check_compatible(pipe.unet)
-    stage1.check_text_encoder(pipe.text_encoder)
+    stage1.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     stage1.to(accelerator.device)
     (pool,) = training_pools(pipe, config, accelerator, record="samples", shapes_seed=config.seed + 13)
     resolution = training_resolution(pipe, config)
