@@ -1,6 +1,8 @@
 """Devices, dtypes and GPU readiness: the guide follows the pipeline, mismatches are one line, shipped names load,
 attention heads suit fused kernels, and a UNet + guide step compiles as one graph."""
 
+import json
+
 import pytest
 import torch
 import torch._dynamo
@@ -8,6 +10,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from conftest import tiny_unet
+from pnpguide.cli import main
+from pnpguide.evaluation.evaluate import EvalConfig
 from pnpguide.devices import resolve_device, resolve_dtype
 from pnpguide.evaluation.speed import SD15, SDXL
 from pnpguide.guide import GuideModel
@@ -107,3 +111,20 @@ def test_a_guided_step_compiles_as_one_graph(reads):
         eager = step(sample, timestep, embeds)
     assert not torch.equal(eager, unet(sample, timestep, embeds).sample)  # the guide does act
     torch.testing.assert_close(compiled, eager)
+
+
+def test_eval_samples_in_bfloat16_and_records_it(tiny_base_dir, tiny_components, tmp_path, capsys):
+    GuideModel.from_unet(tiny_components["unet"], "tiny").save_pretrained(tmp_path / "guide")
+    out = tmp_path / "eval"
+    code = main(["--threads", "1", "eval", "--base", str(tiny_base_dir), "--guide", str(tmp_path / "guide"), "--methods", "cfg", "guide",
+                 "--steps", "2", "--scales", "3", "--images", "2", "--no-speed", "--fid-features", "none", "--device", "cpu",
+                 "--dtype", "bfloat16", "--out-dir", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    environment = json.loads((out / "report.json").read_text())["environment"]
+    assert (environment["device"], environment["dtype"]) == ("cpu", "bfloat16")
+
+
+@pytest.mark.parametrize("overrides, message", [(dict(dtype="fp8"), "unknown dtype 'fp8'"), (dict(device="tpu"), "unknown device 'tpu'")])
+def test_bad_eval_device_or_dtype_fail_in_the_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**overrides)

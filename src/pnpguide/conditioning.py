@@ -29,8 +29,8 @@ class Conditioning:
         """A one-row conditioning (the negative prompt) repeated to `batch` rows, without copying."""
         return self._map(lambda x: x.expand(batch, *x.shape[1:]))
 
-    def to(self, device) -> "Conditioning":
-        return self._map(lambda x: x.to(device))
+    def to(self, device, dtype: torch.dtype | None = None) -> "Conditioning":
+        return self._map(lambda x: x.to(device=device, dtype=dtype))
 
     def added_cond_kwargs(self) -> dict | None:
         """The UNet's `added_cond_kwargs` for these rows (None for SD)."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..conditioning import Conditioning, encode_negative
 from ..embedded import shapes
 from ..embedded.adherence import judge, parse_caption
+from ..devices import resolve_device, resolve_dtype
 from ..loading import ASSETS_DIR, load_guide, load_pipeline, shipped_guide_dirs
 from ..pipeline import PlugAndPlayPipeline
 from ..sources import read_prompt_file
@@ -86,10 +87,13 @@ class EvalConfig:
     batch_size: int = 64  # images per sampling call
     speed: bool = True  # time batch 1 and batch 8 (on the first model)
     grid_prompts: int = 6  # prompts (columns) in each grid
-    device: str = "cpu"  # cpu or cuda
+    device: str = "auto"  # cpu, cuda, cuda:N, mps; auto: cuda when available, else cpu
+    dtype: str = "float32"  # float32, float16 or bfloat16: base and guides are loaded in it
     out_dir: str = "pnpguide-eval"  # where report.json, report.md, plots and grids go
 
     def __post_init__(self):
+        self.device = str(resolve_device(self.device))  # "auto" resolved, so the report names the device used
+        resolve_dtype(self.dtype, self.device)  # a dtype this device cannot run fails here, before anything loads
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -118,8 +122,7 @@ def build_methods(config: EvalConfig) -> list[Method]:
     if "guide" in config.methods:
         folders = [Path(f) for f in config.guide or shipped_guide_dirs()]
         for folder, name in zip(folders, _distinct_names(folders)):
-            guide = load_guide(folder).eval()
-            guide = guide.to(config.device) if config.device != "cpu" else guide
+            guide = load_guide(folder).eval().to(config.device, resolve_dtype(config.dtype))
             counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
             methods.append(Method(f"guide:{name}", "guide", guide, counts))
     return methods
@@ -241,9 +244,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
                    notes: list[str] | None = None) -> tuple[list[Row], dict]:
     """All rows for one model, and the images of the grid (first `grid_prompts` prompts, first seed, largest w).
     Metrics that cannot apply to the model are skipped, with a sentence appended to `notes`."""
-    sd = load_pipeline(spec.base, spec.lora)
-    if config.device != "cpu":
-        sd = sd.to(config.device)
+    sd = load_pipeline(spec.base, spec.lora, resolve_dtype(config.dtype), config.device)
     pipe = as_plug_and_play(sd)  # PlugAndPlayXLPipeline for an SDXL folder
     pipe.set_progress_bar_config(disable=True)
     for method in methods:
@@ -261,7 +262,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if scorer is not None:
         scorer.set_reference(spec.style, len(prompts), image_size=resolution)
-    negative = encode_negative(pipe, pipe.device, resolution)
+    negative = encode_negative(pipe, pipe.device, resolution).to(pipe.device, pipe.unet.dtype)  # encoded in fp32
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
     rows, grid, references = [], {}, _References()
@@ -392,7 +393,7 @@ def run_eval(config: EvalConfig) -> dict:
         "notes": notes,
         "config": dataclasses.asdict(config),
         "fid_features": scorer.describe() if scorer else None,
-        "environment": {"torch": torch.__version__, "device": config.device, "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "environment": {"torch": torch.__version__, "device": config.device, "dtype": config.dtype, "threads": torch.get_num_threads(), "machine": platform.machine()},
         "rows": [dataclasses.asdict(r) for r in rows],
     }
     report_module.write_report(result, grids, Path(config.out_dir))
