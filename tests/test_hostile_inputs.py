@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 
 from conftest import tiny_unet
-from pnpguide.embedded import shapes
+from pnpguide.sources import read_prompt_file
 from pnpguide.loading import load_pipeline
 from pnpguide.embedded.base import prediction_target
 from pnpguide.guide import GuideModel
@@ -110,14 +110,14 @@ def test_a_non_utf8_prompt_file_names_the_byte(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes("a red circle\n".encode() + "un cercle élevé\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"is not UTF-8 text \(invalid continuation byte at byte 23\); re-save it as UTF-8"):
-        shapes.read_prompt_file(path)
+        read_prompt_file(path)
 
 
 def test_a_jsonl_prompt_file_of_blank_lines_has_no_prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n   \n\n")
     with pytest.raises(ValueError, match="has no prompts; write one prompt per line"):
-        shapes.read_prompt_file(path)
+        read_prompt_file(path)
 
 
 @pytest.mark.parametrize("line", ['{"image": "x.png"}', "[1, 2]", "not json"])
@@ -125,12 +125,12 @@ def test_a_bad_jsonl_record_names_its_line(tmp_path, line):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "a red circle"}\n' + line + "\n")
     with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected a JSON object with a 'prompt', 'text' or 'caption'"):
-        shapes.read_prompt_file(path)
+        read_prompt_file(path)
 
 
 def test_a_missing_prompt_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="prompt file .* does not exist"):
-        shapes.read_prompt_file(tmp_path / "nope.txt")
+        read_prompt_file(tmp_path / "nope.txt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
