@@ -147,7 +147,8 @@ def warn_if_truncated(tokenizer, prompts: list[str]) -> int:
     """
     getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True  # as if shown
     limit = tokenizer.model_max_length
-    cut = sum(len(ids) > limit for ids in tokenizer(list(prompts), truncation=False)["input_ids"])
+    chunks = (list(prompts[start : start + 1024]) for start in range(0, len(prompts), 1024))  # memory flat in the number of prompts
+    cut = sum(len(ids) > limit for chunk in chunks for ids in tokenizer(chunk, truncation=False)["input_ids"])
     if cut:
         logger.warning(f"{cut} of {len(prompts)} prompts are longer than the tokenizer's limit of {limit} tokens and were cut to it")
     return cut
