@@ -128,3 +128,18 @@ def test_eval_samples_in_bfloat16_and_records_it(tiny_base_dir, tiny_components,
 def test_bad_eval_device_or_dtype_fail_in_the_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**overrides)
+
+
+@pytest.mark.parametrize("mode", ["guide", "cfg", "none"])
+def test_the_loop_gives_schedulers_python_timesteps_and_the_unet_device_tensors(tiny_components, mode):
+    """What keeps a GPU loop free of host round trips: a scheduler branching on a device tensor, or the UNet turning a
+    Python number into a tensor, would each wait for the device at every step."""
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    seen = {"scheduler": [], "unet": []}
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda output, t, *args, **kwargs: seen["scheduler"].append(t) or step(output, t, *args, **kwargs)
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen["unet"].append(args[1]))
+    pipe("a red circle", num_inference_steps=3, output_type="latent", mode=mode, guidance_scale=1.0 if mode == "none" else 5.0)
+    assert len(seen["scheduler"]) == 3 and all(isinstance(t, (int, float)) for t in seen["scheduler"])
+    assert seen["unet"] and all(isinstance(t, torch.Tensor) for t in seen["unet"])

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from .guide import GuideModel
+from .guide import GuideModel, per_sample
 from .schedules import GuidanceScale, guidance_schedule
 from .teacher import cfg_noise_pred, guided_noise_pred
 
@@ -93,6 +93,7 @@ class GuidedSamplingMixin:
         if mode == "cfg":
             added = None if added_cond_kwargs is None else {k: torch.cat([negative_added_cond_kwargs[k], v]) for k, v in added_cond_kwargs.items()}
             return cfg_noise_pred(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added)
+        timestep = per_sample(timestep, sample.shape[0], sample.device)  # diffusers would copy a Python number from the host
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
     def denoise(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, schedule: list[float], mode: str,
@@ -102,7 +103,10 @@ class GuidedSamplingMixin:
         negative_added_cond_kwargs. latents: (B, C, h, w), scaled for `scheduler`."""
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)  # as diffusers' SDXL pipeline: text-to-image starts at the first timestep
-        for t, w in zip(self.progress_bar(timesteps), schedule):
+        # Python timesteps, read from the device once: a device tensor t makes each step wait for the GPU where the
+        # scheduler branches on it (DDIM: `if prev_timestep >= 0`) or indexes a CPU table with it; the model calls
+        # fill t in on the device instead (guide.per_sample)
+        for t, w in zip(self.progress_bar(timesteps.tolist()), schedule):
             model_input = scheduler.scale_model_input(latents, t)
             noise_pred = self.mode_noise_pred(mode if w != 1 else "none", model_input, t, guidance_scale=w, **conditioning)
             if on_model_output is not None:
