@@ -186,3 +186,15 @@ def test_distill_on_sdxl_records_both_text_encoders_and_the_guide_passes_doctor_
     out = tmp_path / "image.png"
     assert main(["--threads", "1", "generate", "--prompt", "a cat", "--base", str(sdxl_dir), "--guide", str(run / "guide"), "--steps", "2", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_eval_with_a_guide_for_the_other_kind_of_base_is_one_line_before_loading(sdxl_dir, sd15_guide, tmp_path, capsys, monkeypatch):
+    import pnpguide.evaluation.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "load_guide", lambda *a, **k: pytest.fail("a guide was loaded"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    args = ["eval", "--base", str(sdxl_dir), "--guide", str(sd15_guide), "--prompts", str(prompts), "--images", "2", "--out-dir", str(tmp_path / "eval")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "guide built for an SD 1.x/2.x UNet" in err and "pnpguide distill --base" in err

@@ -23,7 +23,7 @@ from ..conditioning import Conditioning, encode_negative
 from ..embedded import shapes
 from ..embedded.adherence import judge, parse_caption
 from ..devices import resolve_device, resolve_dtype
-from ..loading import ASSETS_DIR, load_guide, load_pipeline, shipped_guide_dirs
+from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_guide, load_pipeline, shipped_guide_dirs
 from ..pipeline import PlugAndPlayPipeline
 from ..sources import read_prompt_file
 from .fid import FidScorer, make_fid_scorer
@@ -376,6 +376,10 @@ def run_eval(config: EvalConfig) -> dict:
     from . import report as report_module
 
     specs = [parse_model_spec(m) for m in config.base]  # bad specs fail before anything slow
+    if "guide" in config.methods:  # a guide for another kind of base (SDXL vs SD 1.x/2.x): one line, nothing loaded
+        for spec in specs:
+            for folder in config.guide or shipped_guide_dirs():
+                check_guide_fits_base(folder, spec.base or default_base_dir())
     methods = build_methods(config)
     if not methods:
         raise ValueError("no methods to evaluate")
