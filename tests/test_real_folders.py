@@ -198,3 +198,16 @@ def test_eval_with_a_guide_for_the_other_kind_of_base_is_one_line_before_loading
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "guide built for an SD 1.x/2.x UNet" in err and "pnpguide distill --base" in err
+
+
+@pytest.mark.parametrize("change, match", [
+    (("unet", {"cross_attention_dim": 48}), r'"cross_attention_dim" is 48 but the text encoders give 64-wide embeddings \(text_encoder 32 \+ text_encoder_2 32\)'),
+    (("text_encoder_2", {"projection_dim": 16}), r'"projection_class_embeddings_input_dim" is 80; .* projection_dim \(16\) = 64'),
+])
+def test_an_sdxl_folder_whose_unet_and_text_encoders_disagree_is_refused_before_loading(sdxl_dir, tmp_path, change, match):
+    folder = _copy(sdxl_dir, tmp_path)
+    component, fields = change
+    _edit_json(folder / component / "config.json", **fields)
+    with pytest.raises(ValueError, match=match) as error:
+        check_model_dir(folder)
+    assert "\n" not in str(error.value)

@@ -184,6 +184,32 @@ def check_base_configs(base_dir: str | Path) -> None:
     ):
         if file.is_file():
             check_config_file(file, table, per_block)
+    check_text_widths(base_dir)
+
+
+def check_text_widths(base_dir: str | Path) -> None:
+    """The UNet reads what the text encoders give: cross_attention_dim = their hidden sizes summed (SDXL
+    concatenates both encoders' tokens) and, for SDXL, the added embedding's input = 6 size/crop ids x
+    addition_time_embed_dim + the second encoder's projection. Otherwise diffusers fails at the first step
+    with a shape error; here it is one line before loading, naming the model files that disagree."""
+    base_dir = Path(base_dir)
+    unet_file = base_dir / "unet" / "config.json"
+    files = [f for f in (base_dir / "text_encoder" / "config.json", base_dir / "text_encoder_2" / "config.json") if f.is_file()]
+    if not unet_file.is_file() or not files:
+        return
+    unet, encoders = read_json_object(unet_file), [read_json_object(f) for f in files]
+    widths = [e.get("hidden_size") for e in encoders]
+    if all(_is_int(w) for w in widths) and _is_int(unet.get("cross_attention_dim")) and sum(widths) != unet["cross_attention_dim"]:
+        parts = " + ".join(f"{f.parent.name} {w}" for f, w in zip(files, widths))
+        raise ConfigError(f"{unet_file}: \"cross_attention_dim\" is {unet['cross_attention_dim']} but the text encoders give {sum(widths)}-wide embeddings "
+                          f"({parts}): the UNet and text encoders come from different models")
+    projection = encoders[-1].get("projection_dim") if len(files) == 2 else None
+    if unet.get("addition_embed_type") == "text_time" and _is_int(projection) and _is_int(unet.get("addition_time_embed_dim")):
+        expected = 6 * unet["addition_time_embed_dim"] + projection
+        if unet.get("projection_class_embeddings_input_dim") != expected:
+            raise ConfigError(f"{unet_file}: \"projection_class_embeddings_input_dim\" is {unet.get('projection_class_embeddings_input_dim')}; "
+                              f"SDXL's added embedding takes 6 x addition_time_embed_dim ({unet['addition_time_embed_dim']}) + text_encoder_2's "
+                              f"projection_dim ({projection}) = {expected}: the UNet and text encoders come from different models")
 
 
 # ----------------------------------------------------------------------------------------------------------------
