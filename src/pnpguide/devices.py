@@ -6,6 +6,8 @@ later, deep inside a kernel, with a message that names neither the flag nor a fi
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,7 +47,11 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -
         if key not in DTYPES:
             raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
         dtype = DTYPES[key]
-    _check_runs(dtype, torch.device(device))
+    device = torch.device(device)
+    _check_runs(dtype, device)
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.warn("float16 on the CPU runs, but torch's CPU half-precision convolutions make the VAE very slow: "
+                      "bfloat16 is the fast half precision there")
     return dtype
 
 
