@@ -211,3 +211,10 @@ def test_an_sdxl_folder_whose_unet_and_text_encoders_disagree_is_refused_before_
     with pytest.raises(ValueError, match=match) as error:
         check_model_dir(folder)
     assert "\n" not in str(error.value)
+
+
+def test_an_sdxl_folder_labelled_as_sd_names_the_fix(sdxl_dir, tmp_path):
+    folder = _copy(sdxl_dir, tmp_path)
+    _edit_json(folder / "model_index.json", _class_name="StableDiffusionPipeline")
+    with pytest.raises(ValueError, match='names StableDiffusionPipeline but the folder is SDXL .*set "_class_name" to "StableDiffusionXLPipeline"'):
+        check_model_dir(folder)

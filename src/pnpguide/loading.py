@@ -88,6 +88,9 @@ def _check_conditioning(path: Path, kind: type, listed: set[str]) -> None:
     added = read_json_object(unet_config).get("addition_embed_type") if unet_config.is_file() else None
     if kind is StableDiffusionXLPipeline and added != "text_time":
         raise ValueError(f"{path} is an SDXL folder but its UNet has addition_embed_type={added!r}, not 'text_time' (SDXL's size/crop conditioning)")
+    if kind is StableDiffusionPipeline and added is not None and SDXL_COMPONENTS <= listed:
+        raise ValueError(f"{path}/model_index.json names {read_json_object(path / 'model_index.json').get('_class_name')} but the folder is SDXL "
+                         f"(text_encoder_2, a UNet with addition_embed_type={added!r}): set \"_class_name\" to \"StableDiffusionXLPipeline\"")
     if kind is StableDiffusionPipeline and added is not None:
         raise ValueError(f"{path}'s UNet has addition_embed_type={added!r}, which needs SDXL's second text encoder: add text_encoder_2 and tokenizer_2 (an SDXL folder)")
 
