@@ -218,3 +218,14 @@ def test_an_sdxl_folder_labelled_as_sd_names_the_fix(sdxl_dir, tmp_path):
     _edit_json(folder / "model_index.json", _class_name="StableDiffusionPipeline")
     with pytest.raises(ValueError, match='names StableDiffusionPipeline but the folder is SDXL .*set "_class_name" to "StableDiffusionXLPipeline"'):
         check_model_dir(folder)
+
+
+def test_cfg_mode_reproduces_diffusers_on_the_sd15_folder_with_its_pndm_scheduler(sd15_dir):
+    import numpy as np
+
+    sd = load_pipeline(sd15_dir)
+    pipe = PlugAndPlayPipeline.from_pipe(sd)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda p, **kw: p(["a red cat", "a car"], num_inference_steps=3, guidance_scale=5.0, output_type="np",  # noqa: E731
+                            generator=torch.Generator().manual_seed(0), **kw).images
+    np.testing.assert_allclose(run(pipe, mode="cfg"), run(sd), atol=1e-5)
