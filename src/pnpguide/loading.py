@@ -74,10 +74,6 @@ def pipeline_class(path: str | Path) -> type[StableDiffusionPipeline] | type[Sta
     return kind
 
 
-def is_sdxl(path: str | Path) -> bool:
-    return pipeline_class(path) is StableDiffusionXLPipeline
-
-
 def _check_conditioning(path: Path, kind: type, listed: set[str]) -> None:
     """SDXL's UNet adds an embedding of the pooled second-encoder prompt and the size/crop ids: without
     text_encoder_2 it fails deep in diffusers (a TypeError in get_aug_embed), and an SD UNet cannot take them."""
