@@ -98,3 +98,12 @@ def test_cuda_without_a_gpu_exits_2_before_loading(sd15_dir, zero_guide, tmp_pat
     assert _generate(sd15_dir, zero_guide, tmp_path / "x.png", "--device", "cuda") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA GPU" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["fidelity"], ["base-grid", "--out", "x.png"], ["base-adherence"], ["eval"], ["generate", "--prompt", "x"]])
+def test_every_sampling_command_refuses_an_unknown_device_before_loading(command, monkeypatch, capsys):
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loading, "load_guide", lambda *a, **k: pytest.fail("a guide was loaded"))
+    assert main([*command, "--device", "tpu", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown device 'tpu'" in err
