@@ -121,3 +121,5 @@ def test_mode_noise_pred_takes_sdxls_added_conditioning(sdxl):
     torch.testing.assert_close(pipe.mode_noise_pred("guide", sample, 500, embeds, None, 5.0, added), plain, atol=0, rtol=0)  # untrained guide
     cfg_at_1 = pipe.mode_noise_pred("cfg", sample, 500, embeds, torch.zeros_like(embeds), 1.0, added, negative)
     torch.testing.assert_close(cfg_at_1, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs negative_added_cond_kwargs"):
+        pipe.mode_noise_pred("cfg", sample, 500, embeds, torch.zeros_like(embeds), 5.0, added)

@@ -91,6 +91,8 @@ class GuidedSamplingMixin:
         if mode == "guide":
             return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs)
         if mode == "cfg":
+            if added_cond_kwargs is not None and negative_added_cond_kwargs is None:
+                raise ValueError("mode 'cfg' with added_cond_kwargs (SDXL) needs negative_added_cond_kwargs for the unconditional half")
             added = None if added_cond_kwargs is None else {k: torch.cat([negative_added_cond_kwargs[k], v]) for k, v in added_cond_kwargs.items()}
             return cfg_noise_pred(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added)
         timestep = per_sample(timestep, sample.shape[0], sample.device)  # diffusers would copy a Python number from the host
