@@ -1,6 +1,8 @@
 """`pnpguide generate` on a random SD 1.5-layout folder: dtypes, sizes, several images, samplers, negative prompts,
 and the errors that must come before anything loads."""
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -10,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 import pnpguide.loading as loading
+from conftest import subprocess_env
 from pnpguide.cli import main
 from pnpguide.generate import GenerateRequest, generate
 from pnpguide.guide import GuideModel
@@ -107,3 +110,13 @@ def test_every_sampling_command_refuses_an_unknown_device_before_loading(command
     assert main([*command, "--device", "tpu", "--dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown device 'tpu'" in err
+
+
+def test_the_cli_says_once_in_one_line_that_guide_mode_ignores_the_negative_prompt(sd15_dir, zero_guide, tmp_path):
+    command = [sys.executable, "-m", "pnpguide.cli", "--threads", "1", "generate", "--prompt", "a red cat", "--base", str(sd15_dir),
+               "--guide", str(zero_guide), "--steps", "2", "--num-images", "2", "--negative-prompt", "blue", "--out", str(tmp_path / "x.png")]
+    result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "negative" in line]
+    assert lines == ["pnpguide generate: warning: negative_prompt is ignored in guide mode: the guide was distilled against the "
+                     "empty prompt. Use mode='cfg' (--mode cfg) to apply a negative prompt."]

@@ -10,6 +10,7 @@ import shlex
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # OSError covers missing and unreadable files
@@ -425,6 +426,20 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add_device_flags(p)
 
 
+def one_line_warnings(prefix: str) -> None:
+    """pnpguide's own warnings as one line, like its errors ("pnpguide generate: warning: ..."), instead of Python's
+    file:line plus a source line that points into the library; other libraries' warnings keep Python's format."""
+    package = str(Path(__file__).parent)
+    default = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None):
+        if str(filename).startswith(package):
+            return f"{prefix}: warning: {' '.join(str(message).split())}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -436,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # for reports that record how to regenerate them
     _threads(args)
     quiet_libraries()
+    one_line_warnings(f"pnpguide {args.command}")
     try:
         return args.handler(args) or 0
     except USER_ERRORS as error:
