@@ -145,3 +145,11 @@ def test_the_loop_gives_schedulers_python_timesteps_and_the_unet_device_tensors(
     pipe("a red circle", num_inference_steps=3, output_type="latent", mode=mode, guidance_scale=1.0 if mode == "none" else 5.0)
     assert len(seen["scheduler"]) == 3 and all(isinstance(t, (int, float)) for t in seen["scheduler"])
     assert seen["unet"] and all(isinstance(t, torch.Tensor) for t in seen["unet"])
+
+
+def test_from_pipe_keeps_an_fp32_vae_beside_a_half_precision_unet(tiny_components):
+    sd = _pipe(tiny_components, torch.bfloat16)
+    sd.vae.to(torch.float32)  # as SDXL users keep the VAE, whose fp16 decode overflows
+    pipe = PlugAndPlayPipeline.from_pipe(sd, guide=GuideModel.from_unet(sd.unet, "tiny"))
+    assert (pipe.vae.dtype, pipe.unet.dtype, pipe.guide.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+    assert sd.vae.dtype == torch.float32  # the original pipeline's (shared) VAE too

@@ -27,11 +27,18 @@ class GuidedSamplingMixin:
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """diffusers' `from_pipe`, keeping the UNet's dtype: diffusers casts every shared component to float32
-        unless given `dtype`, which would silently turn a half-precision pipeline (and the original) into fp32."""
-        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
-            kwargs["dtype"] = pipeline.unet.dtype
-        return super().from_pipe(pipeline, **kwargs)
+        """diffusers' `from_pipe`, keeping every component's dtype: diffusers casts all shared components (those of
+        the original pipeline too) to float32 unless given `dtype`, which would silently turn a half-precision
+        pipeline into fp32, or an fp32 VAE beside an fp16 UNet (SDXL's usual set-up) into fp16."""
+        if "dtype" in kwargs or "torch_dtype" in kwargs:
+            return super().from_pipe(pipeline, **kwargs)
+        dtypes = {name: module.dtype for name, module in pipeline.components.items() if isinstance(module, torch.nn.Module)}
+        new = super().from_pipe(pipeline, dtype=pipeline.unet.dtype, **kwargs)
+        for name, dtype in dtypes.items():
+            module = getattr(new, name, None)
+            if isinstance(module, torch.nn.Module) and module.dtype != dtype:
+                module.to(dtype)
+        return new
 
     def check_guidance(self, num_inference_steps: int, mode: str, height: int | None = None, width: int | None = None,
                        negatives: tuple = ()) -> None:
