@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_speed.py                            # fp16, batch 1 4 8, SD1.5 + SDXL, both tiny guides
     python benchmarks/gpu_speed.py --compile                  # the same, every step function torch.compile'd (fullgraph)
+    python benchmarks/gpu_speed.py --compile --compile-mode reduce-overhead   # ... and replayed as CUDA graphs
     python benchmarks/gpu_speed.py --device cpu --tiny        # smoke run of the script itself (narrow configs, seconds)
 
 UNets are built from the published configs in pnpguide.evaluation.speed with random weights (speed does not depend
@@ -23,6 +24,7 @@ import sys
 import time
 
 import torch
+import torch._dynamo
 from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
@@ -60,8 +62,9 @@ def step_inputs(config: dict, batch: int, device, dtype, tokens: int) -> dict:
     return inputs
 
 
-def step_functions(unet, guides: dict, inputs: dict, compile_steps: bool) -> dict:
-    """name -> a no-argument function running one denoising step's model call(s)."""
+def step_functions(unet, guides: dict, inputs: dict, compile_mode: str | None) -> dict:
+    """name -> a no-argument function running one denoising step's model call(s), compiled with `compile_mode`
+    (None: eager)."""
     x, t, c, added = inputs["sample"], inputs["timestep"], inputs["prompt_embeds"], inputs["added"]
     doubled = None if added is None else {k: torch.cat([v, v]) for k, v in added.items()}
     fns = {
@@ -70,8 +73,10 @@ def step_functions(unet, guides: dict, inputs: dict, compile_steps: bool) -> dic
     }
     for kind, guide in guides.items():
         fns[f"guided:{kind}"] = lambda guide=guide: guided_noise_pred(unet, guide, x, t, c, 7.5, added_cond_kwargs=added)
-    if compile_steps:
-        fns = {name: torch.compile(fn, fullgraph=True) for name, fn in fns.items()}
+    if compile_mode is not None:
+        torch._dynamo.reset()  # one set of graphs per config and batch: the lambdas share code objects across them
+        backend = "eager" if unet.device.type == "cpu" else "inductor"  # on a CPU: check the graphs, skip minutes of C++ builds
+        fns = {name: torch.compile(fn, fullgraph=True, mode=None if backend == "eager" else compile_mode, backend=backend) for name, fn in fns.items()}
     return fns
 
 
@@ -119,7 +124,7 @@ def benchmark(name: str, config: dict, args, device: torch.device, dtype: torch.
     feature_tap(unet)  # registered eagerly: hooks cannot be added inside a compiled graph
     rows = []
     for batch in args.batch_sizes:
-        fns = step_functions(unet, guides, step_inputs(config, batch, device, dtype, tokens), args.compile)
+        fns = step_functions(unet, guides, step_inputs(config, batch, device, dtype, tokens), args.compile_mode if args.compile else None)
         ms = time_in_turns(fns, args.repeats, args.warmup, device)
         for kind in KINDS:
             guided = ms[f"guided:{kind}"]
@@ -138,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds (default: 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default: 5; with --compile they compile)")
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) every step function first")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile mode; reduce-overhead adds CUDA graphs, which small, launch-bound batches need (default: default)")
     parser.add_argument("--tiny", action="store_true", help="narrow configs at 8x8 latents: checks the script runs, times nothing useful")
     return parser.parse_args(argv)
 
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{where}, {args.dtype}, torch {torch.__version__}, compile={args.compile}, median of {args.repeats} rounds in turns "
+    print(f"{where}, {args.dtype}, torch {torch.__version__}, compile={args.compile_mode if args.compile else False}, median of {args.repeats} rounds in turns "
           f"after {args.warmup} warm-up rounds{', TINY configs (smoke run)' if args.tiny else ''}\n")
     print("| UNet | batch | guide reads | CFG step ms | guided step ms | plain UNet ms | speed-up | FLOPs ceiling | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")
