@@ -153,3 +153,19 @@ def test_from_pipe_keeps_an_fp32_vae_beside_a_half_precision_unet(tiny_component
     pipe = PlugAndPlayPipeline.from_pipe(sd, guide=GuideModel.from_unet(sd.unet, "tiny"))
     assert (pipe.vae.dtype, pipe.unet.dtype, pipe.guide.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
     assert sd.vae.dtype == torch.float32  # the original pipeline's (shared) VAE too
+
+
+def test_a_pipeline_with_compiled_unet_and_feature_guide_samples_the_same_latents(tiny_components):
+    """Module-level compile, as a user would write it; the feature guide's hooks run inside the UNet's graph."""
+    guide = _randomised(GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_features"))
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=guide)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red circle", num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    eager = run()
+    torch._dynamo.reset()
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+    pipe.guide = torch.compile(pipe.guide, fullgraph=True, backend="eager")
+    torch.testing.assert_close(run(), eager)
