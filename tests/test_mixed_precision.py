@@ -25,3 +25,20 @@ def test_distill_with_bf16_mixed_precision_trains_an_fp32_guide(tiny_base_dir, p
     projections = guide.skip_heads[0].proj_out if reads == "unet_features" else guide.down_projections[0]
     assert projections.weight.abs().sum() > 0  # moved away from the zero init
     assert all(torch.isfinite(p).all() for p in guide.parameters())
+
+
+def test_distill_steps_with_bf16_mixed_precision_runs(tiny_components, prompt_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pnpguide.distill_steps import StepDistillConfig, distill_steps
+
+    pipe = StableDiffusionPipeline(**tiny_components)
+    pipe.save_pretrained(tmp_path / "base")
+    GuideModel.from_unet(pipe.unet, "tiny").save_pretrained(tmp_path / "guide")
+    config = StepDistillConfig(
+        output_dir=str(tmp_path / "steps"), base=str(tmp_path / "base"), guide=str(tmp_path / "guide"), teacher_steps=4,
+        student_steps=2, max_steps=2, batch_size=4, prompts=str(prompt_file), trajectories=4, trajectory_steps=2,
+        lr_warmup_steps=0, mixed_precision="bf16",
+    )
+    student = GuideModel.from_pretrained(distill_steps(config)[2])
+    assert student.dtype == torch.float32 and all(torch.isfinite(p).all() for p in student.parameters())
