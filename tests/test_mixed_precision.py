@@ -9,6 +9,17 @@ from pnpguide.cli import main
 from pnpguide.guide import GuideModel, GuideOutput
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision in it: other tests of
+    this process train with "no", these with "bf16", so the state is cleared on both sides (not the process group)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 def test_a_guide_output_can_be_rebuilt_from_a_mapping_as_accelerate_does():
     output = GuideOutput((torch.ones(1), torch.zeros(1)), torch.full((1,), 2.0))
     rebuilt = type(output)({key: value for key, value in output.items()})  # accelerate's recursively_apply
