@@ -430,13 +430,14 @@ def one_line_warnings(prefix: str) -> None:
     """pnpguide's own warnings as one line, like its errors ("pnpguide generate: warning: ..."), instead of Python's
     file:line plus a source line that points into the library; other libraries' warnings keep Python's format."""
     package = str(Path(__file__).parent)
-    default = warnings.formatwarning
+    default = getattr(warnings.formatwarning, "python_default", warnings.formatwarning)  # not a wrapper of a wrapper
 
     def formatted(message, category, filename, lineno, line=None):
         if str(filename).startswith(package):
             return f"{prefix}: warning: {' '.join(str(message).split())}\n"
         return default(message, category, filename, lineno, line)
 
+    formatted.python_default = default
     warnings.formatwarning = formatted
 
 
