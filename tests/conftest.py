@@ -10,7 +10,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from pnpguide.embedded import shapes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one thread is as fast, deterministic, and does not spin on a busy machine
 
 WORDS = sorted({"a", "an", "on", "background", "of", "small", "large", *shapes.SHAPES, *shapes.COLOURS, *shapes.BACKGROUNDS,
                 *(w for r in shapes.RELATIONS for w in r.split())})

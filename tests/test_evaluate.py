@@ -88,6 +88,29 @@ def test_gap_closed_is_one_for_cfg_and_zero_for_no_guidance_and_an_untrained_gui
     assert "| image gap closed | step gap closed |" in (eval_setup / "out" / "report.md").read_text()
 
 
+def test_guidance_interval_guides_only_inside_it_for_the_teacher_and_the_guides(eval_setup):
+    """Issue 15: outside the interval every method is the conditional model, so those steps cost one UNet call and
+    have no gap to close; inside it the teacher still closes its whole gap and the guide is compared at w."""
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], guidance_interval=[500, 1000]))
+    cfg, trained = _row(result, "cfg"), _row(result, "guide:trained")
+    timesteps = [s["timestep"] for s in cfg["step_gap_closed_per_timestep"]]
+    inside = [t for t in timesteps if 500 <= t <= 1000]
+    assert 0 < len(inside) < len(timesteps)
+    assert cfg["unet_evals_per_image"] == 2 * len(inside) + (len(timesteps) - len(inside))
+    assert trained["guide_evals_per_image"] == len(inside)
+    for row in (cfg, trained):
+        outside = [s["gap_closed"] for s in row["step_gap_closed_per_timestep"] if s["timestep"] not in inside]
+        assert outside and all(g is None for g in outside)  # no gap there: the teacher is the conditional model
+    assert all(s["gap_closed"] == pytest.approx(1.0) for s in cfg["step_gap_closed_per_timestep"] if s["timestep"] in inside)
+    assert any(s["gap_closed"] is not None and s["gap_closed"] != pytest.approx(0.0) for s in trained["step_gap_closed_per_timestep"])
+    assert "Guidance interval: w applies only at timesteps 500 <= t <= 1000" in (eval_setup / "out" / "report.md").read_text()
+
+
+def test_eval_refuses_a_malformed_guidance_interval():
+    with pytest.raises(ValueError, match="guidance_interval must be two timesteps"):
+        EvalConfig(guidance_interval=[800, 200])
+
+
 def test_step_distilled_guide_runs_only_at_its_step_counts(eval_setup):
     result = run_eval(_config(eval_setup, steps=[3, 4], cfg_steps=[5]))
     assert {r["steps"] for r in result["rows"] if r["method"] == "guide:two-step"} == {2}

@@ -40,10 +40,12 @@ def guidance_schedule(
         scales = _listed(guidance_scale, len(timesteps))
     else:
         scales = [_constant(guidance_scale)] * len(timesteps)
-    if guidance_interval is None:
-        return scales
-    t_low, t_high = guidance_interval
-    return [w if t_low <= t <= t_high else 1.0 for w, t in zip(scales, timesteps)]
+    return [w if guided_at(t, guidance_interval) else 1.0 for w, t in zip(scales, timesteps)]
+
+
+def guided_at(timestep, guidance_interval: tuple[float, float] | None) -> bool:
+    """Whether guidance applies at `timestep`: everywhere without an interval, else only at t_low <= t <= t_high."""
+    return guidance_interval is None or guidance_interval[0] <= float(timestep) <= guidance_interval[1]
 
 
 def linear_schedule(w_start: float, w_end: float, num_steps: int) -> list[float]:

@@ -30,6 +30,7 @@ from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
 from .sampling import as_plug_and_play, mean_psnr
 from .speed import UNetCallCounter, median_seconds, parameter_count, peak_memory_bytes, step_cost
+from ..schedules import guided_at
 from .teacher_states import TeacherTrajectory, negative_inputs
 
 METHODS = ("none", "cfg", "guide")
@@ -78,6 +79,7 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [8, 16, 25, 50])  # sampling step counts (step-distilled guides: their own)
     cfg_steps: list[int] = field(default_factory=list)  # extra step counts for the cfg teacher only (e.g. 50: the reference for step-distilled guides)
     scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5])  # guidance scales w (diffusers' convention)
+    guidance_interval: list[float] | None = None  # T_LOW T_HIGH: w only at timesteps inside, w = 1 elsewhere, for cfg and guides alike (default: every step)
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
@@ -103,6 +105,8 @@ class EvalConfig:
             raise ValueError(f"steps must be positive integers, got {self.steps}")
         if any(not w >= 1 for w in self.scales) or not self.scales:
             raise ValueError(f"guidance scales must be >= 1 (diffusers' convention), got {self.scales}")
+        if self.guidance_interval is not None and not (len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] <= self.guidance_interval[1]):
+            raise ValueError(f"guidance_interval must be two timesteps T_LOW <= T_HIGH, both >= 0, got {self.guidance_interval}")
 
 
 @dataclass(frozen=True)
@@ -154,18 +158,23 @@ def _judgeable(prompts: list[str]) -> bool:
 @torch.no_grad()
 def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps: int, w: float, seed: int, batch_size: int,
            negative: Conditioning | None = None, teacher_scale: float | None = None,
-           trajectory: TeacherTrajectory | None = None) -> tuple[list[Image.Image], float | None, UNetCallCounter]:
+           trajectory: TeacherTrajectory | None = None, guidance_interval: tuple[float, float] | None = None,
+           ) -> tuple[list[Image.Image], float | None, tuple[int, int]]:
     """Images i from the generator seeded `seed * 1_000_003 + i`; with `negative` (one row of CFG's unconditional
     input, :func:`pnpguide.conditioning.encode_negative`), also the mean per-step
     squared error between the method's model output and the CFG teacher's (at `teacher_scale`, default w) on the
     method's own trajectory, for the first FIDELITY_SUBSET images. The cfg method instead records its states
-    for those images into `trajectory`, if given."""
+    for those images into `trajectory`, if given. With `guidance_interval`, every method (and the teacher it is
+    compared with) uses w only at timesteps inside it and is the conditional model elsewhere. Also returns the
+    images the UNet and the guide processed, teacher calls for the comparison left out (steps at w = 1 skip the guide)."""
     pipe.guide = method.guide
     counter, errors, images = UNetCallCounter(pipe.unet), [], []
+    guide_counter = UNetCallCounter(method.guide) if method.guide is not None else None
 
     def compare(t, model_input, output, prompt_embeds, added_cond_kwargs=None):
         with counter.paused():  # the teacher calls made for the comparison are not the method's cost
-            teacher = pipe.mode_noise_pred("cfg", model_input, t, prompt_embeds, guidance_scale=teacher_scale or w, added_cond_kwargs=added_cond_kwargs,
+            guided = guided_at(t, guidance_interval)  # outside the interval the teacher is the conditional model, too
+            teacher = pipe.mode_noise_pred("cfg" if guided else "none", model_input, t, prompt_embeds, guidance_scale=teacher_scale or w, added_cond_kwargs=added_cond_kwargs,
                                            **negative_inputs(negative, len(prompt_embeds), added_cond_kwargs))
         errors.append(float((output.float() - teacher.float()).pow(2).mean()))
 
@@ -178,12 +187,15 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
             batch = prompts[start : start + batch_size]
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(batch))]
             output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
-                          generator=generators, mode=method.mode, on_model_output=hook if start < FIDELITY_SUBSET else None)
+                          generator=generators, mode=method.mode, on_model_output=hook if start < FIDELITY_SUBSET else None,
+                          guidance_interval=guidance_interval)
             images += output.images
     finally:
         counter.close()
+        if guide_counter is not None:
+            guide_counter.close()
     mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative is not None else None)
-    return images, mse, counter
+    return images, mse, (counter.images, guide_counter.images if guide_counter is not None else 0)
 
 
 @dataclass
@@ -272,9 +284,11 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
         per_seed = {"fid": [], "adh": [], "psnr": [], "mse": [], "unguided_mse": [], "out": [], "step_errors": Counter(), "step_baselines": Counter()}
         for seed in config.seeds:
             teacher_scale = max(config.scales) if method.mode == "none" else w
-            trajectory = TeacherTrajectory() if method.mode == "cfg" else None
-            images, output_mse, counter = sample(pipe, method, prompts, steps, w, seed, config.batch_size, negative, teacher_scale, trajectory)
-            row.unet_evals_per_image = counter.images / len(prompts)
+            interval = tuple(config.guidance_interval) if config.guidance_interval else None
+            trajectory = TeacherTrajectory(interval) if method.mode == "cfg" else None
+            images, output_mse, (unet_images, guide_images) = sample(pipe, method, prompts, steps, w, seed, config.batch_size, negative,
+                                                                     teacher_scale, trajectory, interval)
+            row.unet_evals_per_image, row.guide_evals_per_image = unet_images / len(prompts), guide_images / len(prompts)
             references.keep(method, (steps, w, seed), images, trajectory)
             if scorer is not None:
                 per_seed["fid"].append(scorer.score(images))
@@ -351,7 +365,6 @@ def _fill_quality(row: Row, per_seed: dict) -> None:
 
 
 def _fill_compute(row: Row, method: Method, cost, pipe) -> None:
-    row.guide_evals_per_image = row.unet_evals_per_image if method.mode == "guide" else 0.0  # one guide call per UNet call (PNDM makes steps + 1)
     row.gflops_per_image = (row.unet_evals_per_image * cost.unet + row.guide_evals_per_image * cost.guide) / 1e9
     row.parameters = parameter_count(pipe.unet) + (parameter_count(method.guide) if method.guide is not None else 0)
 

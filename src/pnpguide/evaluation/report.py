@@ -68,6 +68,9 @@ def markdown(result: dict) -> str:
         lines.append(f"FID features: **{features['network']}** (weights {features['weights']}); compare FIDs only within one feature network.")
     if len(config["seeds"]) > 1:
         lines.append("FID is the mean over seeds ± half the range between them.")
+    if config.get("guidance_interval"):
+        low, high = config["guidance_interval"]
+        lines.append(f"Guidance interval: w applies only at timesteps {low:g} <= t <= {high:g} (w = 1 elsewhere), for CFG and the guides alike.")
     lines.append("Gap closed (1 = CFG's result, 0 = no closer than no guidance): *image* on the final images, pooled MSE against CFG's "
                  "relative to no guidance's; *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
                  f"the conditional output, on the first {_step_gap_images(result['rows'])} images of each seed (per step: `step_gap_closed_per_timestep` in report.json).")

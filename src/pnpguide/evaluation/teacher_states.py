@@ -12,6 +12,7 @@ import torch
 
 from ..conditioning import Conditioning
 from ..pipeline import PlugAndPlayPipeline
+from ..schedules import guided_at
 
 
 @dataclass
@@ -28,7 +29,8 @@ class TeacherTrajectory:
     `squared_errors` replays a method at every recorded state. Kept on the CPU: 64 images x 50 steps of
     SD1.5 latents (input and output) are ~0.4 GB."""
 
-    def __init__(self):
+    def __init__(self, guidance_interval: tuple[float, float] | None = None):
+        self.guidance_interval = guidance_interval  # the teacher sampled with w only inside it: replays do the same
         self.states: list[TeacherState] = []
         self._baselines: dict[int, float] | None = None
         self._embeds: tuple[torch.Tensor, torch.Tensor, dict | None] | None = None  # (the pipeline's tensor, CPU copies)
@@ -59,7 +61,8 @@ class TeacherTrajectory:
         for state in self.states:
             embeds = state.prompt_embeds.to(pipe.device)
             added = None if state.added_cond_kwargs is None else {k: v.to(pipe.device) for k, v in state.added_cond_kwargs.items()}
-            output = pipe.mode_noise_pred(mode, state.sample.to(pipe.device), state.timestep, embeds, guidance_scale=guidance_scale,
+            step_mode = mode if guided_at(state.timestep, self.guidance_interval) else "none"  # as the pipeline samples
+            output = pipe.mode_noise_pred(step_mode, state.sample.to(pipe.device), state.timestep, embeds, guidance_scale=guidance_scale,
                                           added_cond_kwargs=added, **negative_inputs(negative.to(pipe.device), len(embeds), added))
             error = float((output.float().cpu() - state.cfg_output).pow(2).sum())
             errors[state.timestep] = errors.get(state.timestep, 0.0) + error
