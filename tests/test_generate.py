@@ -19,14 +19,6 @@ from pnpguide.guide import GuideModel
 from pnpguide.loading import load_plug_and_play
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def zero_guide(sd15_dir, tmp_path_factory):
     """An untrained (zero-initialised) tiny guide for the SD 1.5-layout UNet, saved as a guide folder."""

@@ -11,15 +11,6 @@ from pnpguide.pipeline_xl import PlugAndPlayXLPipeline
 PROMPTS = ["a red cat", "a cat on a car"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these 64-px models are too small to share, and two threads on a busy machine spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sdxl(sdxl_dir):
     pipe = load_pipeline(sdxl_dir)

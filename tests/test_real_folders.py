@@ -65,15 +65,6 @@ def test_an_sdxl_folder_missing_the_tokenizer_2_folder_is_named(sdxl_dir, tmp_pa
         check_model_dir(folder)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these 64-px models are too small to share, and two threads on a busy machine spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_guide_dir(base_dir, folder, reads="latent"):
     """An untrained (zero-initialised, valid) guide for the base's UNet, saved as `pnpguide distill` saves one."""
     pipe = load_pipeline(base_dir)
