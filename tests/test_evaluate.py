@@ -102,6 +102,7 @@ def test_guidance_interval_guides_only_inside_it_for_the_teacher_and_the_guides(
         outside = [s["gap_closed"] for s in row["step_gap_closed_per_timestep"] if s["timestep"] not in inside]
         assert outside and all(g is None for g in outside)  # no gap there: the teacher is the conditional model
     assert all(s["gap_closed"] == pytest.approx(1.0) for s in cfg["step_gap_closed_per_timestep"] if s["timestep"] in inside)
+    assert cfg["step_gap_closed"] == pytest.approx(1.0)  # replayed outside the interval as sampled: unguided, no error
     assert any(s["gap_closed"] is not None and s["gap_closed"] != pytest.approx(0.0) for s in trained["step_gap_closed_per_timestep"])
     assert "Guidance interval: w applies only at timesteps 500 <= t <= 1000" in (eval_setup / "out" / "report.md").read_text()
 
