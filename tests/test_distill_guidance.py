@@ -89,6 +89,15 @@ def test_init_guide_for_another_unet_is_a_clear_error(tiny_base_dir, prompt_file
         train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "other")))
 
 
+def test_init_guide_distilled_with_another_text_encoder_is_a_clear_error(tiny_base_dir, prompt_file, tmp_path):
+    """Same UNet widths, other text encoder (the base-te3 case): training it further here would silently re-learn it."""
+    start = GuideModel.from_unet(load_pipeline(tiny_base_dir).unet, "tiny")
+    start.register_to_config(trained_text_encoder="BertModel:other-weights")
+    start.save_pretrained(tmp_path / "start")
+    with pytest.raises(ValueError, match="trained for another base"):
+        train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "start")))
+
+
 def test_a_feature_reading_guide_learns_with_the_relative_loss(tiny_base_dir, prompt_file, tmp_path):
     config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_features", scale_by_guidance=True, loss_weighting="relative")
     pipe = load_pipeline(tiny_base_dir)

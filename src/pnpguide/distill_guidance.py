@@ -114,13 +114,14 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     return (error / (gap + RELATIVE_LOSS_FLOOR)).mean()
 
 
-def _initial_guide(unet, config: GuidanceDistillConfig) -> GuideModel:
-    if config.init_guide is not None:
+def _initial_guide(pipe, config: GuidanceDistillConfig) -> GuideModel:
+    if config.init_guide is not None:  # trained further only on the base it was made for: same UNet widths and text encoders
         guide = load_guide(config.init_guide)
-        guide.check_compatible(unet)
+        guide.check_compatible(pipe.unet)
+        guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
         return guide.train().requires_grad_(True)
     torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
-    return GuideModel.from_unet(unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance)
+    return GuideModel.from_unet(pipe.unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance)
 
 
 def _split(batch_size: int, parts: int) -> list[int]:
@@ -139,7 +140,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     pipe = load_pipeline(config.base)
     freeze(pipe)
     pipe.to(accelerator.device)  # the text encoders run per batch; the VAE encodes image folders up front
-    guide = _initial_guide(pipe.unet, config)
+    guide = _initial_guide(pipe, config)
     pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7)
     resolution = training_resolution(pipe, config)
     negative = encode_negative(pipe, accelerator.device, resolution)
