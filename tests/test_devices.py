@@ -169,3 +169,18 @@ def test_a_pipeline_with_compiled_unet_and_feature_guide_samples_the_same_latent
     pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
     pipe.guide = torch.compile(pipe.guide, fullgraph=True, backend="eager")
     torch.testing.assert_close(run(), eager)
+
+
+def test_eval_checks_its_dtype_on_its_own_device_not_the_cpu():
+    """The dtype is checked (and warned about) for the device the eval runs on: float16 on a GPU is not slow CPU half precision."""
+    import warnings
+
+    from pnpguide.evaluation.evaluate import build_methods
+
+    config = EvalConfig(methods=["guide"], guide=[str(shipped_guide_dirs()[0])], dtype="bfloat16")
+    config.dtype, config.device = "float16", "meta"  # a device other than the CPU that needs no GPU here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (method,) = build_methods(config)
+    assert (method.guide.device.type, method.guide.dtype) == ("meta", torch.float16)
+    assert not [w for w in caught if "on the CPU" in str(w.message)]

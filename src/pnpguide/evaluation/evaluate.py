@@ -126,7 +126,7 @@ def build_methods(config: EvalConfig) -> list[Method]:
     if "guide" in config.methods:
         folders = [Path(f) for f in config.guide or shipped_guide_dirs()]
         for folder, name in zip(folders, _distinct_names(folders)):
-            guide = load_guide(folder).eval().to(config.device, resolve_dtype(config.dtype))
+            guide = load_guide(folder).eval().to(config.device, resolve_dtype(config.dtype, config.device))
             counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
             methods.append(Method(f"guide:{name}", "guide", guide, counts))
     return methods
@@ -256,7 +256,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
                    notes: list[str] | None = None) -> tuple[list[Row], dict]:
     """All rows for one model, and the images of the grid (first `grid_prompts` prompts, first seed, largest w).
     Metrics that cannot apply to the model are skipped, with a sentence appended to `notes`."""
-    sd = load_pipeline(spec.base, spec.lora, resolve_dtype(config.dtype), config.device)
+    sd = load_pipeline(spec.base, spec.lora, resolve_dtype(config.dtype, config.device), config.device)
     pipe = as_plug_and_play(sd)  # PlugAndPlayXLPipeline for an SDXL folder
     pipe.set_progress_bar_config(disable=True)
     for method in methods:
