@@ -94,3 +94,30 @@ def test_teacher_target_lands_where_two_ddim_steps_of_the_teacher_land(tiny_comp
 def test_first_teacher_must_be_cfg_or_guide():
     with pytest.raises(ValueError, match="first_teacher"):
         StepDistillConfig(first_teacher="ema")
+
+
+def test_only_the_main_rank_writes_the_students(tiny_pair, prompt_file, tmp_path, monkeypatch):
+    """Under data parallelism every rank holds the same student: the others must not write the same files concurrently."""
+    from pnpguide import distill_steps as module
+    from pnpguide.shards import TensorPool
+    from pnpguide.training import make_accelerator
+
+    class OtherRank:  # rank 1 of a run: the real accelerator, except that it is not the main process
+        def __init__(self, accelerator):
+            self.accelerator, self.is_main_process, self.waits = accelerator, False, 0
+
+        def __getattr__(self, name):
+            return getattr(self.accelerator, name)
+
+        def wait_for_everyone(self):
+            self.waits += 1
+
+    ranks = []
+    monkeypatch.setattr(module, "make_accelerator", lambda config: ranks.append(OtherRank(make_accelerator(config))) or ranks[-1])
+    pool = TensorPool(torch.randn(4, 4, 8, 8), torch.tensor([0, 1, 0, 1]), ["a red cat", "red"])
+    monkeypatch.setattr(module, "training_pools", lambda *args, **kwargs: [pool])
+    base, guide = tiny_pair
+    config = StepDistillConfig(output_dir=str(tmp_path / "steps"), base=str(base), guide=str(guide), teacher_steps=4, student_steps=2,
+                               max_steps=1, batch_size=2, prompts=str(prompt_file), lr_warmup_steps=0)
+    saved = distill_steps(config)
+    assert sorted(saved) == [2] and not saved[2].exists() and ranks[0].waits >= 1

@@ -192,6 +192,8 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
         student = copy_ema_into(student, ema).eval().requires_grad_(False)
         student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max), trained_schedule=schedule_config)
         saved[steps] = Path(config.output_dir) / f"guide-{steps}"
-        student.save_pretrained(saved[steps], safe_serialization=True)
+        if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
+            student.save_pretrained(saved[steps], safe_serialization=True)
         teacher = student
+    accelerator.wait_for_everyone()  # every rank returns once the students are on disk
     return saved
