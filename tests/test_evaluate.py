@@ -210,3 +210,18 @@ def test_guides_with_the_same_folder_name_get_distinct_method_names():
     from pnpguide.evaluation.evaluate import _distinct_names
 
     assert _distinct_names([Path("runs/a/guide-16"), Path("runs/b/guide-16"), Path("x/tiny")]) == ["a/guide-16", "b/guide-16", "tiny"]
+
+
+def test_speed_is_timed_with_the_guidance_interval_the_images_were_sampled_with(eval_setup, monkeypatch):
+    """The seconds per image of a --guidance-interval row are those of sampling with that interval (its steps outside
+    run one UNet pass), not of guiding every step."""
+    from pnpguide.evaluation import evaluate
+    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    intervals, call = [], PlugAndPlayPipeline.__call__
+    monkeypatch.setattr(PlugAndPlayPipeline, "__call__", lambda self, *a, **k: intervals.append(k.get("guidance_interval")) or call(self, *a, **k))
+    timed = []
+    monkeypatch.setattr(evaluate, "median_seconds", lambda function, repeats, warmup: timed.append(len(intervals)) or function() and 1.0)
+    monkeypatch.setattr(evaluate, "peak_memory_bytes", lambda function: timed.append(len(intervals)) or function() and 0)
+    run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], guidance_interval=[500, 1000], speed=True, images=2))
+    assert timed and all(intervals[i] == (500, 1000) for i in timed)  # every timed call

@@ -278,13 +278,13 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
     rows, grid, references = [], {}, _References()
+    interval = tuple(config.guidance_interval) if config.guidance_interval else None
     settings = _settings(methods, config)
     for method, steps, w in tqdm(settings, desc=f"eval {spec.name}"):
         row = Row(spec.name, method.name, steps, w, len(prompts))
         per_seed = {"fid": [], "adh": [], "psnr": [], "mse": [], "unguided_mse": [], "out": [], "step_errors": Counter(), "step_baselines": Counter()}
         for seed in config.seeds:
             teacher_scale = max(config.scales) if method.mode == "none" else w
-            interval = tuple(config.guidance_interval) if config.guidance_interval else None
             trajectory = TeacherTrajectory(interval) if method.mode == "cfg" else None
             images, output_mse, (unet_images, guide_images) = sample(pipe, method, prompts, steps, w, seed, config.batch_size, negative,
                                                                      teacher_scale, trajectory, interval)
@@ -302,7 +302,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
         _fill_quality(row, per_seed)
         _fill_compute(row, method, costs[method.name], pipe)
         if timing and (method.mode == "none" or w == max(config.scales)):
-            _fill_speed(row, pipe, method, prompts, steps, w)
+            _fill_speed(row, pipe, method, prompts, steps, w, interval)
         rows.append(row)
     return rows, {"prompts": prompts[: config.grid_prompts], "images": grid}
 
@@ -369,13 +369,16 @@ def _fill_compute(row: Row, method: Method, cost, pipe) -> None:
     row.parameters = parameter_count(pipe.unet) + (parameter_count(method.guide) if method.guide is not None else 0)
 
 
-def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, w: float) -> None:
-    """Median wall time per image of whole pipeline calls (text encoder, sampling, VAE decode), batch 1 and 8."""
+def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, w: float,
+                guidance_interval: tuple[float, float] | None = None) -> None:
+    """Median wall time per image of whole pipeline calls (text encoder, sampling, VAE decode), batch 1 and 8,
+    sampled as the row's images were (w only inside `guidance_interval`)."""
     pipe.guide = method.guide
     scale = 1.0 if method.mode == "none" else w
     for batch in (1, 8):
         def call(batch=batch):
-            return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, mode=method.mode, output_type="np")
+            return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, mode=method.mode, output_type="np",
+                        guidance_interval=guidance_interval)
         seconds = median_seconds(call, repeats=3, warmup=1) / batch
         if batch == 1:
             row.seconds_per_image_b1 = seconds
