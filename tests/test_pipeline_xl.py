@@ -114,3 +114,11 @@ def test_mode_noise_pred_takes_sdxls_added_conditioning(sdxl):
     torch.testing.assert_close(cfg_at_1, plain, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="needs negative_added_cond_kwargs"):
         pipe.mode_noise_pred("cfg", sample, 500, embeds, torch.zeros_like(embeds), 5.0, added)
+
+
+def test_the_sdxl_pipeline_is_exported_beside_the_sd_one():
+    import pnpguide
+
+    from pnpguide import PlugAndPlayPipeline, PlugAndPlayXLPipeline as exported  # noqa: F401
+
+    assert exported is PlugAndPlayXLPipeline and "PlugAndPlayXLPipeline" in pnpguide.__all__

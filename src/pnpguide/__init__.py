@@ -13,6 +13,7 @@ _EXPORTS = {
     "GuideModel": "guide",
     "GuideOutput": "guide",
     "PlugAndPlayPipeline": "pipeline",
+    "PlugAndPlayXLPipeline": "pipeline_xl",
     "cfg_combine": "teacher",
     "cfg_noise_pred": "teacher",
     "guided_noise_pred": "teacher",
