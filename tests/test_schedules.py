@@ -51,3 +51,34 @@ def test_bad_schedules_are_one_line_errors(guidance_scale, interval, match):
     with pytest.raises(ValueError, match=match) as error:
         guidance_schedule(guidance_scale, TIMESTEPS, interval, 1000)
     assert "\n" not in str(error.value)
+
+
+def test_a_repeated_timestep_is_one_step_for_lists_callables_and_intervals():
+    """PNDM (SD 1.x's default: N + 1 calls for N steps) and Heun (2N - 1) evaluate the model twice at some timesteps."""
+    pndm, heun = [667, 334, 334, 1], [999.0, 500.5, 500.5, 1.5, 1.5]
+    assert guidance_schedule([7.0, 5.0, 3.0], pndm) == [7.0, 5.0, 5.0, 3.0]
+    assert guidance_schedule([7.0, 5.0, 3.0], heun) == [7.0, 5.0, 5.0, 3.0, 3.0]
+    calls = []
+    assert guidance_schedule(lambda i, t: calls.append((i, t)) or 2.0 + i, pndm) == [2.0, 3.0, 3.0, 4.0]
+    assert calls == [(0, 667), (1, 334), (2, 1)]
+    assert guidance_schedule(4.0, pndm, guidance_interval=(300, 700)) == [4.0, 4.0, 4.0, 1.0]
+    with pytest.raises(ValueError, match="3 steps"):
+        guidance_schedule([7.0, 5.0], heun)
+
+
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "HeunDiscreteScheduler"])
+def test_a_per_step_schedule_samples_with_schedulers_that_call_the_model_twice_at_a_timestep(tiny_components, scheduler):
+    import diffusers
+    import torch
+
+    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    overrides = {"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}  # as SD 1.x ships it
+    pipe = PlugAndPlayPipeline(**{**tiny_components, "scheduler": getattr(diffusers, scheduler).from_config(tiny_components["scheduler"].config, **overrides)})
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(w):
+        return pipe("a red circle", num_inference_steps=3, guidance_scale=w, mode="cfg", output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    torch.testing.assert_close(sample([5.0, 5.0, 5.0]), sample(5.0))

@@ -24,7 +24,8 @@ def guidance_schedule(
     Args:
         guidance_scale: a constant w (> 0, as in StableDiffusionPipeline); a list or tuple with one w >= 1 per
             step; or a callable `(step_index, timestep) -> w` (w >= 1), called once per step, here.
-        timesteps: the scheduler's timesteps, in sampling order, as Python numbers (len = number of steps).
+        timesteps: the scheduler's timesteps, in sampling order, as Python numbers: one per model call; a timestep
+            that repeats (PNDM, Heun) is one step, so lists and callables give one w per distinct timestep.
         guidance_interval: `(t_low, t_high)`: w applies only at timesteps with t_low <= t <= t_high, and w = 1
             elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval improves sample and
             distribution quality in diffusion models"). None: w applies at every step.
@@ -34,13 +35,17 @@ def guidance_schedule(
     a list of the wrong length, or an interval that is reversed or outside [0, num_train_timesteps].
     """
     _check_interval(guidance_interval, num_train_timesteps)
+    # a step is a distinct timestep: PNDM (SD 1.x's default) and Heun evaluate the model twice at some timesteps
+    # (N steps, N + 1 or 2N - 1 calls), and both calls at a timestep take that step's w
+    steps = list(dict.fromkeys(timesteps))
     if callable(guidance_scale):
-        scales = [_called(guidance_scale, index, t) for index, t in enumerate(timesteps)]
+        scales = [_called(guidance_scale, index, t) for index, t in enumerate(steps)]
     elif isinstance(guidance_scale, (list, tuple)):
-        scales = _listed(guidance_scale, len(timesteps))
+        scales = _listed(guidance_scale, len(steps))
     else:
-        scales = [_constant(guidance_scale)] * len(timesteps)
-    return [w if guided_at(t, guidance_interval) else 1.0 for w, t in zip(scales, timesteps)]
+        scales = [_constant(guidance_scale)] * len(steps)
+    w_at = {t: w if guided_at(t, guidance_interval) else 1.0 for w, t in zip(scales, steps)}
+    return [w_at[t] for t in timesteps]
 
 
 def guided_at(timestep, guidance_interval: tuple[float, float] | None) -> bool:
