@@ -128,6 +128,24 @@ def test_generate_with_a_guide_for_the_other_kind_of_base_is_one_line_before_loa
     assert len(err.splitlines()) == 1 and "does not fit base" in err and "pnpguide distill --base" in err
 
 
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_generate_cfg_on_your_own_base_needs_no_guide(base, request, tmp_path):
+    """The shipped guides fit only the embedded model, so a user's base without --guide samples CFG (or none) alone."""
+    out = tmp_path / "cfg.png"
+    assert main(["--threads", "1", "generate", "--prompt", "a red cat", "--base", str(request.getfixturevalue(f"{base}_dir")),
+                 "--mode", "cfg", "--steps", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_generate_guide_mode_on_your_own_base_without_a_guide_is_one_line_before_loading(sd15_dir, capsys, monkeypatch):
+    import pnpguide.loading as loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("the base was loaded"))
+    assert main(["generate", "--prompt", "a red cat", "--base", str(sd15_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs --guide" in err and "--mode cfg" in err
+
+
 @pytest.mark.parametrize("reads", ["latent", "unet_features"])
 def test_generate_on_an_sdxl_folder_with_a_guide_at_a_non_square_size(sdxl_dir, tmp_path, reads):
     guide = make_guide_dir(sdxl_dir, tmp_path / "guide", reads)

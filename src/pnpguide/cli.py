@@ -166,7 +166,7 @@ def cmd_generate(args) -> None:
         args.prompt, args.out, args.negative_prompt, args.num_images, args.height, args.width, args.steps, args.w, args.w_schedule,
         args.guidance_interval, args.mode, args.scheduler, args.seed, args.device, args.dtype,
     )
-    device, dtype = check_request(request, args.base)  # before the slow part
+    device, dtype = check_request(request, args.base, args.guide)  # before the slow part
     pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
     warn_if_truncated(pipe.tokenizer, [args.prompt])
     pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)
@@ -400,7 +400,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--guide", default=None, help="guide folder, or a shipped guide: tiny, full, tiny-16step, tiny-8step (default: tiny)")
+    p.add_argument("--guide", default=None, help="guide folder, or a shipped guide: tiny, full, tiny-16step, tiny-8step (default: tiny with the embedded model; with --base, none: --mode cfg or none)")
     if lora:
         p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
 

@@ -35,8 +35,11 @@ class GenerateRequest:
     dtype: str = "float32"
 
 
-def check_request(request: GenerateRequest, base: str | Path | None) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype to load in, after the checks that need no weights: device, dtype, scheduler, size."""
+def check_request(request: GenerateRequest, base: str | Path | None, guide: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to load in, after the checks that need no weights: guide, device, dtype, scheduler, size."""
+    if request.mode == "guide" and guide is None and base is not None:
+        raise ValueError("--mode guide with --base needs --guide: the shipped guides fit only the embedded model; "
+                         "distill one with `pnpguide distill --base ...`, or sample with --mode cfg")
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
     if request.scheduler is not None:
@@ -55,7 +58,8 @@ def generate(pipe, request: GenerateRequest) -> list[Path]:
     """Sample `request.num_images` images with `pipe` (a PlugAndPlayPipeline or its SDXL twin) and write them."""
     if request.scheduler is not None:
         pipe.scheduler = scheduler_from_name(request.scheduler, pipe.scheduler.config)
-    steps = request.steps if request.steps is not None else (pipe.guide.config.trained_step_counts or [25])[0]
+    trained_steps = pipe.guide.config.trained_step_counts if pipe.guide is not None and request.mode == "guide" else None
+    steps = request.steps if request.steps is not None else (trained_steps or [25])[0]
     w = 1.0 if request.mode == "none" else parse_w_schedule(request.w_schedule, steps) if request.w_schedule else request.guidance_scale
     generators = [torch.Generator().manual_seed(request.seed + i) for i in range(request.num_images)]
     images = pipe(

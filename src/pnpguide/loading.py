@@ -229,13 +229,18 @@ def load_plug_and_play(
     base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None,
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
 ) -> PlugAndPlayPipeline | PlugAndPlayXLPipeline:
-    """Base SD or SDXL folder (default: embedded) + guide folder (default: the shipped tiny guide) + optional LoRA,
-    as a PlugAndPlayPipeline or, for an SDXL base, a PlugAndPlayXLPipeline, in `dtype` on `device` (the guide
-    follows the UNet: see `pipeline.follow_unet`)."""
-    check_guide_fits_base(guide or default_guide_dir("tiny"), base or default_base_dir())  # before any weights load
-    guide_model = load_guide(guide or default_guide_dir("tiny"))
+    """Base SD or SDXL folder (default: embedded) + guide folder + optional LoRA, as a PlugAndPlayPipeline or, for an
+    SDXL base, a PlugAndPlayXLPipeline, in `dtype` on `device` (the guide follows the UNet: see `pipeline.follow_unet`).
+    The guide defaults to the shipped tiny one for the embedded base only (it fits no other); a base of your own
+    without a guide gives a pipeline for modes "cfg" and "none"."""
+    guide = guide if guide is not None or base is not None else default_guide_dir("tiny")
+    guide_model = None
+    if guide is not None:
+        check_guide_fits_base(guide, base or default_base_dir())  # before any weights load
+        guide_model = load_guide(guide)
     sd = load_pipeline(base, lora, dtype, device)
-    guide_model.check_compatible(sd.unet)
+    if guide_model is not None:
+        guide_model.check_compatible(sd.unet)
     pipe = (PlugAndPlayXLPipeline if isinstance(sd, StableDiffusionXLPipeline) else PlugAndPlayPipeline).from_pipe(sd, guide=guide_model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
