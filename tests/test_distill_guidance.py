@@ -3,7 +3,9 @@ import torch
 
 from pnpguide.conditioning import encode_negative, encode_prompts
 from pnpguide.loading import load_pipeline
-from pnpguide.distill_guidance import RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, train_guide
+from pnpguide.distill_guidance import (
+    RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, timestep_bucket, timestep_gap_table, train_guide,
+)
 from pnpguide.guide import GuideModel
 from pnpguide.sources import teacher_trajectories
 from pnpguide.teacher import cfg_and_conditional
@@ -130,6 +132,43 @@ def test_relative_loss_divides_each_samples_error_by_its_own_gap(tiny_base_dir, 
     assert relative == pytest.approx((gap / (gap + RELATIVE_LOSS_FLOOR)).mean().item(), rel=1e-4)
 
 
+def test_timestep_weighting_divides_by_the_mean_gap_of_each_samples_band_of_t(tiny_base_dir):
+    """The table holds the mean gap per band (plus the floor); an empty band takes its nearest band's mean; the loss
+    of an untrained guide (error = gap) is then each sample's gap over its band's mean."""
+    pipe = load_pipeline(tiny_base_dir)
+    conditioning = encode_prompts(pipe, ["a red circle on a black background"] * 3, "cpu", 16)
+    negative = encode_negative(pipe, "cpu", 16)
+    torch.manual_seed(0)
+    batch = {"sample": torch.randn(3, 4, 8, 8), "timesteps": torch.tensor([990, 980, 100]), "conditioning": conditioning,
+             "guidance_scale": torch.tensor([3.0, 7.0, 5.0])}
+    with torch.no_grad():
+        cfg, cond = cfg_and_conditional(pipe.unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
+                                        negative.expand(3).prompt_embeds, batch["guidance_scale"])
+        gap = (cfg - cond).pow(2).flatten(1).mean(1)
+        gaps = timestep_gap_table(pipe.unet, [batch], negative, 1000)
+        loss = distillation_loss(pipe.unet, GuideModel.from_unet(pipe.unet, "tiny"), batch, negative, "timestep", gaps).item()
+    table = gaps.means
+    last, low = timestep_bucket(torch.tensor([990, 100]), 1000).tolist()
+    assert table[last].item() == pytest.approx(gap[:2].mean().item() + RELATIVE_LOSS_FLOOR, rel=1e-5)
+    assert table[low].item() == pytest.approx(gap[2].item() + RELATIVE_LOSS_FLOOR, rel=1e-5)
+    assert table[0].item() == table[low].item() and table[last - 1].item() == table[last].item()  # nearest measured band
+    expected = torch.stack([gap[0] / table[last], gap[1] / table[last], gap[2] / table[low]]).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_distill_with_timestep_weighting_trains_and_records_it(tiny_base_dir, prompt_file, tmp_path):
+    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_features", scale_by_guidance=True, loss_weighting="timestep")
+    pipe = load_pipeline(tiny_base_dir)
+    batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
+    trained = train_guide(config)
+    untrained = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_features")
+    with torch.no_grad():
+        before = distillation_loss(pipe.unet, untrained, batch, negative, "none").item()
+        after = distillation_loss(pipe.unet, trained, batch, negative, "none").item()
+    assert after < before
+    assert '"loss_weighting": "timestep"' in (tmp_path / "run" / "config.json").read_text().replace("\n", "")
+
+
 def test_mix_source_is_refused_with_a_prompt_file_and_a_batch_of_one():
     with pytest.raises(ValueError, match="--prompts is read by source 'trajectories' only"):
         GuidanceDistillConfig(source="mix", prompts="p.txt")
@@ -137,3 +176,27 @@ def test_mix_source_is_refused_with_a_prompt_file_and_a_batch_of_one():
         GuidanceDistillConfig(source="mix", batch_size=1)
     with pytest.raises(ValueError, match="reads must be one of"):
         GuidanceDistillConfig(reads="pixels")
+
+
+def test_timestep_weighting_resumes_to_the_uninterrupted_weights(tiny_base_dir, prompt_file, tmp_path, monkeypatch):
+    """The gap table is measured from the seed alone, so a run stopped after its checkpoint and resumed divides by
+    the same numbers and ends with the uninterrupted run's weights."""
+    import pnpguide.distill_guidance as stage1
+
+    settings = dict(loss_weighting="timestep", max_steps=4, checkpointing_steps=2, batch_size=4)
+    whole = train_guide(_config(tiny_base_dir, prompt_file, tmp_path / "whole", **settings))
+    loss, calls = stage1.distillation_loss, []
+
+    def crash_at_step_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(stage1, "distillation_loss", crash_at_step_three)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_guide(_config(tiny_base_dir, prompt_file, tmp_path / "parts", **settings))
+    monkeypatch.setattr(stage1, "distillation_loss", loss)
+    resumed = train_guide(_config(tiny_base_dir, prompt_file, tmp_path / "parts", **settings, resume="latest"))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)

@@ -8,7 +8,8 @@ scheduler at a random timestep, the teacher's own CFG sampling trajectories (pro
 states the student will actually meet at inference), or half of each batch from both (`mix`). With
 `loss_weighting="relative"` each sample's error is divided by its own CFG gap ||cfg - cond||^2: the gap
 at the first, pure-noise step is tens of times larger than at the others and would otherwise dominate
-the loss (docs/guides.md, "Where the error is"). SDXL bases get their pooled text embeddings and size
+the loss (docs/guides.md, "Where the error is"); `loss_weighting="timestep"` divides it instead by the mean gap
+of its band of t, measured once before training (the per-timestep normalisation of that section). SDXL bases get their pooled text embeddings and size
 time ids through `added_cond_kwargs`, in the teacher's 2B call and the student's B call alike.
 """
 
@@ -30,7 +31,9 @@ from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
 
 RELATIVE_LOSS_FLOOR = 1e-3  # added to each gap, so a sample whose prompt barely changes the output cannot dominate
-LOSS_WEIGHTINGS = ("none", "relative")
+LOSS_WEIGHTINGS = ("none", "relative", "timestep")
+TIMESTEP_BUCKETS = 20  # "timestep" weighting: the mean CFG gap is measured in this many equal bands of t
+GAP_TABLE_BATCHES = 8  # batches the teacher runs on, before training, to measure those means
 
 
 @dataclass
@@ -44,7 +47,7 @@ class GuidanceDistillConfig(SourceConfig):
     init_guide: str | None = None  # start from this trained guide (train it further) instead of a new one
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention, at most 14)
-    loss_weighting: str = "none"  # "none" (plain MSE) or "relative" (each sample's error over its own CFG gap)
+    loss_weighting: str = "none"  # "none" (plain MSE), "relative" (each sample's error over its own CFG gap) or "timestep" (over the mean gap at its t)
     max_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -94,9 +97,11 @@ def _noisy_batch(rows: Rows, scheduler, config: GuidanceDistillConfig, generator
     return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts}
 
 
-def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weighting: str = "none") -> torch.Tensor:
+def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weighting: str = "none",
+                      gap_table: "TimestepGaps | None" = None) -> torch.Tensor:
     """MSE between the guided student's and the CFG teacher's output at the same (x_t, t, c, w); with
-    `weighting="relative"`, each sample's squared error over its own gap ||cfg - cond||^2 (mean over samples).
+    `weighting="relative"`, each sample's squared error over its own gap ||cfg - cond||^2 (mean over samples);
+    with `weighting="timestep"`, over the mean gap at its timestep (`gap_table`, from :func:`timestep_gap_table`).
 
     batch: `sample` (B, C, h, w), `timesteps` and `guidance_scale` (B,), `conditioning` (B rows);
     negative: the one-row unconditional conditioning (:func:`encode_negative`)."""
@@ -110,8 +115,52 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     if weighting == "none":
         return F.mse_loss(prediction.float(), target.float())
     error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weighting == "timestep":
+        return (error / gap_table.at(batch["timesteps"]).to(error.device)).mean()
     gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1)
     return (error / (gap + RELATIVE_LOSS_FLOOR)).mean()
+
+
+def timestep_bucket(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """(B,) timesteps -> their band of t, 0 .. TIMESTEP_BUCKETS - 1."""
+    return (timesteps.long() * TIMESTEP_BUCKETS // num_train_timesteps).clamp(0, TIMESTEP_BUCKETS - 1).cpu()
+
+
+@dataclass
+class TimestepGaps:
+    """The mean CFG gap per band of t (plus RELATIVE_LOSS_FLOOR), which `weighting="timestep"` divides by."""
+
+    means: torch.Tensor  # (TIMESTEP_BUCKETS,)
+    num_train_timesteps: int
+
+    def at(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.means[timestep_bucket(timesteps, self.num_train_timesteps)]
+
+
+@torch.no_grad()
+def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_train_timesteps: int) -> TimestepGaps:
+    """The mean CFG gap ||cfg - cond||^2 per band of t, measured on `batches`.
+
+    Why: the gap at the first, pure-noise step is tens of times larger than at the others, so a plain MSE is spent
+    there (docs/guides.md, "Where the error is"); dividing by the mean gap of a sample's own timestep gives every
+    band the same weight, without the noise of dividing by each sample's own gap. The table is measured once,
+    up front, on batches drawn from the run's seed, so a resumed run divides by the same numbers. A band with no
+    sample takes the nearest measured band's mean."""
+    total, count = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64), torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64)
+    for batch in batches:
+        conditioning = batch["conditioning"]
+        target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
+                                                  negative.expand(len(conditioning)).prompt_embeds, batch["guidance_scale"],
+                                                  cfg_added_cond_kwargs(conditioning, negative))
+        gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1).double().cpu()
+        buckets = timestep_bucket(batch["timesteps"], num_train_timesteps)
+        total.index_add_(0, buckets, gap)
+        count.index_add_(0, buckets, torch.ones_like(gap))
+    measured = (count > 0).nonzero().flatten()
+    if len(measured) == 0:
+        raise ValueError("no training states to measure the CFG gap on")
+    nearest = measured[(torch.arange(TIMESTEP_BUCKETS)[:, None] - measured[None]).abs().argmin(1)]
+    return TimestepGaps((total[nearest] / count[nearest]).float() + RELATIVE_LOSS_FLOOR, num_train_timesteps)
 
 
 def _initial_guide(pipe, config: GuidanceDistillConfig) -> GuideModel:
@@ -155,8 +204,15 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
         prompts = [prompt for part in parts for prompt in part["prompts"]]
         return batch | {"conditioning": encode_prompts(pipe, prompts, accelerator.device, resolution)}
 
+    gap_table = None
+    if config.loss_weighting == "timestep":  # batches no training step draws (negative indices), a generator of their own
+        generator = torch.Generator().manual_seed(config.seed + 17)
+        batches = [make_batch(-1 - i, generator) for i in range(GAP_TABLE_BATCHES)]
+        gap_table = timestep_gap_table(pipe.unet, batches, negative, pipe.scheduler.config.num_train_timesteps)
+        gap_table.means = accelerator.reduce(gap_table.means.to(accelerator.device), "mean").cpu()  # the same weights on every rank
+
     def compute_loss(model, batch):
-        return distillation_loss(pipe.unet, model, batch, negative, config.loss_weighting)
+        return distillation_loss(pipe.unet, model, batch, negative, config.loss_weighting, gap_table)
 
     guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}")
     guide = copy_ema_into(guide, ema).eval()
