@@ -119,6 +119,7 @@ def test_mode_noise_pred_takes_sdxls_added_conditioning(sdxl):
 def test_the_sdxl_pipeline_is_exported_beside_the_sd_one():
     import pnpguide
 
-    from pnpguide import PlugAndPlayPipeline, PlugAndPlayXLPipeline as exported  # noqa: F401
+    from pnpguide import PlugAndPlayXLPipeline as exported
 
     assert exported is PlugAndPlayXLPipeline and "PlugAndPlayXLPipeline" in pnpguide.__all__
+    assert pnpguide.PlugAndPlayPipeline.__name__ == "PlugAndPlayPipeline"  # the SD one beside it

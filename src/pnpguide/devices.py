@@ -67,8 +67,3 @@ def _check_runs(dtype: torch.dtype, device: torch.device) -> None:
         (y.flatten(1) @ torch.ones(128, 8, dtype=dtype, device=device)).sum()
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"{device.type} cannot run {dtype} here ({' '.join(str(error).split())[:120]}): pick another --dtype") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """float32, float16 or bfloat16: how the CLI and configs spell a dtype."""
-    return str(dtype).removeprefix("torch.")
