@@ -34,7 +34,7 @@ def test_a_matching_pair_passes_every_check(tiny_base_dir, guide_dir):
     checks = check_pair(tiny_base_dir, guide_dir)
     assert sorted(c.name for c in checks) == sorted(ALL_CHECKS)
     assert all(c.ok for c in checks), format_checks(checks)
-    assert _by_name(checks)["trained guidance range"].detail == "w in [2.0, 9.0]"
+    assert _by_name(checks)["trained guidance range"].detail == "w in [2.0, 9.0]; negative prompts ignored (distilled against the empty prompt)"
     assert _by_name(checks)["prediction type"].detail == "v_prediction"
 
 

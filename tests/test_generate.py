@@ -110,5 +110,6 @@ def test_the_cli_says_once_in_one_line_that_guide_mode_ignores_the_negative_prom
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "negative" in line]
-    assert lines == ["pnpguide generate: warning: negative_prompt is ignored in guide mode: the guide was distilled against the "
-                     "empty prompt. Use mode='cfg' (--mode cfg) to apply a negative prompt."]
+    assert lines == ["pnpguide generate: warning: negative_prompt is ignored in guide mode: this guide was distilled against the "
+                     "empty prompt only. Use mode='cfg' (--mode cfg) to apply a negative prompt, or a guide distilled with negatives "
+                     "(pnpguide distill --negatives)."]

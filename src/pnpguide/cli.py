@@ -312,7 +312,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="images from a prompt, with the guide (default), CFG or no guidance")
     p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt; only --mode cfg uses it (guides were distilled against the empty prompt)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt: --mode cfg uses it, and --mode guide with a guide distilled with --negatives (other guides ignore it, with a warning)")
     p.add_argument("--num-images", type=count, default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, ... (default: 1)")
     p.add_argument("--height", type=count, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=count, default=None, help="image width in pixels (default: the model's)")

@@ -75,6 +75,18 @@ def encode_negative(pipe, device, resolution: int) -> Conditioning:
     return Conditioning(negative.float(), negative_pooled.float(), _time_ids(pipe, resolution, 1, device))
 
 
+@torch.no_grad()
+def encode_negatives(pipe, negatives: list[str], default: Conditioning, device, resolution: int) -> Conditioning:
+    """(len(negatives), ...) conditioning for CFG's unconditional half, one negative prompt per row; rows with the
+    empty negative take `default` (:func:`encode_negative`), as the pipeline does without a negative prompt (SDXL: zeros)."""
+    encoded = encode_prompts(pipe, [negative or "" for negative in negatives], device, resolution)
+    empty = torch.tensor([not negative for negative in negatives], device=device)
+    if not empty.any():
+        return encoded
+    choose = lambda mine, fallback: torch.where(empty.view(-1, *[1] * (mine.ndim - 1)), fallback.to(mine.dtype), mine)  # noqa: E731
+    return Conditioning(*(None if x is None else choose(x, d) for x, d in zip(dataclasses.astuple(encoded), dataclasses.astuple(default))))
+
+
 def _time_ids(pipe, resolution: int, batch: int, device) -> torch.Tensor:
     """(batch, 6): original size = target size = the training resolution, crop (0, 0), as SDXL samples by default."""
     size = (resolution, resolution)

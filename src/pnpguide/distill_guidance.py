@@ -10,7 +10,8 @@ states the student will actually meet at inference), or half of each batch from 
 at the first, pure-noise step is tens of times larger than at the others and would otherwise dominate
 the loss (docs/guides.md, "Where the error is"); `loss_weighting="timestep"` divides it instead by the mean gap
 of its band of t, measured once before training (the per-timestep normalisation of that section). SDXL bases get their pooled text embeddings and size
-time ids through `added_cond_kwargs`, in the teacher's 2B call and the student's B call alike.
+time ids through `added_cond_kwargs`, in the teacher's 2B call and the student's B call alike. With `negatives`, the
+guide also reads the negative prompt and the teacher is CFG with a negative drawn per sample (:mod:`pnpguide.negatives`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_prompts
+from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_negatives, encode_prompts
 from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel, text_encoder_signature
 from .loading import load_guide, load_pipeline
+from .negatives import NegativeSampler, check_negative_settings
 from .shards import Rows
 from .sources import SourceConfig, training_pools, training_resolution
 from .teacher import cfg_and_conditional, guided_noise_pred
@@ -48,6 +50,9 @@ class GuidanceDistillConfig(SourceConfig):
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention, at most 14)
     loss_weighting: str = "none"  # "none" (plain MSE), "relative" (each sample's error over its own CFG gap) or "timestep" (over the mean gap at its t)
+    negatives: bool = False  # the guide reads the negative prompt: distil against CFG with a negative drawn per sample (another caption, an attribute of the prompt, a --negative-prompts line) or the empty one
+    negative_prompts: str | None = None  # text or JSONL file of negative prompts to draw from as well (implies --negatives)
+    negative_rate: float = 0.5  # with --negatives: the share of samples with a non-empty negative (the others: the empty prompt)
     max_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -67,6 +72,8 @@ class GuidanceDistillConfig(SourceConfig):
         if self.width_divisor is not None and self.width_divisor < 1:
             raise ValueError(f"width_divisor must be >= 1, got {self.width_divisor}")
         check_guidance_range(self.w_min, self.w_max)
+        check_negative_settings(self.negative_prompts, self.negative_rate)
+        self.negatives = self.negatives or self.negative_prompts is not None
 
 
 def check_guidance_range(w_min: float, w_max: float) -> None:
@@ -103,15 +110,16 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     `weighting="relative"`, each sample's squared error over its own gap ||cfg - cond||^2 (mean over samples);
     with `weighting="timestep"`, over the mean gap at its timestep (`gap_table`, from :func:`timestep_gap_table`).
 
-    batch: `sample` (B, C, h, w), `timesteps` and `guidance_scale` (B,), `conditioning` (B rows);
-    negative: the one-row unconditional conditioning (:func:`encode_negative`)."""
-    conditioning = batch["conditioning"]
-    negative_embeds = negative.expand(len(conditioning)).prompt_embeds
+    batch: `sample` (B, C, h, w), `timesteps` and `guidance_scale` (B,), `conditioning` (B rows), and with negatives
+    `negative` (B rows, :func:`encode_negatives`); negative: the one-row unconditional conditioning (:func:`encode_negative`)
+    for batches without."""
+    conditioning, negative = batch["conditioning"], batch.get("negative", negative)
+    negative_embeds = negative.expand(len(conditioning)).prompt_embeds if len(negative) == 1 else negative.prompt_embeds
     with torch.no_grad():
         target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, negative_embeds,
                                                   batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, negative))
     prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, batch["guidance_scale"],
-                                   conditioning.added_cond_kwargs())
+                                   conditioning.added_cond_kwargs(), negative_prompt_embeds=negative_embeds)
     if weighting == "none":
         return F.mse_loss(prediction.float(), target.float())
     error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
@@ -148,10 +156,10 @@ def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_tr
     sample takes the nearest measured band's mean."""
     total, count = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64), torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64)
     for batch in batches:
-        conditioning = batch["conditioning"]
+        conditioning, rows = batch["conditioning"], batch.get("negative", negative)
+        rows = rows.expand(len(conditioning)) if len(rows) == 1 else rows
         target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
-                                                  negative.expand(len(conditioning)).prompt_embeds, batch["guidance_scale"],
-                                                  cfg_added_cond_kwargs(conditioning, negative))
+                                                  rows.prompt_embeds, batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, rows))
         gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1).double().cpu()
         buckets = timestep_bucket(batch["timesteps"], num_train_timesteps)
         total.index_add_(0, buckets, gap)
@@ -168,9 +176,14 @@ def _initial_guide(pipe, config: GuidanceDistillConfig) -> GuideModel:
         guide = load_guide(config.init_guide)
         guide.check_compatible(pipe.unet)
         guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        if config.negatives:  # a positive-only guide learns to read negatives too, from where it stands
+            guide = guide.with_negative_input()
+        elif guide.config.reads_negative:
+            raise ValueError(f"the guide in {config.init_guide} reads negative prompts: train it further with --negatives")
         return guide.train().requires_grad_(True)
     torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
-    return GuideModel.from_unet(pipe.unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance)
+    return GuideModel.from_unet(pipe.unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance,
+                                reads_negative=config.negatives)
 
 
 def _split(batch_size: int, parts: int) -> list[int]:
@@ -193,6 +206,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7)
     resolution = training_resolution(pipe, config)
     negative = encode_negative(pipe, accelerator.device, resolution)
+    negatives = NegativeSampler.from_config(config) if config.negatives else None
 
     def make_batch(batch_index, generator):
         rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -202,7 +216,10 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
             parts.append(_noisy_batch(pool.rows(rows), pipe.scheduler, config, generator))  # drawn on the CPU: the same batch on any device
         batch = {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in ("sample", "timesteps", "guidance_scale")}
         prompts = [prompt for part in parts for prompt in part["prompts"]]
-        return batch | {"conditioning": encode_prompts(pipe, prompts, accelerator.device, resolution)}
+        batch["conditioning"] = encode_prompts(pipe, prompts, accelerator.device, resolution)
+        if negatives is not None:
+            batch["negative"] = encode_negatives(pipe, negatives.draw(prompts, generator), negative, accelerator.device, resolution)
+        return batch
 
     gap_table = None
     if config.loss_weighting == "timestep":  # batches no training step draws (negative indices), a generator of their own

@@ -7,7 +7,8 @@ student starts from the stage-1 guide or the previous student. The first teacher
 the stage-1 guide's own error is not passed on) or base + stage-1 guide (`first_teacher="guide"`,
 cheaper); each later round is taught by the previous student. The states are a source's clean latents
 (images, shapes, or the final latents of CFG teacher runs from prompts: see `sources.teacher_trajectories`)
-noised onto the student's timesteps.
+noised onto the student's timesteps. A stage-1 guide that reads negative prompts keeps them: its teachers and
+students see the same per-sample negatives as stage 1 drew (:mod:`pnpguide.negatives`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import ClassVar
 import torch
 from diffusers import DDIMScheduler
 
-from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_prompts
+from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_negatives, encode_prompts
 from .distill_guidance import check_guidance_range, freeze, sample_guidance_scales
 from .guide import GuideModel
 from .loading import default_guide_dir, load_guide, load_pipeline
+from .negatives import NegativeSampler, check_negative_settings
 from .sources import SourceConfig, training_pools, training_resolution
 from .teacher import cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
@@ -51,9 +53,12 @@ class StepDistillConfig(SourceConfig):
     learning_rate: float = 2e-4
     lr_warmup_steps: int = 20
     checkpointing_steps: int = 200
+    negative_prompts: str | None = None  # a guide that reads negative prompts: also draw negatives from this file (see distill --negatives)
+    negative_rate: float = 0.5  # a guide that reads negative prompts: the share of samples with a non-empty negative
 
     def __post_init__(self):
         super().__post_init__()
+        check_negative_settings(self.negative_prompts, self.negative_rate)
         n = self.teacher_steps
         while n > self.student_steps:
             n //= 2
@@ -105,13 +110,15 @@ class Denoiser:
     scheduler_config: dict
     negative: Conditioning  # one row: CFG's unconditional branch
 
-    def x0(self, guide, sample, t, conditioning: Conditioning, w, alpha, sigma) -> torch.Tensor:
+    def x0(self, guide, sample, t, conditioning: Conditioning, w, alpha, sigma, negative: Conditioning | None = None) -> torch.Tensor:
+        """`negative`: B rows of per-sample negatives (default: the empty prompt's row for all)."""
+        negative = self.negative.expand(len(conditioning)) if negative is None else negative
         if guide is None:
-            negative = self.negative.expand(len(conditioning)).prompt_embeds
-            added = cfg_added_cond_kwargs(conditioning, self.negative)
-            output = cfg_noise_pred(self.unet, sample, t.clamp(min=0), conditioning.prompt_embeds, negative, w, added)
+            added = cfg_added_cond_kwargs(conditioning, negative)
+            output = cfg_noise_pred(self.unet, sample, t.clamp(min=0), conditioning.prompt_embeds, negative.prompt_embeds, w, added)
         else:
-            output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), conditioning.prompt_embeds, w, conditioning.added_cond_kwargs())
+            output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), conditioning.prompt_embeds, w, conditioning.added_cond_kwargs(),
+                                       negative_prompt_embeds=negative.prompt_embeds)
         return predicted_x0(output.float(), sample, alpha, sigma, self.scheduler_config["prediction_type"])
 
 
@@ -125,10 +132,11 @@ def teacher_target(denoiser: Denoiser, teacher: GuideModel, batch: dict, schedul
     a_t, s_t = _alpha_sigma(acp, t, final_alpha)
     a_mid, s_mid = _alpha_sigma(acp, mid, final_alpha)
     a_next, s_next = _alpha_sigma(acp, nxt, final_alpha)
+    negative = batch.get("negative")
     with torch.no_grad():
-        z_mid = ddim_step(denoiser.x0(teacher, z, t, batch["conditioning"], batch["w"], a_t, s_t), z, a_t, s_t, a_mid, s_mid)
+        z_mid = ddim_step(denoiser.x0(teacher, z, t, batch["conditioning"], batch["w"], a_t, s_t, negative), z, a_t, s_t, a_mid, s_mid)
         last = mid < 0  # the teacher's first step already ended sampling
-        x0_mid = denoiser.x0(teacher, z_mid, mid, batch["conditioning"], batch["w"], a_mid, s_mid)
+        x0_mid = denoiser.x0(teacher, z_mid, mid, batch["conditioning"], batch["w"], a_mid, s_mid, negative)
         z_next = torch.where(last.view(-1, 1, 1, 1), z_mid, ddim_step(x0_mid, z_mid, a_mid, s_mid, a_next, s_next))
     ratio = s_next / s_t
     return (z_next - ratio * z) / (a_next - ratio * a_t)
@@ -138,7 +146,7 @@ def student_loss(denoiser: Denoiser, student, teacher, batch: dict, schedule, fi
     """x0-space MSE with truncated-SNR weights max(SNR, 1) (Salimans & Ho 2022, sec. 4)."""
     target = teacher_target(denoiser, teacher, batch, schedule, final_alpha)
     a_t, s_t = _alpha_sigma(schedule["alphas_cumprod"], batch["t"], final_alpha)
-    prediction = denoiser.x0(student, batch["sample"], batch["t"], batch["conditioning"], batch["w"], a_t, s_t)
+    prediction = denoiser.x0(student, batch["sample"], batch["t"], batch["conditioning"], batch["w"], a_t, s_t, batch.get("negative"))
     weight = torch.clamp(a_t**2 / s_t**2, min=1.0)
     return (weight * (prediction - target) ** 2).mean()
 
@@ -159,13 +167,16 @@ def _round_batch(rows, scheduler, student_grid, steps: int, config, generator) -
 def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}."""
     accelerator = make_accelerator(config)  # for the device and rank; each round's loop prepares its own (one model each)
+    stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
+    if config.negative_prompts is not None and not stage1.config.reads_negative:
+        raise ValueError("--negative-prompts: this stage-1 guide does not read negative prompts (distill it with --negatives first)")
     pipe = load_pipeline(config.base)
     freeze(pipe)
     pipe.to(accelerator.device)
-    stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
     stage1.check_compatible(pipe.unet)
     stage1.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     stage1.to(accelerator.device)
+    negatives = NegativeSampler.from_config(config) if stage1.config.reads_negative else None
     (pool,) = training_pools(pipe, config, accelerator, record="samples", shapes_seed=config.seed + 13)
     resolution = training_resolution(pipe, config)
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)  # students sample with DDIM, whatever the base ships
@@ -183,7 +194,10 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
         def make_batch(step, generator, student_grid=student_grid, steps=steps):
             rows = pool.rows(shard_rows(len(pool), config.batch_size, step, config.seed, accelerator.process_index, accelerator.num_processes))
             batch = {k: v.to(accelerator.device) for k, v in _round_batch(rows, ddim, student_grid, steps, config, generator).items()}
-            return batch | {"conditioning": encode_prompts(pipe, rows.prompts, accelerator.device, resolution)}
+            batch["conditioning"] = encode_prompts(pipe, rows.prompts, accelerator.device, resolution)
+            if negatives is not None:
+                batch["negative"] = encode_negatives(pipe, negatives.draw(list(rows.prompts), generator), denoiser.negative, accelerator.device, resolution)
+            return batch
 
         def compute_loss(model, batch, teacher=teacher):
             return student_loss(denoiser, model, teacher, batch, schedule, final_alpha)

@@ -20,7 +20,7 @@ class GenerateRequest:
 
     prompt: str
     out: str = "image.png"  # PNG file; with several images, numbered: image-0.png, image-1.png, ...
-    negative_prompt: str | None = None  # cfg mode only: guide mode ignores it (with a warning)
+    negative_prompt: str | None = None  # cfg mode, and guide mode with a guide distilled on negatives (others ignore it, with a warning)
     num_images: int = 1
     height: int | None = None
     width: int | None = None

@@ -13,6 +13,10 @@ Two ways to see the input (`reads`):
   prompt instead of re-deriving it at 1/8 of the width (the idea of ControlNet-XS, Zavadski et al. 2024).
 With `scale_by_guidance`, residuals are multiplied by (w - 1): w = 1 is exactly the unguided UNet, and
 the correction grows with w as CFG's own `w * (cond - uncond)` term does.
+
+With `reads_negative`, the guide also reads the negative prompt, which CFG puts in place of the empty one: its
+cross-attention sees the prompt's tokens followed by the negative's, the latter plus a learned segment embedding
+so the two can be told apart. That costs one vector of parameters and a second set of keys and values.
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         reads: str = "latent",
         scale_by_guidance: bool = False,
         trained_text_encoder: str | None = None,
+        reads_negative: bool = False,
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:
@@ -129,6 +134,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         layers, heads = _per_block(transformer_layers_per_block, block_out_channels), _per_block(num_attention_heads, block_out_channels)
         _check_config(size, block_out_channels, unet_block_out_channels, down_block_types, norm_num_groups, heads)
         width0, time_embed_dim = block_out_channels[0], block_out_channels[0] * 4
+        if reads_negative:  # starts at zero: the negative's tokens look like the prompt's until training tells them apart
+            self.negative_segment = nn.Parameter(torch.zeros(unet_cross_attention_dim))
         self.conv_in = nn.Conv2d(unet_in_channels, width0, kernel_size=3, padding=1)
         self.time_proj = Timesteps(width0, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(width0, time_embed_dim)
@@ -219,10 +226,11 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         guidance_embed_dim: int = 64,
         reads: str = "latent",
         scale_by_guidance: bool = False,
+        reads_negative: bool = False,
     ) -> "GuideModel":
         """Build a guide that fits `unet`: `full` is as wide as its encoder (and, reading the latent, starts
         from its weights), `tiny` is 1/`width_divisor` as wide (default: 8 reading the latent, 16 reading
-        the UNet's features). `reads` and `scale_by_guidance`: see the module."""
+        the UNet's features). `reads`, `scale_by_guidance` and `reads_negative`: see the module."""
         config = unet.config
         width_divisor = width_divisor or (FEATURE_WIDTH_DIVISOR if reads == "unet_features" else TINY_WIDTH_DIVISOR)
         if size not in GUIDE_SIZES:
@@ -254,12 +262,23 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             projection_class_embeddings_input_dim=config.projection_class_embeddings_input_dim,
             reads=reads,
             scale_by_guidance=scale_by_guidance,
+            reads_negative=reads_negative,
         )
         if full and reads == "latent":  # start from the UNet's own encoder, as ControlNet does
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block", "add_time_proj", "add_embedding"):
                 if hasattr(guide, name) and hasattr(unet, name):
                     getattr(guide, name).load_state_dict(getattr(unet, name).state_dict())
         return guide
+
+    def with_negative_input(self) -> "GuideModel":
+        """This guide, reading the negative prompt as well: every trained weight kept, the segment embedding new
+        (zero), so a positive-only guide can be trained further on negatives instead of from scratch."""
+        if self.config.reads_negative:
+            return self
+        guide = type(self).from_config({**self.config, "reads_negative": True})
+        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
+        assert missing == ["negative_segment"] and not unexpected, (missing, unexpected)
+        return guide.to(device=self.device, dtype=self.dtype)
 
     def check_compatible(self, unet) -> None:
         """Raise ValueError naming the first architecture value in which `unet` differs from the guide's."""
@@ -293,10 +312,13 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         guidance_scale: torch.Tensor | float,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         unet_features: UNetFeatures | None = None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
     ) -> GuideOutput:
         """sample: (batch, C, h, w) noisy latents; encoder_hidden_states: (batch, tokens, dim);
         timestep and guidance_scale: scalars or (batch,) tensors; `unet_features`: the frozen UNet's encoder
-        features at this step, which a "unet_features" guide needs (see `teacher.guided_noise_pred`).
+        features at this step, which a "unet_features" guide needs (see `teacher.guided_noise_pred`);
+        `negative_encoder_hidden_states`: (batch, tokens', dim), the negative prompt's embeddings (the empty
+        prompt's for none), which a guide with `reads_negative` needs and any other ignores.
         Returns :class:`GuideOutput`."""
         # 1. time and guidance-scale embeddings (the time embedding is cast to the sample's dtype: the
         #    sinusoidal projection is always fp32, and the MLP may run in fp16)
@@ -305,6 +327,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         w = per_sample(guidance_scale, batch, sample.device, torch.float32)
         emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
         emb = emb + self.guidance_embedding(self.guidance_proj(w * W_EMBED_SCALE).to(sample.dtype))
+        encoder_hidden_states = self._context(encoder_hidden_states, negative_encoder_hidden_states)
         if self.reads_unet_features:
             output = self._read_features(unet_features, emb, encoder_hidden_states)
         else:
@@ -312,6 +335,15 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
                 emb = emb + self._added_embedding(added_cond_kwargs, sample.dtype)
             output = self._encode(sample, emb, encoder_hidden_states)
         return _scaled(output, w - 1) if self.config.scale_by_guidance else output
+
+    def _context(self, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The tokens the guide cross-attends to: the prompt's, then (`reads_negative`) the negative's, marked."""
+        if not self.config.reads_negative:
+            return prompt_embeds
+        if negative_embeds is None:
+            raise ValueError("this guide reads the negative prompt: pass negative_encoder_hidden_states (the empty prompt's embeddings for none)")
+        negative_embeds = negative_embeds.expand(len(prompt_embeds), *negative_embeds.shape[1:])  # one row serves a batch
+        return torch.cat([prompt_embeds, negative_embeds + self.negative_segment.to(negative_embeds.dtype)], dim=1)
 
     def _read_features(self, features: UNetFeatures | None, emb, encoder_hidden_states) -> GuideOutput:
         if features is None:

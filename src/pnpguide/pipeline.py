@@ -44,7 +44,7 @@ class GuidedSamplingMixin:
                        negatives: tuple = ()) -> None:
         """Our checks on top of the diffusers pipeline's check_inputs: mode, steps, the guide's dtype and device,
         the image size (w: see guidance_schedule). `negatives`: the negative prompt arguments, which guide mode
-        ignores (with a warning)."""
+        ignores (with a warning) unless the guide reads them."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "guide" and self.guide is None:
@@ -55,8 +55,13 @@ class GuidedSamplingMixin:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if height is not None and width is not None:
             check_image_size(height, width, size_multiple(self.vae, self.unet))
-        if mode == "guide" and any(n is not None for n in negatives):
+        if mode == "guide" and not self.guide.config.reads_negative and any(n is not None for n in negatives):
             warn_negative_prompt_ignored()
+
+    def encodes_negative(self, mode: str) -> bool:
+        """Whether this call needs the negative prompt's embeddings (the empty prompt's when none is given): for
+        CFG's unconditional half, or for a guide that reads the negative prompt."""
+        return mode == "cfg" or (mode == "guide" and bool(self.guide.config.reads_negative))
 
     def warn_untrained(self, schedule: list[float], num_inference_steps: int) -> None:
         """Warn when the guide runs at a w or step count it was not trained for: it extrapolates there."""
@@ -94,9 +99,12 @@ class GuidedSamplingMixin:
                         added_cond_kwargs: dict | None = None, negative_added_cond_kwargs: dict | None = None) -> torch.Tensor:
         """The model output one sampling step of `mode` uses, at any state (evaluation replays methods at the
         CFG teacher's states with it). sample: (B, C, h, w); the negative_* arguments are only read by "cfg";
-        `added_cond_kwargs` (SDXL: text_embeds (B, dim), time_ids (B, 6)) and its negative have B rows each."""
+        `added_cond_kwargs` (SDXL: text_embeds (B, dim), time_ids (B, 6)) and its negative have B rows each.
+        A guide that reads the negative prompt gets `negative_prompt_embeds` too."""
         if mode == "guide":
-            return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs)
+            negative = negative_prompt_embeds if self.guide.config.reads_negative else None
+            return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs,
+                                     negative_prompt_embeds=negative)
         if mode == "cfg":
             if added_cond_kwargs is not None and negative_added_cond_kwargs is None:
                 raise ValueError("mode 'cfg' with added_cond_kwargs (SDXL) needs negative_added_cond_kwargs for the unconditional half")
@@ -184,8 +192,8 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         `(step_index, timestep) -> w`; `guidance_interval=(t_low, t_high)` applies w only at timesteps inside
         that range, w = 1 elsewhere (see :func:`pnpguide.schedules.guidance_schedule`). Steps at w = 1 run the
         UNet alone, once at batch B, in every mode.
-        `negative_prompt` only affects "cfg": the guide was distilled against the empty prompt, so "guide" mode
-        ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
+        `negative_prompt` works in "cfg" and, with a guide distilled on negative prompts (`guide.config.reads_negative`),
+        in "guide"; an older guide was distilled against the empty prompt only and ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
         `on_model_output(t, model_input, model_output, prompt_embeds, added_cond_kwargs)` is called at every step (evaluation
         uses it to compare a method with the teacher on the method's own trajectory).
         A step-distilled guide samples on its own DDIM schedule (see :meth:`sampling_scheduler`).
@@ -201,9 +209,9 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         device = self._execution_device
         scheduler, timesteps, schedule = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode, device)
 
-        # 1. encode the prompt (and the empty prompt for the CFG teacher)
+        # 1. encode the prompt (and the negative, the empty prompt by default, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, mode == "cfg", negative_prompt, prompt_embeds, negative_prompt_embeds
+            prompt, device, num_images_per_prompt, self.encodes_negative(mode), negative_prompt, prompt_embeds, negative_prompt_embeds
         )
 
         # 2. initial noise, exactly as StableDiffusionPipeline prepares it
@@ -260,8 +268,8 @@ def check_image_size(height: int, width: int, multiple: int) -> None:
 def warn_negative_prompt_ignored() -> None:
     """The one place that says it, for both pipelines (Python shows a warning from one place once)."""
     warnings.warn(
-        "negative_prompt is ignored in guide mode: the guide was distilled against the empty prompt. "
-        "Use mode='cfg' (--mode cfg) to apply a negative prompt.",
+        "negative_prompt is ignored in guide mode: this guide was distilled against the empty prompt only. "
+        "Use mode='cfg' (--mode cfg) to apply a negative prompt, or a guide distilled with negatives (pnpguide distill --negatives).",
         UserWarning,
         stacklevel=3,  # the pipeline's __call__
     )

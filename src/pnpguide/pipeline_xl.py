@@ -75,7 +75,8 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
     ) -> StableDiffusionXLPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionXLPipeline's (SDXL's size/crop conditioning included),
         plus `mode`, schedules, `guidance_interval` and `on_model_output` as in PlugAndPlayPipeline.__call__.
-        `negative_prompt(_2)` only affects "cfg": the guide was distilled against the empty prompt."""
+        `negative_prompt(_2)` works in "cfg" and with a guide that reads the negative prompt (its token embeddings;
+        the pooled negative only enters CFG's unconditional half); other guides ignore it, with a warning."""
         mode = mode or ("guide" if self.guide is not None else "cfg")
         mode = "none" if isinstance(guidance_scale, (int, float)) and guidance_scale == 1 else mode
         # 0. defaults and checks, the schedule's included: all before the first model call
@@ -89,9 +90,9 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         device = self._execution_device
         scheduler, timesteps, schedule = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode, device)
 
-        # 1. encode the prompt with both text encoders (and the negative for the CFG teacher)
+        # 1. encode the prompt with both text encoders (and the negative, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-            prompt, prompt_2, device, num_images_per_prompt, mode == "cfg", negative_prompt, negative_prompt_2,
+            prompt, prompt_2, device, num_images_per_prompt, self.encodes_negative(mode), negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
         )
 

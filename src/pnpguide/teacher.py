@@ -83,16 +83,18 @@ def guided_noise_pred(
     guidance_scale: torch.Tensor | float,
     added_cond_kwargs: dict | None = None,
     cross_attention_kwargs: dict | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The student: one UNet call at batch B whose skip connections receive the guide's residuals.
 
     A guide that reads the UNet's own features is called from inside that one call, once the UNet's encoder
     has run (see :class:`FeatureTap`); any other guide runs first and its residuals are passed
-    through diffusers' ControlNet arguments. Both add the residuals at the same places."""
+    through diffusers' ControlNet arguments. Both add the residuals at the same places.
+    `negative_prompt_embeds` (B or 1 rows) reach a guide that reads the negative prompt; the UNet never sees them."""
     timestep = _batched(timestep, sample.shape[0], sample.device)
     if getattr(guide, "module", guide).reads_unet_features:  # under data parallelism the guide arrives wrapped in DDP
         tap = feature_tap(unet)
-        tap.start(guide, sample, timestep, prompt_embeds, guidance_scale)
+        tap.start(guide, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
         try:
             return unet(
                 sample,
@@ -104,7 +106,8 @@ def guided_noise_pred(
             )[0]
         finally:
             tap.stop()
-    residuals = guide(sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs=added_cond_kwargs)
+    residuals = guide(sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs=added_cond_kwargs,
+                      negative_encoder_hidden_states=negative_prompt_embeds)
     expected = _expected_residuals(unet)
     if len(residuals.down_block_additional_residuals) != expected:  # diffusers would silently zip-truncate
         raise ValueError(f"the guide returns {len(residuals.down_block_additional_residuals)} residuals, this UNet takes {expected}")
@@ -147,8 +150,9 @@ class FeatureTap:
             block.register_forward_pre_hook(_SkipAdder(self, end - len(block.resnets), end), with_kwargs=True)
             end -= len(block.resnets)
 
-    def start(self, guide, sample, timestep, prompt_embeds, guidance_scale) -> None:
-        self.guide, self.inputs, self.skips, self.residuals = guide, (sample, timestep, prompt_embeds, guidance_scale), [], None
+    def start(self, guide, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds=None) -> None:
+        self.guide, self.skips, self.residuals = guide, [], None
+        self.inputs = (sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
 
     def stop(self) -> None:
         self.guide, self.inputs, self.skips, self.residuals = None, (), [], None
@@ -164,9 +168,10 @@ class FeatureTap:
     def _add_mid(self, module, args, output):
         if self.guide is None:
             return output
-        sample, timestep, prompt_embeds, guidance_scale = self.inputs
+        sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds = self.inputs
         features = UNetFeatures(tuple(self.skips), output)  # the guide checks it got one feature per head
-        self.residuals = self.guide(sample, timestep, prompt_embeds, guidance_scale, unet_features=features)
+        self.residuals = self.guide(sample, timestep, prompt_embeds, guidance_scale, unet_features=features,
+                                    negative_encoder_hidden_states=negative_prompt_embeds)
         return output + self.residuals.mid_block_additional_residual.to(output.dtype)
 
 
