@@ -123,3 +123,20 @@ def test_the_sdxl_pipeline_is_exported_beside_the_sd_one():
 
     assert exported is PlugAndPlayXLPipeline and "PlugAndPlayXLPipeline" in pnpguide.__all__
     assert pnpguide.PlugAndPlayPipeline.__name__ == "PlugAndPlayPipeline"  # the SD one beside it
+
+
+@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+def test_a_guide_that_reads_negatives_uses_the_negative_prompt_in_one_unet_call_per_step(sdxl, reads):
+    guide = GuideModel.from_unet(sdxl.unet, "tiny", reads=reads, reads_negative=True)
+    torch.manual_seed(3)
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    pipe = _pipe(sdxl, guide)
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        negated = _run(pipe, guidance_scale=6.0, negative_prompt="a car")
+    finally:
+        handle.remove()
+    assert calls == [2] * 3
+    assert np.abs(negated - _run(pipe, guidance_scale=6.0)).max() > 1e-3
