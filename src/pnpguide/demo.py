@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .embedded.base_report import grid_captions
+from .evaluation.negative_prompts import eval_negatives
 from .evaluation.plots import captioned_grid
 from .evaluation.sampling import generate_images
 from .evaluation.speed import UNetCallCounter, median_seconds, step_cost
@@ -23,6 +24,7 @@ class DemoRow:
     mode: str
     steps: int
     guide: GuideModel | None = None
+    negative_prompt: bool = False  # samples with the demo's negative prompts
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,13 @@ class ModeTiming:
     gflops_per_image: float
 
 
-def demo_rows(guide: GuideModel, steps: int) -> list[DemoRow]:
-    """No guidance, CFG and the guide at `steps`, then each shipped step-distilled guide at its own step counts."""
+def demo_rows(guide: GuideModel, steps: int, negatives: bool = False) -> list[DemoRow]:
+    """No guidance, CFG and the guide at `steps`; with `negatives`, CFG and the guide again with the negative prompts;
+    then each shipped step-distilled guide at its own step counts."""
     rows = [DemoRow("no guidance (w=1)", "none", steps), DemoRow("CFG teacher", "cfg", steps), DemoRow("guide", "guide", steps, guide)]
+    if negatives:
+        ignored = "" if guide.config.reads_negative else " (ignored)"  # a guide distilled without negatives: the same images
+        rows += [DemoRow("CFG teacher, negative", "cfg", steps, None, True), DemoRow(f"guide, negative{ignored}", "guide", steps, guide, True)]
     for folder in shipped_guide_dirs():
         distilled = load_guide(folder)
         for count in distilled.config.trained_step_counts or ():
@@ -53,17 +59,21 @@ def run_demo(
     progress: Callable[[str], None] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    negative_prompts: str | None = None,
 ):
     """Write `grid.png` and return one ModeTiming per row (wall time measured here, FLOPs counted).
 
     `progress` receives one line per phase (the CLI prints them): the demo runs for a minute or more on a CPU.
+    `negative_prompts`: a file or `caption-attributes`, as `pnpguide eval --negative-prompts` takes it; adds rows of
+    CFG and the guide with them, and names each column's negative.
     """
     say = progress or (lambda line: None)
+    captions = grid_captions()
+    negatives = eval_negatives(negative_prompts, captions)  # a bad value fails before anything loads
     say(f"loading the embedded base and the {guide or 'tiny'} guide")
     pipe = load_plug_and_play(guide=guide, dtype=dtype, device=device)
-    captions = grid_captions()
     images, timings = {}, []
-    rows = demo_rows(pipe.guide, steps)
+    rows = demo_rows(pipe.guide, steps, negatives is not None)
     for number, row in enumerate(rows, 1):
         say(f"[{number}/{len(rows)}] {row.label}, {row.steps} steps: sampling {len(captions)} images, then timing them")
         pipe.guide = follow_unet(row.guide, pipe.unet)  # None for "none" and "cfg": they never call it
@@ -72,7 +82,8 @@ def run_demo(
         flops = {"none": cost.unet, "cfg": cost.cfg, "guide": cost.guided}[row.mode] * row.steps
 
         def sample():
-            return generate_images(pipe, captions, w, row.steps, seed, mode=row.mode, batch_size=len(captions), progress=False)
+            return generate_images(pipe, captions, w, row.steps, seed, mode=row.mode, batch_size=len(captions), progress=False,
+                                   negative_prompts=negatives if row.negative_prompt else None)
 
         counter = UNetCallCounter(pipe.unet)
         images[f"{row.label}, {row.steps} steps"] = sample()
@@ -80,7 +91,8 @@ def run_demo(
         seconds = median_seconds(sample, repeats=3, warmup=0) / len(captions)
         timings.append(ModeTiming(row.label, row.steps, seconds, counter.images / len(captions), flops / 1e9))
     say(f"writing the grid to {Path(out_dir) / 'grid.png'}")
-    grid = captioned_grid(images, captions, Path(out_dir) / "grid.png", title=f"embedded base, w={guidance_scale}, DDIM, same seeds")
+    columns = [f"{c} [negative: {n}]" for c, n in zip(captions, negatives)] if negatives else captions
+    grid = captioned_grid(images, columns, Path(out_dir) / "grid.png", title=f"embedded base, w={guidance_scale}, DDIM, same seeds")
     return grid, timings
 
 

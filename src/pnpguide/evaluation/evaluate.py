@@ -3,6 +3,8 @@
 Methods: `none` (w = 1), `cfg` (the teacher, batched cond+uncond as diffusers does) and `guide:<name>`
 for each guide given; a step-distilled guide only runs at the step counts it was distilled for. Each
 (model, method, steps, w) row holds the mean over seeds, and FID per seed so its spread is visible.
+With `negative_prompts`, cfg and the guides sample with each prompt's negative (guides also without it), and
+every row is compared with CFG with that negative (negative_prompts.py).
 """
 
 from __future__ import annotations
@@ -19,22 +21,21 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..conditioning import Conditioning, encode_negative
+from ..conditioning import encode_negative, encode_negatives
 from ..embedded import shapes
 from ..embedded.adherence import judge, parse_caption
 from ..devices import resolve_device, resolve_dtype
 from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_guide, load_pipeline, shipped_guide_dirs
-from ..pipeline import PlugAndPlayPipeline
 from ..sources import read_prompt_file
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
+from .methods import NO_NEGATIVE, Method, sample
+from .negative_prompts import avoidance_rate, eval_negatives, measurable
 from .sampling import as_plug_and_play, mean_psnr
-from .speed import UNetCallCounter, median_seconds, parameter_count, peak_memory_bytes, step_cost
-from ..schedules import guided_at
-from .teacher_states import TeacherTrajectory, negative_inputs
+from .speed import median_seconds, parameter_count, peak_memory_bytes, step_cost
+from .teacher_states import TeacherTrajectory
 
 METHODS = ("none", "cfg", "guide")
-FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra model call per step and row)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class EvalConfig:
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
+    negative_prompts: str | None = None  # negative prompt file (one per line, cycled over the prompts) or caption-attributes (each shapes caption's first object: colour, shape, coloured shape in turns); cfg and guides sample with them, guides also without (default: none)
     fid_features: str = "shapes"  # "shapes" (shipped network), "inception" (needs --inception-weights) or "none"
     inception_weights: str | None = None  # local FID Inception weights file, for --fid-features inception
     reference: str | None = None  # folder of real images for FID (default: held-out shapes images of the model's style)
@@ -107,28 +109,23 @@ class EvalConfig:
             raise ValueError(f"guidance scales must be >= 1 (diffusers' convention), got {self.scales}")
         if self.guidance_interval is not None and not (len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] <= self.guidance_interval[1]):
             raise ValueError(f"guidance_interval must be two timesteps T_LOW <= T_HIGH, both >= 0, got {self.guidance_interval}")
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str  # "none", "cfg", or "guide:<name>"
-    mode: str
-    guide: object | None = None  # a GuideModel
-    step_counts: tuple[int, ...] | None = None  # a step-distilled guide: only these
-
-    def runs_at(self, steps: int) -> bool:
-        return self.step_counts is None or steps in self.step_counts
+        if self.negative_prompts is not None:
+            eval_negatives(self.negative_prompts, eval_prompts(self))  # a missing or empty file fails here, before anything loads
 
 
 def build_methods(config: EvalConfig) -> list[Method]:
+    """With negative prompts, cfg and every guide sample with them, and every guide also without (`NO_NEGATIVE`):
+    what a guide that ignores negatives gives. `none` (w = 1) never uses them."""
+    negatives = config.negative_prompts is not None
     methods = [Method("none", "none")] if "none" in config.methods else []
-    methods += [Method("cfg", "cfg")] if "cfg" in config.methods else []
+    methods += [Method("cfg", "cfg", negative_prompt=negatives)] if "cfg" in config.methods else []
     if "guide" in config.methods:
         folders = [Path(f) for f in config.guide or shipped_guide_dirs()]
         for folder, name in zip(folders, _distinct_names(folders)):
             guide = load_guide(folder).eval().to(config.device, resolve_dtype(config.dtype, config.device))
             counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
-            methods.append(Method(f"guide:{name}", "guide", guide, counts))
+            methods.append(Method(f"guide:{name}", "guide", guide, counts, negatives))
+            methods += [Method(f"guide:{name}{NO_NEGATIVE}", "guide", guide, counts)] if negatives else []
     return methods
 
 
@@ -155,49 +152,6 @@ def _judgeable(prompts: list[str]) -> bool:
     return True
 
 
-@torch.no_grad()
-def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps: int, w: float, seed: int, batch_size: int,
-           negative: Conditioning | None = None, teacher_scale: float | None = None,
-           trajectory: TeacherTrajectory | None = None, guidance_interval: tuple[float, float] | None = None,
-           ) -> tuple[list[Image.Image], float | None, tuple[int, int]]:
-    """Images i from the generator seeded `seed * 1_000_003 + i`; with `negative` (one row of CFG's unconditional
-    input, :func:`pnpguide.conditioning.encode_negative`), also the mean per-step
-    squared error between the method's model output and the CFG teacher's (at `teacher_scale`, default w) on the
-    method's own trajectory, for the first FIDELITY_SUBSET images. The cfg method instead records its states
-    for those images into `trajectory`, if given. With `guidance_interval`, every method (and the teacher it is
-    compared with) uses w only at timesteps inside it and is the conditional model elsewhere. Also returns the
-    images the UNet and the guide processed, teacher calls for the comparison left out (steps at w = 1 skip the guide)."""
-    pipe.guide = method.guide
-    counter, errors, images = UNetCallCounter(pipe.unet), [], []
-    guide_counter = UNetCallCounter(method.guide) if method.guide is not None else None
-
-    def compare(t, model_input, output, prompt_embeds, added_cond_kwargs=None):
-        with counter.paused():  # the teacher calls made for the comparison are not the method's cost
-            guided = guided_at(t, guidance_interval)  # outside the interval the teacher is the conditional model, too
-            teacher = pipe.mode_noise_pred("cfg" if guided else "none", model_input, t, prompt_embeds, guidance_scale=teacher_scale or w, added_cond_kwargs=added_cond_kwargs,
-                                           **negative_inputs(negative, len(prompt_embeds), added_cond_kwargs))
-        errors.append(float((output.float() - teacher.float()).pow(2).mean()))
-
-    if method.mode == "cfg":
-        hook = trajectory.record if trajectory is not None else None
-    else:
-        hook = compare if negative is not None else None
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=f"{method.name} {steps} steps w={w}", leave=False):
-            batch = prompts[start : start + batch_size]
-            generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(batch))]
-            output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
-                          generator=generators, mode=method.mode, on_model_output=hook if start < FIDELITY_SUBSET else None,
-                          guidance_interval=guidance_interval)
-            images += output.images
-    finally:
-        counter.close()
-        if guide_counter is not None:
-            guide_counter.close()
-    mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative is not None else None)
-    return images, mse, (counter.images, guide_counter.images if guide_counter is not None else 0)
-
-
 @dataclass
 class Row:
     model: str
@@ -205,11 +159,13 @@ class Row:
     steps: int
     guidance_scale: float
     images: int
+    negative_prompt: bool = False  # sampled with the evaluation's negative prompts (the gaps are always against CFG with them)
     fid: float | None = None  # mean over seeds
     fid_per_seed: list[float] = field(default_factory=list)
     adherence: float | None = None
     adherence_one_object: float | None = None
     adherence_two_objects: float | None = None
+    avoids_negative: float | None = None  # share of images not showing what their negative prompt names (measurable ones only)
     psnr_vs_cfg_db: float | None = None  # final images vs the teacher's at the same steps, w and seeds
     mse_vs_cfg: float | None = None  # on [0, 1] pixels
     output_mse_vs_cfg: float | None = None  # per-step model-output MSE vs the teacher on the method's trajectory
@@ -275,18 +231,23 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     if scorer is not None:
         scorer.set_reference(spec.style, len(prompts), image_size=resolution)
     negative = encode_negative(pipe, pipe.device, resolution).to(pipe.device, pipe.unet.dtype)  # encoded in fp32
+    negatives = eval_negatives(config.negative_prompts, prompts)
+    teacher_negative = negative if negatives is None else encode_negatives(pipe, negatives, negative, pipe.device, resolution).to(pipe.device, pipe.unet.dtype)
+    avoidable = judgeable and negatives is not None and measurable(negatives) > 0
+    if negatives is not None and notes is not None:
+        notes.append(_negatives_note(spec.name, negatives, avoidable, methods))
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
     rows, grid, references = [], {}, _References()
     interval = tuple(config.guidance_interval) if config.guidance_interval else None
     settings = _settings(methods, config)
     for method, steps, w in tqdm(settings, desc=f"eval {spec.name}"):
-        row = Row(spec.name, method.name, steps, w, len(prompts))
-        per_seed = {"fid": [], "adh": [], "psnr": [], "mse": [], "unguided_mse": [], "out": [], "step_errors": Counter(), "step_baselines": Counter()}
+        row = Row(spec.name, method.name, steps, w, len(prompts), method.negative_prompt)
+        per_seed = {"fid": [], "adh": [], "avoid": [], "psnr": [], "mse": [], "unguided_mse": [], "out": [], "step_errors": Counter(), "step_baselines": Counter()}
         for seed in config.seeds:
             teacher_scale = max(config.scales) if method.mode == "none" else w
             trajectory = TeacherTrajectory(interval) if method.mode == "cfg" else None
-            images, output_mse, (unet_images, guide_images) = sample(pipe, method, prompts, steps, w, seed, config.batch_size, negative,
+            images, output_mse, (unet_images, guide_images) = sample(pipe, method, prompts, steps, w, seed, config.batch_size, teacher_negative,
                                                                      teacher_scale, trajectory, interval)
             row.unet_evals_per_image, row.guide_evals_per_image = unet_images / len(prompts), guide_images / len(prompts)
             references.keep(method, (steps, w, seed), images, trajectory)
@@ -294,6 +255,8 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
                 per_seed["fid"].append(scorer.score(images))
             if judgeable:
                 per_seed["adh"].append(_adherence_split(images, prompts, spec.style))
+            if avoidable:
+                per_seed["avoid"].append(avoidance_rate(images, negatives, spec.style))
             _compare_with_cfg(per_seed, row, pipe, method, images, references, (steps, teacher_scale, seed), negative)
             if output_mse is not None:
                 per_seed["out"].append(output_mse)
@@ -304,7 +267,17 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
         if timing and (method.mode == "none" or w == max(config.scales)):
             _fill_speed(row, pipe, method, prompts, steps, w, interval)
         rows.append(row)
-    return rows, {"prompts": prompts[: config.grid_prompts], "images": grid}
+    return rows, {"prompts": prompts[: config.grid_prompts], "negatives": (negatives or [])[: config.grid_prompts], "images": grid}
+
+
+def _negatives_note(model: str, negatives: list[str], avoidable: bool, methods: list[Method]) -> str:
+    """What the report's negative-prompt figures mean for this model, and which guides ignore the negatives."""
+    ignoring = [m.name for m in methods if m.guide is not None and m.negative_prompt and not m.guide.config.reads_negative]
+    text = (f"{model}: cfg and guide rows sample with each prompt's negative prompt, '{NO_NEGATIVE.strip()}' rows without; "
+            "gap closed and output MSE are against CFG with the negative. ")
+    text += (f"avoids negative: over the {measurable(negatives)} of {len(negatives)} images whose negative names a colour, shape or coloured shape. "
+             if avoidable else "avoids negative: not measurable here (needs the shapes world and negatives naming a colour or shape). ")
+    return text + (f"Guides that do not read negative prompts (same images with and without): {', '.join(ignoring)}." if ignoring else "")
 
 
 @dataclass
@@ -335,7 +308,7 @@ def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, re
     trajectory = references.trajectories.get(key)
     if trajectory is not None:
         pipe.guide = method.guide
-        errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative)
+        errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt)
         per_seed["step_errors"].update(errors)  # Counter.update adds: summed over seeds, timestep by timestep
         per_seed["step_baselines"].update(baselines)
         row.step_gap_images = trajectory.images
@@ -354,6 +327,8 @@ def _fill_quality(row: Row, per_seed: dict) -> None:
         row.adherence, row.adherence_one_object, row.adherence_two_objects = (
             float(np.mean(c)) if None not in c else None for c in columns
         )
+    if per_seed["avoid"]:
+        row.avoids_negative = float(np.mean(per_seed["avoid"]))
     if per_seed["psnr"]:
         row.psnr_vs_cfg_db, row.mse_vs_cfg = float(np.mean(per_seed["psnr"])), float(np.mean(per_seed["mse"]))
     if per_seed["out"]:
@@ -422,6 +397,6 @@ def run_eval(config: EvalConfig) -> dict:
 
 def summary(result: dict) -> list[dict]:
     """The headline numbers per row, for scripts (`pnpguide eval --json`)."""
-    keys = ("model", "method", "steps", "guidance_scale", "fid", "fid_per_seed", "adherence", "psnr_vs_cfg_db", "image_gap_closed", "step_gap_closed",
+    keys = ("model", "method", "steps", "guidance_scale", "fid", "fid_per_seed", "adherence", "avoids_negative", "psnr_vs_cfg_db", "image_gap_closed", "step_gap_closed",
             "unet_evals_per_image", "gflops_per_image", "seconds_per_image_b8")
     return [{k: row[k] for k in keys} for row in result["rows"]]

@@ -32,6 +32,15 @@ COLUMNS = (  # (row key, header, format)
     ("seconds_per_image_b8", "s/img b8", "{:.4f}"),
     ("peak_memory_mb_b8", "peak MB b8", "{:.0f}"),
 )
+NEGATIVE_COLUMN = ("avoids_negative", "avoids negative", "{:.3f}")  # after the adherence columns, with --negative-prompts
+
+
+def columns(config: dict) -> tuple:
+    """The table's columns: "avoids negative" only in a run with negative prompts."""
+    if not config.get("negative_prompts"):
+        return COLUMNS
+    at = [key for key, _, _ in COLUMNS].index("adherence_two_objects") + 1
+    return COLUMNS[:at] + (NEGATIVE_COLUMN,) + COLUMNS[at:]
 
 
 def write_report(result: dict, grids: dict, out_dir: Path) -> list[Path]:
@@ -71,15 +80,19 @@ def markdown(result: dict) -> str:
     if config.get("guidance_interval"):
         low, high = config["guidance_interval"]
         lines.append(f"Guidance interval: w applies only at timesteps {low:g} <= t <= {high:g} (w = 1 elsewhere), for CFG and the guides alike.")
+    if config.get("negative_prompts"):
+        lines.append(f"Negative prompts: `{config['negative_prompts']}`; *avoids negative* is the share of images in which the analytic "
+                     "judge finds nothing of the colour, shape or coloured shape the image's negative prompt names.")
     lines.append("Gap closed (1 = CFG's result, 0 = no closer than no guidance): *image* on the final images, pooled MSE against CFG's "
                  "relative to no guidance's; *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
                  f"the conditional output, on the first {_step_gap_images(result['rows'])} images of each seed (per step: `step_gap_closed_per_timestep` in report.json).")
     lines.append("Speed: whole pipeline calls (text encoder, sampling, VAE), median of 3 after a warm-up, on the first model only.")
     lines += [f"Note: {note}" for note in result.get("notes", [])]
+    table = columns(config)
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
-        lines += ["", f"## {model}", "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["", f"## {model}", "", "| " + " | ".join(h for _, h, _ in table) + " |", "|" + "---|" * len(table)]
         for row in (r for r in result["rows"] if r["model"] == model):
-            lines.append("| " + " | ".join(format_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+            lines.append("| " + " | ".join(format_cell(row, k, f) for k, _, f in table) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +176,10 @@ def plot_quality_vs_time(rows: list[dict], out_dir: Path) -> Path | None:
 
 
 def grid_figure(model: str, grid: dict, path: Path) -> Path:
-    """Rows: method at a step count (in the order they ran: cfg, none, guides); columns: prompts, one seed each."""
+    """Rows: method at a step count (in the order they ran: cfg, none, guides); columns: prompts, one seed each.
+    With negative prompts each column names its negative, and the "(no neg)" rows show the guides without it."""
     rows = {f"{method}, {steps} st": images for (method, steps), images in grid["images"].items()}
-    return captioned_grid(rows, grid["prompts"], path, title=f"{model}: same seeds, methods side by side")
+    negatives = grid.get("negatives") or []
+    captions = [f"{p} [negative: {n}]" for p, n in zip(grid["prompts"], negatives)] if negatives else grid["prompts"]
+    title = f"{model}: same seeds, methods side by side" + (" (cfg and guides with the negative prompts)" if negatives else "")
+    return captioned_grid(rows, captions, path, title=title)

@@ -22,6 +22,7 @@ class TeacherState:
     prompt_embeds: torch.Tensor  # (B, tokens, dim), on the CPU
     cfg_output: torch.Tensor  # (B, C, h, w): the teacher's output, on the CPU
     added_cond_kwargs: dict | None = None  # SDXL: text_embeds (B, dim) and time_ids (B, 6), on the CPU
+    negative: Conditioning | None = None  # (B rows) the teacher's per-image negative prompts, on the CPU; None: the empty one
 
 
 class TeacherTrajectory:
@@ -33,13 +34,16 @@ class TeacherTrajectory:
         self.guidance_interval = guidance_interval  # the teacher sampled with w only inside it: replays do the same
         self.states: list[TeacherState] = []
         self._baselines: dict[int, float] | None = None
-        self._embeds: tuple[torch.Tensor, torch.Tensor, dict | None] | None = None  # (the pipeline's tensor, CPU copies)
+        self._embeds: tuple | None = None  # (the pipeline's tensor, CPU copies of it, its added_cond_kwargs and negative)
 
-    def record(self, t, model_input: torch.Tensor, output: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None) -> None:
+    def record(self, t, model_input: torch.Tensor, output: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None,
+               negative: Conditioning | None = None) -> None:
+        """`negative`: the batch's rows of CFG's unconditional input when the teacher samples with negative prompts
+        (bind it with functools.partial: the pipeline passes the first five arguments)."""
         if self._embeds is None or self._embeds[0] is not prompt_embeds:  # one copy per batch, not one per step
             added = None if added_cond_kwargs is None else {k: v.cpu() for k, v in added_cond_kwargs.items()}
-            self._embeds = (prompt_embeds, prompt_embeds.cpu(), added)
-        self.states.append(TeacherState(int(t), model_input.cpu(), self._embeds[1], output.float().cpu(), self._embeds[2]))
+            self._embeds = (prompt_embeds, prompt_embeds.cpu(), added, None if negative is None else negative.to("cpu"))
+        self.states.append(TeacherState(int(t), model_input.cpu(), self._embeds[1], output.float().cpu(), *self._embeds[2:]))
 
     @property
     def images(self) -> int:
@@ -48,17 +52,20 @@ class TeacherTrajectory:
 
     @torch.no_grad()
     def squared_errors(self, pipe: PlugAndPlayPipeline, mode: str, guidance_scale: float,
-                       negative: Conditioning) -> tuple[dict[int, float], dict[int, float]]:
+                       negative: Conditioning, with_negative: bool = True) -> tuple[dict[int, float], dict[int, float]]:
         """timestep -> summed ||output - CFG output||^2 over the recorded images, for `mode` (with `pipe.guide`
         at `guidance_scale`) and for the conditional model (the baseline, computed once with the same call
-        that mode "none" makes, so that "none" scores exactly 0). `negative`: one row, CFG's unconditional input."""
+        that mode "none" makes, so that "none" scores exactly 0). `negative`: one row, the empty prompt's
+        unconditional input; the method is given it instead of the teacher's recorded negatives unless `with_negative`
+        (a guide replayed as it samples without them; CFG's outputs were always recorded with them)."""
         if self._baselines is None:
-            self._baselines = self._errors(pipe, "none", 1.0, negative)
-        return self._errors(pipe, mode, guidance_scale, negative), self._baselines
+            self._baselines = self._errors(pipe, "none", 1.0, negative, with_negative)
+        return self._errors(pipe, mode, guidance_scale, negative, with_negative), self._baselines
 
-    def _errors(self, pipe, mode: str, guidance_scale: float, negative: Conditioning) -> dict[int, float]:
+    def _errors(self, pipe, mode: str, guidance_scale: float, empty: Conditioning, with_negative: bool) -> dict[int, float]:
         errors: dict[int, float] = {}
         for state in self.states:
+            negative = state.negative if with_negative and state.negative is not None else empty
             embeds = state.prompt_embeds.to(pipe.device)
             added = None if state.added_cond_kwargs is None else {k: v.to(pipe.device) for k, v in state.added_cond_kwargs.items()}
             step_mode = mode if guided_at(state.timestep, self.guidance_interval) else "none"  # as the pipeline samples
@@ -70,7 +77,7 @@ class TeacherTrajectory:
 
 
 def negative_inputs(negative: Conditioning, batch: int, added_cond_kwargs: dict | None) -> dict:
-    """mode_noise_pred's negative_* arguments for `batch` rows from a one-row negative; SDXL's negative time ids
+    """mode_noise_pred's negative_* arguments for `batch` rows from a one-row or `batch`-row negative; SDXL's negative time ids
     are the prompt's own (size and crop), as StableDiffusionXLPipeline builds them."""
     negative = negative.expand(batch)
     if added_cond_kwargs is None:

@@ -1,0 +1,81 @@
+"""The methods `pnpguide eval` compares and how each samples its images, measured against the CFG teacher as it goes."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..conditioning import Conditioning
+from ..pipeline import PlugAndPlayPipeline
+from ..schedules import guided_at
+from .negative_prompts import batch_rows, pipeline_kwargs
+from .speed import UNetCallCounter
+from .teacher_states import TeacherTrajectory, negative_inputs
+
+FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra model call per step and row)
+NO_NEGATIVE = " (no neg)"  # suffix of a guide's row sampled without the negative prompts, beside its row with them
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # "none", "cfg", "guide:<name>" or (negative prompts) "guide:<name> (no neg)"
+    mode: str
+    guide: object | None = None  # a GuideModel
+    step_counts: tuple[int, ...] | None = None  # a step-distilled guide: only these
+    negative_prompt: bool = False  # samples with the evaluation's negative prompts (--negative-prompts)
+
+    def runs_at(self, steps: int) -> bool:
+        return self.step_counts is None or steps in self.step_counts
+
+
+@torch.no_grad()
+def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps: int, w: float, seed: int, batch_size: int,
+           negative: Conditioning | None = None, teacher_scale: float | None = None,
+           trajectory: TeacherTrajectory | None = None, guidance_interval: tuple[float, float] | None = None,
+           ) -> tuple[list[Image.Image], float | None, tuple[int, int]]:
+    """Images i from the generator seeded `seed * 1_000_003 + i`; with `negative` (CFG's unconditional input: one
+    row, :func:`pnpguide.conditioning.encode_negative`, or one per prompt with negative prompts), also the mean per-step
+    squared error between the method's model output and the CFG teacher's (at `teacher_scale`, default w) on the
+    method's own trajectory, for the first FIDELITY_SUBSET images. The cfg method instead records its states
+    for those images into `trajectory`, if given. A method with `negative_prompt` samples with its rows of `negative`.
+    With `guidance_interval`, every method (and the teacher it is
+    compared with) uses w only at timesteps inside it and is the conditional model elsewhere. Also returns the
+    images the UNet and the guide processed, teacher calls for the comparison left out (steps at w = 1 skip the guide)."""
+    pipe.guide = method.guide
+    counter, errors, images = UNetCallCounter(pipe.unet), [], []
+    guide_counter = UNetCallCounter(method.guide) if method.guide is not None else None
+
+    def compare(batch_negative: Conditioning):
+        def hook(t, model_input, output, prompt_embeds, added_cond_kwargs=None):
+            with counter.paused():  # the teacher calls made for the comparison are not the method's cost
+                guided = guided_at(t, guidance_interval)  # outside the interval the teacher is the conditional model, too
+                teacher = pipe.mode_noise_pred("cfg" if guided else "none", model_input, t, prompt_embeds, guidance_scale=teacher_scale or w,
+                                               added_cond_kwargs=added_cond_kwargs, **negative_inputs(batch_negative, len(prompt_embeds), added_cond_kwargs))
+            errors.append(float((output.float() - teacher.float()).pow(2).mean()))
+        return hook
+
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=f"{method.name} {steps} steps w={w}", leave=False):
+            batch = prompts[start : start + batch_size]
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(batch))]
+            batch_negative = batch_rows(negative, start, start + len(batch)) if negative is not None else None
+            hook = None
+            if start < FIDELITY_SUBSET and method.mode == "cfg" and trajectory is not None:
+                hook = functools.partial(trajectory.record, negative=batch_negative if method.negative_prompt else None)
+            elif start < FIDELITY_SUBSET and method.mode != "cfg" and batch_negative is not None:
+                hook = compare(batch_negative)
+            own_negative = pipeline_kwargs(batch_negative) if method.negative_prompt and batch_negative is not None else {}
+            output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
+                          generator=generators, mode=method.mode, on_model_output=hook, guidance_interval=guidance_interval, **own_negative)
+            images += output.images
+    finally:
+        counter.close()
+        if guide_counter is not None:
+            guide_counter.close()
+    mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative is not None else None)
+    return images, mse, (counter.images, guide_counter.images if guide_counter is not None else 0)
