@@ -213,3 +213,13 @@ def test_demo_adds_rows_with_the_negative_prompts(tmp_path):
     labels = [t.label for t in timings]
     assert labels[:5] == ["no guidance (w=1)", "CFG teacher", "guide", "CFG teacher, negative", "guide, negative (ignored)"]
     assert timings[3].unet_images_per_image == 4 and timings[4].unet_images_per_image == 2
+
+
+def test_demo_cli_refuses_a_missing_negatives_file_in_one_line_before_loading(monkeypatch, capsys, tmp_path):
+    from pnpguide import demo
+    from pnpguide.cli import main
+
+    monkeypatch.setattr(demo, "load_plug_and_play", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["demo", "--out-dir", str(tmp_path), "--negative-prompts", str(tmp_path / "missing.txt")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing.txt" in err

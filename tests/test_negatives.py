@@ -78,6 +78,17 @@ def test_with_negative_input_keeps_every_trained_weight(unet, reads):
     assert reading.with_negative_input() is reading
 
 
+def test_a_guide_saved_before_negatives_existed_learns_to_read_them(unet, tmp_path):
+    guide = _randomised(GuideModel.from_unet(unet))
+    guide.save_pretrained(tmp_path / "old")
+    config = tmp_path / "old" / "config.json"
+    config.write_text(config.read_text().replace('"reads_negative": false,', ""))  # as guides saved before the field
+    old = GuideModel.from_pretrained(tmp_path / "old")
+    assert "reads_negative" in old.config["_use_default_values"]
+    reading = old.with_negative_input()
+    assert reading.config.reads_negative and torch.equal(reading.negative_segment, torch.zeros(32))
+
+
 def test_a_negative_reading_guide_saves_and_loads(unet, tmp_path):
     guide = _randomised(GuideModel.from_unet(unet, reads="unet_features", reads_negative=True))
     guide.save_pretrained(tmp_path / "guide")

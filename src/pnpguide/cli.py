@@ -187,7 +187,7 @@ def cmd_demo(args) -> None:
 
     device, dtype = placement(args)
     grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                             device=device, dtype=dtype)
+                             device=device, dtype=dtype, negative_prompts=args.negative_prompts)
     print(timing_table(timings))
     print(f"\ngrid (rows: no guidance | CFG teacher | guide | step-distilled guides) written to {grid}")
 
@@ -307,6 +307,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=count, default=25, help="sampling steps (default: 25)")
     p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--negative-prompts", default=None, help="a file of negatives (one per line, cycled over the columns) or "
+                   "caption-attributes (each caption's first colour, shape or coloured shape): adds rows of CFG and the guide with them")
     _add_device_flags(p)
     p.set_defaults(handler=cmd_demo)
 

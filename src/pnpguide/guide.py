@@ -275,9 +275,13 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         (zero), so a positive-only guide can be trained further on negatives instead of from scratch."""
         if self.config.reads_negative:
             return self
-        guide = type(self).from_config({**self.config, "reads_negative": True})
+        # without `_use_default_values`: diffusers would reset the fields it lists, reads_negative among them for a
+        # guide saved before the field existed
+        config = {key: value for key, value in self.config.items() if key != "_use_default_values"}
+        guide = type(self).from_config({**config, "reads_negative": True})
         missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
-        assert missing == ["negative_segment"] and not unexpected, (missing, unexpected)
+        if missing != ["negative_segment"] or unexpected:
+            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
         return guide.to(device=self.device, dtype=self.dtype)
 
     def check_compatible(self, unet) -> None:
