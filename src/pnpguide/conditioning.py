@@ -29,6 +29,10 @@ class Conditioning:
         """A one-row conditioning (the negative prompt) repeated to `batch` rows, without copying."""
         return self._map(lambda x: x.expand(batch, *x.shape[1:]))
 
+    def rows_for(self, batch: int) -> "Conditioning":
+        """This conditioning for `batch` rows: one row (the empty negative) repeated, or these rows as they are."""
+        return self.expand(batch) if len(self) == 1 else self
+
     def to(self, device, dtype: torch.dtype | None = None) -> "Conditioning":
         return self._map(lambda x: x.to(device=device, dtype=dtype))
 
@@ -46,7 +50,7 @@ def cfg_added_cond_kwargs(conditioning: Conditioning, negative: Conditioning) ->
     """The teacher's `added_cond_kwargs`: 2B rows, [uncond; cond], as `cfg_noise_pred` batches its call."""
     if conditioning.text_embeds is None:
         return None
-    negative = negative.expand(len(conditioning)) if len(negative) == 1 else negative
+    negative = negative.rows_for(len(conditioning))
     return {name: torch.cat([negative.added_cond_kwargs()[name], value]) for name, value in conditioning.added_cond_kwargs().items()}
 
 

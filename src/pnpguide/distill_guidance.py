@@ -113,8 +113,9 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     batch: `sample` (B, C, h, w), `timesteps` and `guidance_scale` (B,), `conditioning` (B rows), and with negatives
     `negative` (B rows, :func:`encode_negatives`); negative: the one-row unconditional conditioning (:func:`encode_negative`)
     for batches without."""
-    conditioning, negative = batch["conditioning"], batch.get("negative", negative)
-    negative_embeds = negative.expand(len(conditioning)).prompt_embeds if len(negative) == 1 else negative.prompt_embeds
+    conditioning = batch["conditioning"]
+    negative = batch.get("negative", negative).rows_for(len(conditioning))
+    negative_embeds = negative.prompt_embeds
     with torch.no_grad():
         target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, negative_embeds,
                                                   batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, negative))
@@ -156,8 +157,8 @@ def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_tr
     sample takes the nearest measured band's mean."""
     total, count = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64), torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64)
     for batch in batches:
-        conditioning, rows = batch["conditioning"], batch.get("negative", negative)
-        rows = rows.expand(len(conditioning)) if len(rows) == 1 else rows
+        conditioning = batch["conditioning"]
+        rows = batch.get("negative", negative).rows_for(len(conditioning))
         target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
                                                   rows.prompt_embeds, batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, rows))
         gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1).double().cpu()
