@@ -112,7 +112,7 @@ class Denoiser:
 
     def x0(self, guide, sample, t, conditioning: Conditioning, w, alpha, sigma, negative: Conditioning | None = None) -> torch.Tensor:
         """`negative`: B rows of per-sample negatives (default: the empty prompt's row for all)."""
-        negative = self.negative.expand(len(conditioning)) if negative is None else negative
+        negative = (self.negative if negative is None else negative).rows_for(len(conditioning))
         if guide is None:
             added = cfg_added_cond_kwargs(conditioning, negative)
             output = cfg_noise_pred(self.unet, sample, t.clamp(min=0), conditioning.prompt_embeds, negative.prompt_embeds, w, added)
