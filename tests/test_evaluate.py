@@ -225,3 +225,14 @@ def test_speed_is_timed_with_the_guidance_interval_the_images_were_sampled_with(
     monkeypatch.setattr(evaluate, "peak_memory_bytes", lambda function: timed.append(len(intervals)) or function() and 0)
     run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], guidance_interval=[500, 1000], speed=True, images=2))
     assert timed and all(intervals[i] == (500, 1000) for i in timed)  # every timed call
+
+
+def test_grid_prompts_zero_writes_the_report_without_a_grid(eval_setup):
+    run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], grid_prompts=0))
+    out = eval_setup / "out"
+    assert (out / "report.json").is_file() and not list(out.glob("grid-*.png"))
+
+
+def test_negative_grid_prompts_is_refused_before_anything_loads(eval_setup):
+    with pytest.raises(ValueError, match="grid_prompts must be >= 0"):
+        _config(eval_setup, grid_prompts=-1)

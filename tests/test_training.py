@@ -67,3 +67,37 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 def test_missing_resume_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_training(_config(tmp_path, resume=str(tmp_path / "checkpoint-99")), _regression(), _make_batch, _loss)
+
+
+def test_max_minutes_stops_with_a_checkpoint_that_resumes_to_the_uninterrupted_weights(tmp_path):
+    straight = _regression()
+    run_training(_config(tmp_path / "a"), straight, _make_batch, _loss)
+    cut = _regression()
+    run_training(_config(tmp_path / "b", max_minutes=1e-9), cut, _make_batch, _loss)  # spent after the first step
+    assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert [json.loads(l)["step"] for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()] == [1]
+    resumed = _regression(seed=123)
+    run_training(_config(tmp_path / "b", resume="latest"), resumed, _make_batch, _loss)
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+
+
+@pytest.mark.parametrize("minutes", [0.0, -1.0, float("inf"), float("nan")])
+def test_max_minutes_must_be_a_positive_finite_number(tmp_path, minutes):
+    with pytest.raises(ValueError, match="max_minutes"):
+        _config(tmp_path, max_minutes=minutes)
+
+
+def test_ema_copies_are_made_after_prepare_moves_the_weights(tmp_path, monkeypatch):
+    """On a GPU, prepare moves the weights; an EMA built before it kept CPU copies and its first step failed
+    ("Expected all tensors to be on the same device"). A prepare that casts the weights stands in for the move."""
+    from accelerate import Accelerator
+
+    prepare = Accelerator.prepare
+
+    def moving_prepare(self, model, *rest):
+        return prepare(self, model.to(torch.float64), *rest)
+
+    monkeypatch.setattr(Accelerator, "prepare", moving_prepare)
+    model = _regression()
+    _, ema = run_training(_config(tmp_path, max_steps=2, use_ema=True), model, _make_batch, lambda m, b: _loss(m, {k: v.double() for k, v in b.items()}))
+    assert [p.dtype for p in ema.shadow_params] == [torch.float64, torch.float64]

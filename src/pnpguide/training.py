@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -48,6 +48,7 @@ class TrainingConfig:
 
     output_dir: str = "runs/train"  # where checkpoints, logs and the final weights go
     max_steps: int = 1000  # optimizer steps
+    max_minutes: float | None = None  # also stop (checkpoint and save as usual) once the loop has run this long; the lr schedule still spans max_steps
     batch_size: int = 64  # samples per process per micro-batch
     learning_rate: float = 1e-3
     lr_scheduler: str = "cosine"  # any diffusers.optimization scheduler name
@@ -77,6 +78,8 @@ class TrainingConfig:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise ValueError(f"max_minutes must be a finite number of minutes > 0, got {self.max_minutes}")
         if self.overwrite and self.resume is not None:
             raise ValueError("--overwrite starts a new run and --resume continues the old one: pass one of them")
 
@@ -191,8 +194,9 @@ def run_training(
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_steps
     )
-    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=True, power=2 / 3) if config.use_ema else None
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    # made after prepare, so its copies live where the weights now do (a GPU), not where they were built
+    ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=True, power=2 / 3) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
@@ -200,6 +204,8 @@ def run_training(
     checkpoint = resolve_resume(output_dir, config.resume)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        if ema is not None:  # accelerate loads registered objects' state onto the CPU
+            ema.to(device=params[0].device)
         step = json.loads((checkpoint / "step.json").read_text())["step"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     elif config.resume == "latest" and accelerator.is_main_process:
@@ -232,10 +238,14 @@ def run_training(
                 ema.step(params)
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
-            if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps):
+            out_of_time = _out_of_time(accelerator, started, config.max_minutes)
+            if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps or out_of_time):
                 _append_log(log_path, step, loss.item(), lr_scheduler.get_last_lr()[0], time.time() - started)
-            if step % config.checkpointing_steps == 0 or step == config.max_steps:
+            if step % config.checkpointing_steps == 0 or step == config.max_steps or out_of_time:
                 _save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
+            if out_of_time:
+                accelerator.print(f"stopped at step {step} of {config.max_steps}: --max-minutes {config.max_minutes} reached")
+                break
     finally:
         progress.close()
     model = accelerator.unwrap_model(model)
@@ -249,6 +259,14 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,
     )
+
+
+def _out_of_time(accelerator: Accelerator, started: float, max_minutes: float | None) -> bool:
+    """Whether the wall-clock budget is spent; the main process decides, so every rank stops at the same step."""
+    if max_minutes is None:
+        return False
+    spent = torch.tensor(float(time.time() - started >= 60 * max_minutes), device=accelerator.device)
+    return bool(broadcast(spent).item())
 
 
 def _append_log(path: Path, step: int, loss: float, lr: float, elapsed: float) -> None:

@@ -90,7 +90,7 @@ class EvalConfig:
     reference: str | None = None  # folder of real images for FID (default: held-out shapes images of the model's style)
     batch_size: int = 64  # images per sampling call
     speed: bool = True  # time batch 1 and batch 8 (on the first model)
-    grid_prompts: int = 6  # prompts (columns) in each grid
+    grid_prompts: int = 6  # prompts (columns) in each grid; 0 writes no grid
     device: str = "auto"  # cpu, cuda, cuda:N, mps; auto: cuda when available, else cpu
     dtype: str = "float32"  # float32, float16 or bfloat16: base and guides are loaded in it
     out_dir: str = "pnpguide-eval"  # where report.json, report.md, plots and grids go
@@ -101,6 +101,8 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.grid_prompts < 0:
+            raise ValueError(f"grid_prompts must be >= 0 (0: no grid), got {self.grid_prompts}")
         if self.images < 2:
             raise ValueError(f"images must be >= 2 (FID needs a covariance), got {self.images}")
         if any(s < 1 for s in self.steps + self.cfg_steps) or not self.steps:

@@ -51,7 +51,8 @@ def write_report(result: dict, grids: dict, out_dir: Path) -> list[Path]:
     rows = result["rows"]
     written += [plot_fid_vs_steps(rows, out_dir), plot_adherence_vs_w(rows, out_dir), plot_quality_vs_time(rows, out_dir)]
     for model, grid in grids.items():
-        written.append(grid_figure(model, grid, out_dir / f"grid-{model}.png"))
+        if grid["prompts"]:  # --grid-prompts 0: no grid
+            written.append(grid_figure(model, grid, out_dir / f"grid-{model}.png"))
     return [p for p in written if p is not None]
 
 
