@@ -72,7 +72,7 @@ def test_other_runs_into_a_used_folder_are_refused_and_leave_it_byte_identical(t
             assert main(distill_flags(tiny_base_dir, prompt_file, run, **flags)) == 2
             line = _last_error_line(capsys)
             assert line.startswith("pnpguide distill: error:") and message in line
-        assert "seed 0 -> 1; only max_steps, checkpointing_steps, checkpoints_total_limit, log_every may change" in line
+        assert "seed 0 -> 1; only max_steps, max_minutes, checkpointing_steps, checkpoints_total_limit, log_every may change" in line
     assert _digests(run) == first_run
 
 
@@ -83,6 +83,15 @@ def test_resume_may_train_longer_and_continues_the_same_log(tiny_base_dir, promp
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 9]
     assert json.loads((run / "config.json").read_text())["max_steps"] == 9
+
+
+def test_a_run_stopped_by_max_minutes_resumes_with_another_budget(tiny_base_dir, prompt_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(distill_flags(tiny_base_dir, prompt_file, run, log_every=3, max_minutes=1e-9)) == 0
+    assert "stopped at step 1" in capsys.readouterr().out
+    assert main(distill_flags(tiny_base_dir, prompt_file, run, log_every=3, resume="latest")) == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps[-1] == json.loads((run / "config.json").read_text())["max_steps"]
 
 
 def test_a_folder_that_is_not_a_run_is_refused_and_overwrite_moves_it_aside(tiny_base_dir, prompt_file, tmp_path, capsys, no_model_loading):

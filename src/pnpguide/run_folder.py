@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".pnpguide.lock"
 RUN_CONTROL = ("output_dir", "resume", "overwrite")  # how a run is started, not what it trains
-RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every")  # a resumed run may change these
+RESUMABLE_CHANGES = ("max_steps", "max_minutes", "checkpointing_steps", "checkpoints_total_limit", "log_every")  # a resumed run may change these
 TAKEOVER_ATTEMPTS = 20
 
 

@@ -18,7 +18,7 @@ CACHE = Path("/tmp/fidcache"); CACHE.mkdir(exist_ok=True)
 
 
 def load_base():
-    pipe = load_pipeline()
+    pipe = load_pipeline(os.environ.get("PNP_BASE"))  # default: the embedded base; staging/base-te3 for the GPU guides
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval().requires_grad_(False)
     return pipe
@@ -59,13 +59,15 @@ def predictors(pipe, guide, empty):
     unet = pipe.unet
     def cfg(x, t, e, w): return cfg_noise_pred(unet, x, t, e, empty.expand_as(e), w)
     def none(x, t, e, w): return unet(x, t, e).sample
-    def gd(x, t, e, w): return guided(unet, guide, x, t, e, w)
+    def gd(x, t, e, w): return guided(unet, guide, x, t, e, w, empty.expand_as(e))
     return cfg, none, gd
 
 
-def guided(unet, guide, x, t, e, w):
+def guided(unet, guide, x, t, e, w, empty=None):
     if hasattr(guide, "guided_output"):
         return guide.guided_output(unet, x, t, e, w)
+    if getattr(guide.config, "reads_negative", False):  # the empty negative, as CFG uses here
+        return guided_noise_pred(unet, guide, x, t, e, w, negative_prompt_embeds=empty)
     return guided_noise_pred(unet, guide, x, t, e, w)
 
 
