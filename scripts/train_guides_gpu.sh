@@ -8,9 +8,9 @@
 #   E  A after its first phase, continued with plain MSE instead (the loss ablation at equal steps)
 # Each phase runs under --max-minutes so the whole script ends by DEADLINE seconds; every finished phase is packed
 # (guides in fp16, logs, configs) into $OUT/<track>.tgz at once, so a run cut short still returns what it made.
-# Usage: [BASE=<SD folder>] OUT=<folder> bash scripts/train_guides_gpu.sh   (knobs below can be overridden from the environment)
-# The guides in staging/gpu-guides/ were made with base-te3 copied into the package as the embedded base, which is
-# the same as BASE=staging/base-te3.
+# Usage: OUT=<folder> bash scripts/train_guides_gpu.sh   (knobs below can be overridden from the environment)
+# It trains for the embedded base, whose shapes data the mix source draws on. The guides in staging/gpu-guides/ were
+# made for base-te3 after `python scripts/ship_base.py staging/base-te3` had copied it into the package.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -24,7 +24,6 @@ NUM_SAMPLES=${NUM_SAMPLES:-20000}
 TRAJECTORIES=${TRAJECTORIES:-2048}
 EVAL_IMAGES=${EVAL_IMAGES:-48}
 RUNS=${RUNS:-runs/gpu}
-BASE_ARGS=(); [ -n "${BASE:-}" ] && BASE_ARGS=(--base "$BASE")  # default: the embedded base
 OUT=${OUT:-$RUNS/out}
 mkdir -p "$RUNS" "$OUT"
 LOG="$OUT/log.txt"
@@ -62,7 +61,7 @@ pack() {  # pack <track> <run folder>...: fp16 copies of the guides, logs and co
     tar czf "$OUT/$track.tgz" -C "$staging" . && say "packed $track: $(du -h "$OUT/$track.tgz" | cut -f1)"
 }
 
-COMMON=("${BASE_ARGS[@]}" --reads unet_features --scale-by-guidance --source mix --batch-size "$BATCH" --num-samples "$NUM_SAMPLES"
+COMMON=(--reads unet_features --scale-by-guidance --source mix --batch-size "$BATCH" --num-samples "$NUM_SAMPLES"
         --trajectories "$TRAJECTORIES" --use-ema --log-every 50 --checkpointing-steps 100000 --checkpoints-total-limit 1)
 
 phase1() {  # phase1 <run> <extra flags>...: MSE at a constant learning rate until PHASE1_END
@@ -82,7 +81,7 @@ phase2() {  # phase2 <run> <from> <end> <loss> <extra flags>...: continued from 
 stage2() {  # stage2 <run> <stage-1 run> <rate run>: 32 -> 16 -> 8 steps until TRAIN_END, true CFG as the first teacher
     local run=$1 from=$2 rate=$3
     local minutes; minutes=$(python3 -c "print(max(0.05, ($TRAIN_END - $(now) - $SETUP) / 120))")  # two rounds
-    pnpguide distill-steps "${BASE_ARGS[@]}" --guide "$from/guide" --teacher-steps 32 --student-steps 8 --batch-size "$BATCH" \
+    pnpguide distill-steps --guide "$from/guide" --teacher-steps 32 --student-steps 8 --batch-size "$BATCH" \
         --num-samples "$NUM_SAMPLES" --learning-rate 5e-4 --lr-warmup-steps 20 --use-ema --log-every 50 \
         --max-steps "$(steps_for "$rate" "$minutes" 0.3)" --max-minutes "$minutes" --checkpointing-steps 100000 \
         --output-dir "$run" >"$run.log" 2>&1
@@ -94,11 +93,11 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 
 smoke() {  # a few steps of every path the tracks use, on this device, before the budget is spent on them
     local dir="$RUNS/smoke" small=(--num-samples 256 --trajectories 8 --batch-size 16 --use-ema --max-steps 3)
-    pnpguide distill "${BASE_ARGS[@]}" --reads unet_features --scale-by-guidance --source mix --negatives --loss-weighting timestep "${small[@]}" \
+    pnpguide distill --reads unet_features --scale-by-guidance --source mix --negatives --loss-weighting timestep "${small[@]}" \
         --output-dir "$dir/guide-run" >"$dir.distill.log" 2>&1 || return 1
-    pnpguide distill-steps "${BASE_ARGS[@]}" --guide "$dir/guide-run/guide" --teacher-steps 4 --student-steps 2 "${small[@]}" \
+    pnpguide distill-steps --guide "$dir/guide-run/guide" --teacher-steps 4 --student-steps 2 "${small[@]}" \
         --output-dir "$dir/steps-run" >"$dir.steps.log" 2>&1 &
-    pnpguide eval "${BASE_ARGS[@]}" --guide "$dir/guide-run/guide" --scales 3 --steps 4 --images 2 --no-speed --grid-prompts 0 \
+    pnpguide eval --guide "$dir/guide-run/guide" --scales 3 --steps 4 --images 2 --no-speed --grid-prompts 0 \
         --out-dir "$dir/eval" >"$dir.eval.log" 2>&1 || return 1
     wait $! || return 1
 }
@@ -123,7 +122,7 @@ track_C() {
     stage2 "$RUNS/C3" "$RUNS/C2" "$RUNS/C1"; pack C "$RUNS/C1" "$RUNS/C2" "$RUNS/C3"
 }
 track_D() {  # the latent guide, plain MSE, constant lr for the whole budget (no scaling by w - 1, as shipped)
-    pnpguide distill "${BASE_ARGS[@]}" --reads latent --source mix --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --trajectories "$TRAJECTORIES" \
+    pnpguide distill --reads latent --source mix --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --trajectories "$TRAJECTORIES" \
         --use-ema --log-every 50 --checkpointing-steps 100000 --checkpoints-total-limit 1 --learning-rate 1e-3 \
         --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-steps 1000000 --max-minutes "$(minutes_until "$TRAIN_END")" \
         --output-dir "$RUNS/D" >"$RUNS/D.log" 2>&1
@@ -139,7 +138,7 @@ say "training done"
 guides=()
 for run in A2 B2 C2 D E2; do [ -f "$RUNS/$run/guide/config.json" ] && guides+=("$RUNS/$run/guide"); done
 if [ ${#guides[@]} -gt 0 ]; then
-    timeout $(( DEADLINE - $(now) - 10 )) pnpguide eval "${BASE_ARGS[@]}" --guide "${guides[@]}" --scales 3 5 7.5 --steps 25 --images "$EVAL_IMAGES" \
+    timeout $(( DEADLINE - $(now) - 10 )) pnpguide eval --guide "${guides[@]}" --scales 3 5 7.5 --steps 25 --images "$EVAL_IMAGES" \
         --no-speed --grid-prompts 0 --out-dir "$RUNS/eval" >"$RUNS/eval.log" 2>&1
     say "eval exit $?"
     tar czf "$OUT/eval.tgz" -C "$RUNS" eval eval.log A1.log A2.log A3.log B1.log B2.log C1.log C2.log C3.log D.log E2.log 2>/dev/null

@@ -79,7 +79,8 @@ def evaluate(pipe, guide, ws=(3.0, 7.5), n=48, steps=25, seed=0, out=None):
     emb, empty = emb_all[:-1], emb_all[-1:]
     cfg, none, gd = predictors(pipe, guide, empty)
     results = {}
-    key = CACHE / f"eval-n{n}-s{steps}-seed{seed}.safetensors"
+    base = os.environ.get("PNP_BASE", "embedded").strip("/").replace("/", "_")  # CFG images of one base are no other's
+    key = CACHE / f"eval-{base}-n{n}-s{steps}-seed{seed}.safetensors"
     cached = load_file(key) if key.exists() else {}
     if "none" not in cached:
         cached["none"] = decode(pipe, sample(pipe, none, emb, 1.0, steps, seed))
