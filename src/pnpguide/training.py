@@ -238,7 +238,7 @@ def run_training(
                 ema.step(params)
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
-            out_of_time = _out_of_time(accelerator, started, config.max_minutes)
+            out_of_time = step < config.max_steps and _out_of_time(accelerator, started, config.max_minutes)
             if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps or out_of_time):
                 _append_log(log_path, step, loss.item(), lr_scheduler.get_last_lr()[0], time.time() - started)
             if step % config.checkpointing_steps == 0 or step == config.max_steps or out_of_time:
