@@ -211,7 +211,9 @@ def test_a_lock_whose_pid_was_reused_is_stale_and_another_hosts_lock_is_not(tmp_
 def test_an_interrupted_run_says_so_releases_its_lock_and_resumes(tiny_base_dir, prompt_file, tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "pnpguide.cli"] + distill_flags(tiny_base_dir, prompt_file, run, max_steps=60)
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a shell's background job (`pytest ... &`) starts with SIGINT ignored, and a child would inherit that: Ctrl-C as in a terminal
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(run.glob("checkpoint-*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
