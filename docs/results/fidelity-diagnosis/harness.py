@@ -66,9 +66,8 @@ def predictors(pipe, guide, empty):
 def guided(unet, guide, x, t, e, w, empty=None):
     if hasattr(guide, "guided_output"):
         return guide.guided_output(unet, x, t, e, w)
-    if getattr(guide.config, "reads_negative", False):  # the empty negative, as CFG uses here
-        return guided_noise_pred(unet, guide, x, t, e, w, negative_prompt_embeds=empty)
-    return guided_noise_pred(unet, guide, x, t, e, w)
+    negative = empty if getattr(guide.config, "reads_negative", False) else None  # the empty negative, as CFG uses here
+    return guided_noise_pred(unet, guide, x, t, e, w, negative_prompt_embeds=negative)
 
 
 @torch.no_grad()
