@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
 # Issue 12's guide retraining on one GPU inside a fixed wall-clock budget (the project is lent one for ~10 minutes).
-# The embedded UNet is tiny, so one process leaves most of a GPU idle: five runs share it side by side.
-#   A  tiny feature guide: MSE, then per-timestep normalised loss (--loss-weighting timestep), then 32 -> 16 -> 8 steps
-#   B  full feature guide: the same two stage-1 phases
-#   C  tiny feature guide that reads negative prompts (issue 15): the same two phases, then 32 -> 16 -> 8 steps
-#   D  tiny latent guide (the paper's design, as shipped before): MSE for the whole budget (does a long run fix it?)
-#   E  A after its first phase, continued with plain MSE instead (the loss ablation at equal steps)
+# The embedded UNet is tiny, so one process leaves most of a GPU idle: the runs share it side by side.
+# Second call (stop 20): the capacity ladder and the shipping candidates, all guides reading the UNet's features with
+# (w - 1) scaling unless named otherwise; stage 1 is MSE at a constant rate, then --loss-weighting timestep, cosine.
+#   T   tiny (16, 16, 16 channels on the embedded UNet), stage 1, then 32 -> 16 -> 8 steps   (ship candidate)
+#   L   the tiny latent guide D of the first call continued (MSE, cosine), then 32 -> 16 -> 8  (ship candidate)
+#   W4  --width-divisor 4 (16, 32, 32), stage 1                                               (capacity ladder)
+#   W2  --width-divisor 2 (32, 64, 64), stage 1                                               (capacity ladder)
+#   F   the full guide B2 of the first call continued with the timestep loss                  (ship candidate)
 # Each phase runs under --max-minutes so the whole script ends by DEADLINE seconds; every finished phase is packed
 # (guides in fp16, logs, configs) into $OUT/<track>.tgz at once, so a run cut short still returns what it made.
 # Usage: OUT=<folder> bash scripts/train_guides_gpu.sh   (knobs below can be overridden from the environment)
-# It trains for the embedded base, whose shapes data the mix source draws on. The guides in staging/gpu-guides/ were
-# made for base-te3 after `python scripts/ship_base.py staging/base-te3` had copied it into the package.
+# It trains for the embedded base, whose shapes data the mix source draws on: for base-te3, run
+# `python scripts/ship_base.py staging/base-te3` first. The first call's script (tracks A-E) is at commit c6b041d.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-DEADLINE=${DEADLINE:-575}      # seconds from START by which everything, packing included, is done
+DEADLINE=${DEADLINE:-560}      # seconds from START by which everything, packing included, is done
 SETUP=${SETUP:-45}             # seconds a run needs before its loop starts (load, render, encode, teacher trajectories)
-PHASE1_END=${PHASE1_END:-230}  # when the first stage-1 phase of every track ends
-PHASE2_END=${PHASE2_END:-370}  # when the second phase of A and C ends (B, D and E run to TRAIN_END)
-TRAIN_END=${TRAIN_END:-470}    # when stage 2 and the long runs end; the evaluation runs after it
+PHASE1_END=${PHASE1_END:-190}  # when the first stage-1 phase of T, W4 and W2 ends
+PHASE2_END=${PHASE2_END:-290}  # when the stage-1 runs of T and L end (their stage 2 follows)
+TRAIN_END=${TRAIN_END:-510}    # when stage 2 and the other stage-1 runs end
 BATCH=${BATCH:-256}
 NUM_SAMPLES=${NUM_SAMPLES:-20000}
 TRAJECTORIES=${TRAJECTORIES:-2048}
-EVAL_IMAGES=${EVAL_IMAGES:-48}
+PRIOR=${PRIOR:-staging/gpu-guides}  # the first call's guides, continued here
 RUNS=${RUNS:-runs/gpu}
 OUT=${OUT:-$RUNS/out}
 mkdir -p "$RUNS" "$OUT"
@@ -93,12 +95,12 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 
 smoke() {  # a few steps of every path the tracks use, on this device, before the budget is spent on them
     local dir="$RUNS/smoke" small=(--num-samples 256 --trajectories 8 --batch-size 16 --use-ema --max-steps 3)
-    pnpguide distill --reads unet_features --scale-by-guidance --source mix --negatives --loss-weighting timestep "${small[@]}" \
-        --output-dir "$dir/guide-run" >"$dir.distill.log" 2>&1 || return 1
+    pnpguide distill --reads unet_features --scale-by-guidance --source mix --width-divisor 2 --loss-weighting timestep \
+        "${small[@]}" --output-dir "$dir/guide-run" >"$dir.distill.log" 2>&1 || return 1
+    pnpguide distill --reads latent --source mix --init-guide "$PRIOR/D/guide" "${small[@]}" --output-dir "$dir/latent-run" \
+        >"$dir.latent.log" 2>&1 &
     pnpguide distill-steps --guide "$dir/guide-run/guide" --teacher-steps 4 --student-steps 2 "${small[@]}" \
-        --output-dir "$dir/steps-run" >"$dir.steps.log" 2>&1 &
-    pnpguide eval --guide "$dir/guide-run/guide" --scales 3 --steps 4 --images 2 --no-speed --grid-prompts 0 \
-        --out-dir "$dir/eval" >"$dir.eval.log" 2>&1 || return 1
+        --output-dir "$dir/steps-run" >"$dir.steps.log" 2>&1 || return 1
     wait $! || return 1
 }
 mkdir -p "$RUNS/smoke"
@@ -107,40 +109,32 @@ if ! smoke; then
 fi
 say "smoke test passed"; [ -n "${SMOKE_ONLY:-}" ] && exit 0
 
-track_A() {
-    phase1 "$RUNS/A1"; pack A "$RUNS/A1"
-    track_E &  # E starts from A's first phase
-    phase2 "$RUNS/A2" "$RUNS/A1" "$PHASE2_END" timestep; pack A "$RUNS/A1" "$RUNS/A2"
-    stage2 "$RUNS/A3" "$RUNS/A2" "$RUNS/A1"; pack A "$RUNS/A1" "$RUNS/A2" "$RUNS/A3"
-    wait
+ladder() {  # ladder <track> <width divisor>: stage 1, two phases, until TRAIN_END
+    phase1 "$RUNS/$1-1" --width-divisor "$2"; pack "$1" "$RUNS/$1-1"
+    phase2 "$RUNS/$1-2" "$RUNS/$1-1" "$TRAIN_END" timestep --width-divisor "$2"; pack "$1" "logs:$RUNS/$1-1" "$RUNS/$1-2"
 }
-track_B() { phase1 "$RUNS/B1" --size full; pack B "$RUNS/B1"; phase2 "$RUNS/B2" "$RUNS/B1" "$TRAIN_END" timestep --size full
-    [ -f "$RUNS/B2/guide/config.json" ] && pack B "logs:$RUNS/B1" "$RUNS/B2"; }  # two full guides would pass the 16 MiB a file
-track_C() {
-    phase1 "$RUNS/C1" --negatives; pack C "$RUNS/C1"
-    phase2 "$RUNS/C2" "$RUNS/C1" "$PHASE2_END" timestep --negatives; pack C "$RUNS/C1" "$RUNS/C2"
-    stage2 "$RUNS/C3" "$RUNS/C2" "$RUNS/C1"; pack C "$RUNS/C1" "$RUNS/C2" "$RUNS/C3"
+track_T() {
+    phase1 "$RUNS/T1"; pack T "$RUNS/T1"
+    phase2 "$RUNS/T2" "$RUNS/T1" "$PHASE2_END" timestep; pack T "$RUNS/T1" "$RUNS/T2"
+    stage2 "$RUNS/T3" "$RUNS/T2" "$RUNS/T1"; pack T "$RUNS/T1" "$RUNS/T2" "$RUNS/T3"
 }
-track_D() {  # the latent guide, plain MSE, constant lr for the whole budget (no scaling by w - 1, as shipped)
+track_L() {  # as D was trained: no (w - 1) scaling, plain MSE; now decaying to 0 by PHASE2_END (D ran at ~4.9 steps/s)
+    local minutes; minutes=$(minutes_until "$PHASE2_END")
     pnpguide distill --reads latent --source mix --batch-size "$BATCH" --num-samples "$NUM_SAMPLES" --trajectories "$TRAJECTORIES" \
-        --use-ema --log-every 50 --checkpointing-steps 100000 --checkpoints-total-limit 1 --learning-rate 1e-3 \
-        --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-steps 1000000 --max-minutes "$(minutes_until "$TRAIN_END")" \
-        --output-dir "$RUNS/D" >"$RUNS/D.log" 2>&1
-    say "$RUNS/D: $(tail -n1 "$RUNS/D/log.jsonl" 2>/dev/null || echo FAILED)"; pack D "$RUNS/D"
+        --use-ema --log-every 50 --checkpointing-steps 100000 --checkpoints-total-limit 1 --init-guide "$PRIOR/D/guide" \
+        --learning-rate 5e-4 --lr-scheduler cosine --lr-warmup-steps 50 --max-steps "$(python3 -c "print(int(4.2 * $minutes * 60))")" \
+        --max-minutes "$minutes" --output-dir "$RUNS/L1" >"$RUNS/L1.log" 2>&1
+    say "$RUNS/L1: $(tail -n1 "$RUNS/L1/log.jsonl" 2>/dev/null || echo FAILED)"; pack L "$RUNS/L1"
+    stage2 "$RUNS/L2" "$RUNS/L1" "$RUNS/L1"; pack L "$RUNS/L1" "$RUNS/L2"
 }
-track_E() { phase2 "$RUNS/E2" "$RUNS/A1" "$TRAIN_END" none; pack E "$RUNS/E2"; }
+track_F() {  # B ran at ~4.3 steps/s beside four other runs
+    local minutes; minutes=$(minutes_until "$TRAIN_END")
+    pnpguide distill "${COMMON[@]}" --size full --init-guide "$PRIOR/B2/guide" --loss-weighting timestep --learning-rate 3e-4 \
+        --lr-scheduler cosine --lr-warmup-steps 50 --max-steps "$(python3 -c "print(int(3.7 * $minutes * 60))")" \
+        --max-minutes "$minutes" --output-dir "$RUNS/F" >"$RUNS/F.log" 2>&1
+    say "$RUNS/F: $(tail -n1 "$RUNS/F/log.jsonl" 2>/dev/null || echo FAILED)"; pack F "$RUNS/F"
+}
 
-track_A & track_B & track_C & track_D &
+track_T & track_L & ladder W4 4 & ladder W2 2 & track_F &
 wait
-say "training done"
-
-# Fidelity to CFG of every stage-1 guide at w = 3, 5, 7.5 (25 steps), on the GPU, until DEADLINE
-guides=()
-for run in A2 B2 C2 D E2; do [ -f "$RUNS/$run/guide/config.json" ] && guides+=("$RUNS/$run/guide"); done
-if [ ${#guides[@]} -gt 0 ]; then
-    timeout $(( DEADLINE - $(now) - 10 )) pnpguide eval --guide "${guides[@]}" --scales 3 5 7.5 --steps 25 --images "$EVAL_IMAGES" \
-        --no-speed --grid-prompts 0 --out-dir "$RUNS/eval" >"$RUNS/eval.log" 2>&1
-    say "eval exit $?"
-    tar czf "$OUT/eval.tgz" -C "$RUNS" eval eval.log A1.log A2.log A3.log B1.log B2.log C1.log C2.log C3.log D.log E2.log 2>/dev/null
-fi
 say "done"
