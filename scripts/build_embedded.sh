@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Rebuild every shipped asset of the embedded default model from scratch, in order, on CPU.
-# Times are what each step took on the 2-core development machine (see docs/embedded-model.md).
+# Rebuild every shipped asset of the embedded default model from scratch, in order.
+# Steps 1-3 and 5 ran on the 2-core development machine (times as measured there, see docs/embedded-model.md);
+# the guides (steps 4 and 6) were trained on a lent H200 by scripts/train_guides_gpu.sh, whose commands are given here
+# one by one (add --max-minutes to bound any of them; on a CPU they take hours).
 # Everything is deterministic from the seeds in the configs; each run writes runs/<name>/{config.json,log.jsonl}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +13,11 @@ pnpguide --threads 2 train-vae --output-dir runs/vae --max-steps 1200 --checkpoi
 
 # 2. text-to-image UNet on cached latents, v-prediction, 10% empty captions, EMA (~55 min)
 pnpguide --threads 2 train-base --vae-dir runs/vae/vae --output-dir runs/base --max-steps 4500
-python scripts/ship_base.py runs/base/pipeline
+# 2b. base-te3: the text encoder (MiniLM) cut to its first 3 layers, then 2,000 more UNet steps (~2 h on one core)
+python -c "from pnpguide.loading import load_pipeline, save_pipeline; p = load_pipeline('runs/base/pipeline'); e = p.text_encoder; e.encoder.layer = e.encoder.layer[:3]; e.config.num_hidden_layers = 3; save_pipeline(p, 'runs/te3/init')"
+pnpguide --threads 1 finetune --base runs/te3/init --style flat --method full --learning-rate 3e-4 --lr-warmup-steps 100 \
+    --max-steps 2000 --batch-size 64 --num-images 40000 --use-ema --seed 5 --checkpointing-steps 400 --output-dir runs/te3/ft
+python scripts/ship_base.py runs/te3/ft/pipeline
 
 # 3. and 4. run as two single-threaded tracks side by side (the 2 cores are used better that way)
 # 3. fine-tunes the guide is later plugged into: a full UNet fine-tune (pastel) and a LoRA (outline)
@@ -19,20 +25,29 @@ pnpguide --threads 1 finetune --base "$ASSETS/base" --style pastel --method full
 pnpguide --threads 1 finetune --base "$ASSETS/base" --style outline --method lora --learning-rate 1e-3 --output-dir runs/lora-outline --max-steps 400 --batch-size 32
 python scripts/ship_finetunes.py runs/ft-pastel/pipeline runs/lora-outline/lora
 
-# 4. guides for the embedded base (x_t from noised dataset latents), and a full guide from teacher trajectories to compare the sources
-pnpguide --threads 1 distill --size tiny --output-dir runs/guide-tiny --max-steps 1200
-pnpguide --threads 1 distill --size full --learning-rate 3e-4 --output-dir runs/guide-full --max-steps 600
-pnpguide --threads 1 distill --size full --learning-rate 3e-4 --source trajectories --output-dir runs/guide-full-traj --max-steps 600
-python scripts/ship_guide.py runs/guide-tiny/guide "$ASSETS/guides/tiny"
-python scripts/ship_guide.py runs/guide-full/guide "$ASSETS/guides/full"
+# 4. guides for the embedded base, on a GPU (batch 256, noised dataset latents and CFG teacher trajectories mixed, EMA).
+#    tiny: the latent guide D, then continued with a cosine decay (L1); full: reads the UNet's features, MSE, then the
+#    per-timestep loss twice (B1, B2, F). The runs stopped by --max-minutes at 1,749 / 452 and 496 / 626 / 1,150 steps.
+GPU=(--source mix --batch-size 256 --num-samples 20000 --trajectories 2048 --use-ema --log-every 50)
+pnpguide distill --reads latent "${GPU[@]}" --learning-rate 1e-3 --lr-scheduler constant_with_warmup --lr-warmup-steps 100 \
+    --max-steps 1749 --output-dir runs/gpu/D
+pnpguide distill --reads latent "${GPU[@]}" --init-guide runs/gpu/D/guide --learning-rate 5e-4 --lr-scheduler cosine \
+    --lr-warmup-steps 50 --max-steps 772 --output-dir runs/gpu/L1
+FULL=(--size full --reads unet_features --scale-by-guidance "${GPU[@]}")
+pnpguide distill "${FULL[@]}" --learning-rate 1e-3 --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-steps 496 --output-dir runs/gpu/B1
+pnpguide distill "${FULL[@]}" --init-guide runs/gpu/B1/guide --loss-weighting timestep --learning-rate 3e-4 --lr-scheduler cosine \
+    --lr-warmup-steps 50 --max-steps 626 --output-dir runs/gpu/B2
+pnpguide distill "${FULL[@]}" --init-guide runs/gpu/B2/guide --loss-weighting timestep --learning-rate 3e-4 --lr-scheduler cosine \
+    --lr-warmup-steps 50 --max-steps 1494 --output-dir runs/gpu/F
+python scripts/ship_guide.py runs/gpu/L1/guide "$ASSETS/guides/tiny"
+python scripts/ship_guide.py runs/gpu/F/guide "$ASSETS/guides/full"
 
 # 5. the FID feature network for `pnpguide eval` (~22 min on one core: 1500 steps, then --resume latest to 3000)
 pnpguide --threads 1 train-features --output-dir runs/features --max-steps 3000
 python scripts/ship_features.py runs/features/features "$ASSETS/features/shapes"
 
-# 6. step distillation of the tiny guide, 32 -> 16 -> 8 DDIM steps, true CFG as the first teacher (~40 min on one core;
-#    the full guide, not shipped, was distilled the same way with --learning-rate 1e-4 --max-steps 600 for comparison)
-pnpguide --threads 1 distill-steps --guide runs/guide-tiny/guide --output-dir runs/steps-tiny --teacher-steps 32 --student-steps 8 \
-    --max-steps 900 --batch-size 32 --learning-rate 5e-4 --checkpointing-steps 150
-python scripts/ship_guide.py runs/steps-tiny/guide-16 "$ASSETS/guides/tiny-16step"
-python scripts/ship_guide.py runs/steps-tiny/guide-8 "$ASSETS/guides/tiny-8step"
+# 6. step distillation of the tiny guide, 32 -> 16 -> 8 DDIM steps, true CFG as the first teacher (GPU, 44 steps a round)
+pnpguide distill-steps --guide runs/gpu/L1/guide --output-dir runs/gpu/L2 --teacher-steps 32 --student-steps 8 \
+    --max-steps 44 --batch-size 256 --num-samples 20000 --learning-rate 5e-4 --lr-warmup-steps 20 --use-ema
+python scripts/ship_guide.py runs/gpu/L2/guide-16 "$ASSETS/guides/tiny-16step"
+python scripts/ship_guide.py runs/gpu/L2/guide-8 "$ASSETS/guides/tiny-8step"

@@ -11,8 +11,8 @@
 # Each phase runs under --max-minutes so the whole script ends by DEADLINE seconds; every finished phase is packed
 # (guides in fp16, logs, configs) into $OUT/<track>.tgz at once, so a run cut short still returns what it made.
 # Usage: OUT=<folder> bash scripts/train_guides_gpu.sh   (knobs below can be overridden from the environment)
-# It trains for the embedded base, whose shapes data the mix source draws on: for base-te3, run
-# `python scripts/ship_base.py staging/base-te3` first. The first call's script (tracks A-E) is at commit c6b041d.
+# It trains for the embedded base, whose shapes data the mix source draws on (both calls ran on base-te3, the embedded
+# base since stop 20). The first call's script (tracks A-E) is at commit c6b041d.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_unet
 from pnpguide import doctor
 from pnpguide.doctor import Check, check_pair, format_checks
-from pnpguide.guide import GuideModel
+from pnpguide.guide import GuideModel, text_encoder_signature
 
 ALL_CHECKS = [
     "base folder", "guide files", "base loads offline", "prediction type", "trained guidance range", "guide fits the UNet",
@@ -14,16 +14,17 @@ ALL_CHECKS = [
 ]
 
 
-def _save_guide(unet, path, trained_guidance_range=(2.0, 9.0)):
+def _save_guide(unet, path, trained_guidance_range=(2.0, 9.0), trained_text_encoder=None):
     guide = GuideModel.from_unet(unet, "tiny")
-    guide.register_to_config(trained_guidance_range=trained_guidance_range)
+    guide.register_to_config(trained_guidance_range=trained_guidance_range, trained_text_encoder=trained_text_encoder)
     guide.save_pretrained(path)
     return path
 
 
 @pytest.fixture
 def guide_dir(tiny_components, tmp_path):
-    return _save_guide(tiny_components["unet"], tmp_path / "guide")
+    signature = text_encoder_signature(tiny_components["text_encoder"])
+    return _save_guide(tiny_components["unet"], tmp_path / "guide", trained_text_encoder=signature)
 
 
 def _by_name(checks: list[Check]) -> dict[str, Check]:
@@ -113,6 +114,15 @@ def test_a_guide_trained_with_another_text_encoder_fails_naming_both(tiny_base_d
     check = _by_name(check_pair(tiny_base_dir, tmp_path / "old-base-guide"))["guide fits the text encoder"]
     assert not check.ok
     assert "trained for another base, with text encoder BertModel (6 layers, 32 wide, vocab 60); this base has BertModel (2 layers" in check.detail
+
+
+def test_a_trained_guide_that_does_not_record_its_text_encoder_fails_naming_this_one(tiny_base_dir, tiny_components, tmp_path):
+    """Like the embedded guides shipped before the 3-layer base: they would plug in silently and give wrong images."""
+    unrecorded = _save_guide(tiny_components["unet"], tmp_path / "unrecorded")
+    check = _by_name(check_pair(tiny_base_dir, unrecorded))["guide fits the text encoder"]
+    assert not check.ok
+    assert "does not record the text encoder it was trained with" in check.detail
+    assert text_encoder_signature(tiny_components["text_encoder"]) in check.detail and "\n" not in check.detail
 
 
 def test_a_feature_reading_guide_passes_the_residual_check(unet):

@@ -130,6 +130,20 @@ def test_a_pipeline_refuses_a_guide_trained_with_another_text_encoder(tiny_compo
         PlugAndPlayPipeline(**tiny_components, guide=guide)
 
 
+def test_a_pipeline_warns_when_a_trained_guide_does_not_record_its_text_encoder(tiny_components):
+    import warnings
+
+    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    guide = GuideModel.from_unet(tiny_components["unet"])
+    with warnings.catch_warnings():  # untrained (no guidance range): nothing to say yet
+        warnings.filterwarnings("error", message=".*does not record the text encoder")
+        PlugAndPlayPipeline(**tiny_components, guide=guide)
+    guide.register_to_config(trained_guidance_range=(2.0, 9.0))
+    with pytest.warns(UserWarning, match=r"does not record the text encoder .* this base's \(BertModel \(2 layers"):
+        PlugAndPlayPipeline(**tiny_components, guide=guide)
+
+
 def test_a_feature_guide_given_another_unets_features_names_both_counts(unet):
     guide = GuideModel.from_unet(tiny_unet(layers_per_block=2), reads="unet_features")
     sample, t, embeds = _inputs()

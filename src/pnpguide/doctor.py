@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .guide import UNET_KINDS, GuideModel, conditioning_mismatch, residual_channels, text_encoder_signature
+from .guide import UNET_KINDS, GuideModel, conditioning_mismatch, residual_channels, text_encoder_signature, unrecorded_text_encoder
 from .loading import (
     GUIDE_WEIGHTS,
     PICKLE_SUFFIXES,
@@ -162,12 +162,15 @@ def _compatibility(guide: GuideModel, unet) -> Check:
 
 
 def _text_encoder(guide: GuideModel, pipe) -> Check:
+    text_encoders = pipe.text_encoder, getattr(pipe, "text_encoder_2", None)
+    trained = guide.config.trained_text_encoder
+    if trained is None:  # the pipeline only warns; here it is a failed check, with the same words
+        return Check("guide fits the text encoder", False, unrecorded_text_encoder(text_encoder_signature(*text_encoders)))
     try:
-        guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+        guide.check_text_encoder(*text_encoders)
     except ValueError as error:
         return Check("guide fits the text encoder", False, str(error))
-    trained = guide.config.trained_text_encoder
-    return Check("guide fits the text encoder", True, f"trained with {trained}" if trained else "not recorded (a guide from before pnpguide recorded it)")
+    return Check("guide fits the text encoder", True, f"trained with {trained}")
 
 
 def _residuals(guide: GuideModel, unet) -> Check:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,6 +296,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         prompt embeddings it reads would mean something else, even where their width is the same. A record of
         the first encoder alone is accepted for an SDXL base (the second is then not checked)."""
         trained, this = self.config.trained_text_encoder, text_encoder_signature(text_encoder, text_encoder_2)
+        if trained is None and text_encoder is not None and self.config.trained_guidance_range is not None:
+            warnings.warn(unrecorded_text_encoder(this))
         if trained is not None and text_encoder is not None and trained not in (this, text_encoder_signature(text_encoder)):
             raise ValueError(f"guide was trained for another base, with text encoder {trained}; this base has {this}: retrain it here (pnpguide distill --base ...)")
 
@@ -442,6 +445,13 @@ def shipped_guides() -> dict[str, Path]:
     if not SHIPPED_GUIDES_DIR.is_dir():
         return {}
     return {p.name: p for p in sorted(SHIPPED_GUIDES_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def unrecorded_text_encoder(this: str) -> str:
+    """Why a trained guide that does not record its text encoder cannot be checked against this base's (one line)."""
+    return (f"this guide does not record the text encoder it was trained with, so it cannot be checked against this base's "
+            f"({this}); guides made before pnpguide recorded it (its own embedded guides before the 3-layer base, trained "
+            f"for MiniLM with 6 layers) give wrong images on another base: retrain it here (pnpguide distill --base ...)")
 
 
 def text_encoder_signature(text_encoder, text_encoder_2=None) -> str | None:

@@ -18,7 +18,7 @@ CACHE = Path("/tmp/fidcache"); CACHE.mkdir(exist_ok=True)
 
 
 def load_base():
-    pipe = load_pipeline(os.environ.get("PNP_BASE"))  # default: the embedded base; staging/base-te3 for the GPU guides
+    pipe = load_pipeline(os.environ.get("PNP_BASE"))  # default: the embedded base (base-te3 since stop 20)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval().requires_grad_(False)
     return pipe
