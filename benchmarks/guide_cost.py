@@ -44,7 +44,7 @@ def compute_table(models: dict[str, UNet2DConditionModel], tokens: dict[str, int
     print("| UNet | UNet params | guide | guide params | params ratio | UNet GFLOPs/step | guide GFLOPs/step | (UNet+guide)/(2 UNet) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, unet in models.items():
-        for size, reads in (("tiny", "latent"), ("full", "latent"), ("tiny", "unet_features")):
+        for size, reads in (("tiny", "latent"), ("full", "latent"), ("tiny", "unet_features"), ("full", "unet_features")):
             with torch.device(unet.device):  # meta for the big configs: FLOPs need shapes only
                 guide = GuideModel.from_unet(unet, size, reads=reads)
             cost = step_cost(unet, guide, tokens=tokens[name])
