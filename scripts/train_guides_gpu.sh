@@ -81,11 +81,12 @@ phase2() {  # phase2 <run> <from> <end> <loss> <extra flags>...: continued from 
     say "$run: $(tail -n1 "$run/log.jsonl" 2>/dev/null || echo FAILED)"
 }
 stage2() {  # stage2 <run> <stage-1 run> <rate run>: 32 -> 16 -> 8 steps until TRAIN_END, true CFG as the first teacher
+    # (a round runs at about the stage-1 rate or faster: stop 20 saw ~3 steps/s against ~2; 0.3x gave 15-second rounds)
     local run=$1 from=$2 rate=$3
     local minutes; minutes=$(python3 -c "print(max(0.05, ($TRAIN_END - $(now) - $SETUP) / 120))")  # two rounds
     pnpguide distill-steps --guide "$from/guide" --teacher-steps 32 --student-steps 8 --batch-size "$BATCH" \
         --num-samples "$NUM_SAMPLES" --learning-rate 5e-4 --lr-warmup-steps 20 --use-ema --log-every 50 \
-        --max-steps "$(steps_for "$rate" "$minutes" 0.3)" --max-minutes "$minutes" --checkpointing-steps 100000 \
+        --max-steps "$(steps_for "$rate" "$minutes" 1.0)" --max-minutes "$minutes" --checkpointing-steps 100000 \
         --output-dir "$run" >"$run.log" 2>&1
     say "$run: $(ls -d "$run"/guide-* 2>/dev/null | tr '\n' ' ' || echo FAILED)"
 }
