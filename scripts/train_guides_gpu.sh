@@ -8,7 +8,7 @@
 #   W4  --width-divisor 4 (16, 32, 32), stage 1                                               (capacity ladder)
 #   W2  --width-divisor 2 (32, 64, 64), stage 1                                               (capacity ladder)
 #   F   the full guide B2 of the first call continued with the timestep loss                  (ship candidate)
-# Each phase runs under --max-minutes so the whole script ends by DEADLINE seconds; every finished phase is packed
+# Each phase runs under --max-minutes so training ends by TRAIN_END seconds (packing adds ~50 s); every finished phase is packed
 # (guides in fp16, logs, configs) into $OUT/<track>.tgz at once, so a run cut short still returns what it made.
 # Usage: OUT=<folder> bash scripts/train_guides_gpu.sh   (knobs below can be overridden from the environment)
 # It trains for the embedded base, whose shapes data the mix source draws on (both calls ran on base-te3, the embedded
@@ -16,7 +16,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-DEADLINE=${DEADLINE:-560}      # seconds from START by which everything, packing included, is done
 SETUP=${SETUP:-45}             # seconds a run needs before its loop starts (load, render, encode, teacher trajectories)
 PHASE1_END=${PHASE1_END:-190}  # when the first stage-1 phase of T, W4 and W2 ends
 PHASE2_END=${PHASE2_END:-290}  # when the stage-1 runs of T and L end (their stage 2 follows)
