@@ -118,11 +118,24 @@ def test_generate_follows_a_w_schedule_inside_a_guidance_interval(tiny_base_dir,
     assert scales == [2.0, 4.0, 6.0, 8.0]
 
 
+def test_generate_runs_cfg_for_the_first_steps_then_the_guide(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch):
+    from pnpguide.guide import GuideModel
+
+    scales, forward = [], GuideModel.forward
+    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, **k: scales.append(float(a[3])) or forward(self, *a, **k))
+    flags = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(tmp_path / "x.png")]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--w-schedule", "3,4,5,6", "--cfg-first-steps", "3"]) == 0
+    assert scales == [6.0] and (tmp_path / "x.png").exists()  # only the last step ran the guide
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--w-schedule", "3,,5"], "argument --w-schedule: must be comma-separated numbers (one w per step) or linear:W0:W1, got '3,,5'"),
     (["--w-schedule", "3,5"], "guidance_scale has 2 values but sampling takes 4 steps"),
     (["--w-schedule", "3,0.5,5,5"], "guidance_scale[1] is 0.5: each w must be a finite number >= 1"),
     (["--guidance-interval", "600", "200"], "guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1000"),
+    (["--cfg-first-steps", "-1"], "argument --cfg-first-steps: must be >= 0, got -1"),
+    (["--cfg-first-steps", "5"], "--cfg-first-steps 5 is more than --steps 4"),
+    (["--cfg-first-steps", "2", "--mode", "cfg"], "--cfg-first-steps splits sampling between CFG and the guide: it needs --mode guide, not --mode cfg"),
 ])
 def test_bad_schedule_flags_are_one_line_errors_with_exit_code_2(tiny_base_dir, tiny_guide_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "x.png"

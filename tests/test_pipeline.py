@@ -205,3 +205,50 @@ def test_the_trained_range_warning_reads_the_schedule_not_a_constant(tiny_compon
     recwarn.clear()
     _run(pipe, guidance_scale=12.0, guidance_interval=(0, 100))  # no step is guided at 12
     assert not [w for w in recwarn if "outside the range" in str(w.message)]
+
+
+def test_cfg_first_steps_run_cfg_then_the_guide_with_the_negative_prompt_in_the_cfg_steps(tiny_components, recwarn):
+    pipe = _pipe(tiny_components, trained=True)
+    calls = []  # (UNet batch, whether the guide's residuals came in) per model call
+    pipe.unet.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((args[0].shape[0], kwargs.get("down_block_additional_residuals") is not None)),
+        with_kwargs=True,
+    )
+    negative = ["a blue square"] * len(PROMPTS)
+    outputs = {}
+
+    def record(name):
+        return lambda t, x, out, *rest: outputs.setdefault(name, []).append(out)
+
+    hybrid = _run(pipe, guidance_scale=6.0, cfg_first_steps=2, negative_prompt=negative, on_model_output=record("hybrid"))
+    assert calls == [(4, False), (4, False), (2, True), (2, True)]  # [negative; prompt] twice, then one guided pass
+    cfg = _run(pipe, guidance_scale=6.0, mode="cfg", negative_prompt=negative, on_model_output=record("cfg"))
+    for step in (0, 1):  # CFG's own steps, its negative prompt included
+        torch.testing.assert_close(outputs["hybrid"][step], outputs["cfg"][step])
+    assert not torch.allclose(outputs["hybrid"][2], outputs["cfg"][2], atol=1e-4)  # then the guide
+    assert not np.allclose(hybrid, cfg, atol=1e-3) and not np.allclose(hybrid, _run(pipe, guidance_scale=6.0), atol=1e-3)
+    assert not np.allclose(hybrid, _run(pipe, guidance_scale=6.0, cfg_first_steps=2), atol=1e-3)  # the negative mattered
+    assert "ignored after the first 2 (CFG) steps" in str(recwarn.pop(UserWarning).message)
+    np.testing.assert_allclose(_run(pipe, guidance_scale=6.0, cfg_first_steps=4, negative_prompt=negative), cfg, atol=1e-6)
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=6.0, cfg_first_steps=0), _run(pipe, guidance_scale=6.0))
+
+
+def test_cfg_first_steps_count_a_timestep_the_scheduler_visits_twice_as_one_step(tiny_components):
+    from pnpguide.pipeline import step_modes
+
+    pndm = [667, 334, 334, 1]
+    assert step_modes("guide", pndm, [5.0] * 4, cfg_first_steps=2) == ["cfg", "cfg", "cfg", "guide"]
+    assert step_modes("guide", pndm, [5.0, 5.0, 5.0, 1.0], cfg_first_steps=1) == ["cfg", "guide", "guide", "none"]
+    assert step_modes("cfg", pndm, [5.0] * 4, cfg_first_steps=0) == ["cfg"] * 4
+
+
+@pytest.mark.parametrize("bad, match", [
+    (-1, "cfg_first_steps must be a whole number >= 0"), (1.5, "whole number"), (5, "cfg_first_steps=5 is more than the 4 sampling steps"),
+])
+def test_bad_cfg_first_steps_fail_before_the_prompt_is_encoded(tiny_components, bad, match):
+    pipe = _pipe(tiny_components)
+    encoded = []
+    pipe.text_encoder.register_forward_hook(lambda *args: encoded.append(1))
+    with pytest.raises(ValueError, match=match):
+        _run(pipe, guidance_scale=5.0, cfg_first_steps=bad)
+    assert not encoded

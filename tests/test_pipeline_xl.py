@@ -140,3 +140,18 @@ def test_a_guide_that_reads_negatives_uses_the_negative_prompt_in_one_unet_call_
         handle.remove()
     assert calls == [2] * 3
     assert np.abs(negated - _run(pipe, guidance_scale=6.0)).max() > 1e-3
+
+
+def test_cfg_first_steps_use_sdxls_negative_conditioning_then_the_guide(sdxl):
+    pipe = _pipe(sdxl, guide=_trained(GuideModel.from_unet(sdxl.unet, "tiny")))
+    outputs = {}
+
+    def record(name):
+        return lambda t, x, out, *rest: outputs.setdefault(name, []).append(out)
+
+    negative = ["a dog"] * len(PROMPTS)
+    hybrid = _run(pipe, guidance_scale=5.0, cfg_first_steps=1, negative_prompt=negative, on_model_output=record("hybrid"))
+    _run(pipe, guidance_scale=5.0, mode="cfg", negative_prompt=negative, on_model_output=record("cfg"))
+    torch.testing.assert_close(outputs["hybrid"][0], outputs["cfg"][0])
+    assert not torch.allclose(outputs["hybrid"][1], outputs["cfg"][1], atol=1e-4)
+    assert not np.allclose(hybrid, _run(pipe, guidance_scale=5.0), atol=1e-3)

@@ -218,8 +218,9 @@ def test_an_interrupted_run_says_so_releases_its_lock_and_resumes(tiny_base_dir,
     while not list(run.glob("checkpoint-*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)  # Ctrl-C
-    assert process.wait(timeout=60) == 130
-    assert process.stderr.read().strip().splitlines()[-1] == "pnpguide distill: interrupted"
+    returncode, stderr = process.wait(timeout=60), process.stderr.read()
+    assert returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "pnpguide distill: interrupted"
     assert not (run / LOCK_NAME).exists()
     resumed = subprocess.run(command + ["--resume", "latest"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]

@@ -32,6 +32,14 @@ def count(text: str) -> int:
     return value
 
 
+def whole_number(text: str) -> int:
+    """An argparse type: an integer >= 0 (steps of a kind, where none is allowed)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def guidance_scale(text: str) -> float:
     """An argparse type: a finite w > 0 (diffusers' convention: 1 = no guidance)."""
     value = float(text)
@@ -164,7 +172,7 @@ def cmd_generate(args) -> None:
 
     request = GenerateRequest(
         args.prompt, args.out, args.negative_prompt, args.num_images, args.height, args.width, args.steps, args.w, args.w_schedule,
-        args.guidance_interval, args.mode, args.scheduler, args.seed, args.device, args.dtype,
+        args.guidance_interval, args.mode, args.scheduler, args.seed, args.device, args.dtype, args.cfg_first_steps,
     )
     device, dtype = check_request(request, args.base, args.guide)  # before the slow part
     pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
@@ -333,6 +341,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"),
         help="apply w only at timesteps T_LOW <= t <= T_HIGH (0..num_train_timesteps, e.g. 1000), w = 1 elsewhere "
         "(Kynkaanniemi et al. 2024); those steps run the UNet once, without guide or CFG (default: every step)",
+    )
+    p.add_argument(
+        "--cfg-first-steps", type=whole_number, default=0, metavar="K",
+        help="--mode guide: run the first K steps with CFG (2 UNet passes), the rest with the guide. The first, "
+        "high-noise steps set the layout and hold most of what a guide misses of CFG: K = 2 of 25 brings images much "
+        "closer to CFG's for 4%% more compute; --negative-prompt applies in those steps (default: 0)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")

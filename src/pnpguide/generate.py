@@ -33,6 +33,7 @@ class GenerateRequest:
     seed: int = 0  # image i uses seed + i, so adding images never changes the earlier ones
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str = "float32"
+    cfg_first_steps: int = 0  # guide mode: the first steps run CFG (two UNet passes), the rest the guide
 
 
 def check_request(request: GenerateRequest, base: str | Path | None, guide: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
@@ -40,6 +41,10 @@ def check_request(request: GenerateRequest, base: str | Path | None, guide: str 
     if request.mode == "guide" and guide is None and base is not None:
         raise ValueError("--mode guide with --base needs --guide: the shipped guides fit only the embedded model; "
                          "distill one with `pnpguide distill --base ...`, or sample with --mode cfg")
+    if request.cfg_first_steps and request.mode != "guide":
+        raise ValueError(f"--cfg-first-steps splits sampling between CFG and the guide: it needs --mode guide, not --mode {request.mode}")
+    if request.steps is not None and request.cfg_first_steps > request.steps:
+        raise ValueError(f"--cfg-first-steps {request.cfg_first_steps} is more than --steps {request.steps}")
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
     if request.scheduler is not None:
@@ -65,7 +70,7 @@ def generate(pipe, request: GenerateRequest) -> list[Path]:
     images = pipe(
         request.prompt, height=request.height, width=request.width, negative_prompt=request.negative_prompt,
         num_images_per_prompt=request.num_images, guidance_scale=w, num_inference_steps=steps, generator=generators,
-        mode=request.mode, guidance_interval=request.guidance_interval,
+        mode=request.mode, guidance_interval=request.guidance_interval, cfg_first_steps=request.cfg_first_steps,
     ).images
     paths = output_paths(request.out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)

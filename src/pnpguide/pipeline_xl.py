@@ -72,9 +72,10 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         mode: str | None = None,
         on_model_output: ModelOutputHook | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        cfg_first_steps: int = 0,
     ) -> StableDiffusionXLPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionXLPipeline's (SDXL's size/crop conditioning included),
-        plus `mode`, schedules, `guidance_interval` and `on_model_output` as in PlugAndPlayPipeline.__call__.
+        plus `mode`, schedules, `guidance_interval`, `cfg_first_steps` and `on_model_output` as in PlugAndPlayPipeline.__call__.
         `negative_prompt(_2)` works in "cfg" and with a guide that reads the negative prompt (its token embeddings;
         the pooled negative only enters CFG's unconditional half); other guides ignore it, with a warning."""
         mode = mode or ("guide" if self.guide is not None else "cfg")
@@ -85,14 +86,15 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         self.check_guidance(num_inference_steps, mode, height, width,
-                            (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds))
+                            (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds), cfg_first_steps)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
-        scheduler, timesteps, schedule = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode, device)
+        scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
+                                                                   device, cfg_first_steps)
 
         # 1. encode the prompt with both text encoders (and the negative, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-            prompt, prompt_2, device, num_images_per_prompt, self.encodes_negative(mode), negative_prompt, negative_prompt_2,
+            prompt, prompt_2, device, num_images_per_prompt, self.encodes_negative(mode, cfg_first_steps), negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
         )
 
@@ -109,8 +111,8 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
             target_size or (height, width), images, prompt_embeds.dtype, device,
         )
 
-        # 4. denoising loop: one model call per step, whichever mode; a step at w = 1 is the plain UNet
-        latents = self.denoise(latents, scheduler, timesteps, schedule, mode, extra_step_kwargs, on_model_output,
+        # 4. denoising loop: one model call per step, in the step's mode; a step at w = 1 is the plain UNet
+        latents = self.denoise(latents, scheduler, timesteps, schedule, modes, extra_step_kwargs, on_model_output,
                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                added_cond_kwargs=added_cond_kwargs, negative_added_cond_kwargs=negative_added_cond_kwargs)
 
