@@ -217,6 +217,7 @@ def test_an_interrupted_run_says_so_releases_its_lock_and_resumes(tiny_base_dir,
     deadline = time.monotonic() + 120
     while not list(run.glob("checkpoint-*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
+    assert process.poll() is None, f"the run ended (exit {process.returncode}) before Ctrl-C: {process.stderr.read()[-2000:]}"
     process.send_signal(signal.SIGINT)  # Ctrl-C
     returncode, stderr = process.wait(timeout=60), process.stderr.read()
     assert returncode == 130, stderr[-2000:]

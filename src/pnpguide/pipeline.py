@@ -197,7 +197,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         UNet alone, once at batch B, in every mode.
         `cfg_first_steps=k` (guide mode): the first k steps run CFG's two passes, the rest the guide. Those
         high-noise steps set the layout and hold most of the gap between a guide and CFG, so k = 2 of 25 brings the
-        image much closer to CFG's for 4% more compute than the guide alone (docs/guides.md); the negative
+        image much closer to CFG's for 2 more UNet passes (27, against CFG's 50; docs/guides.md); the negative
         prompt applies in those steps.
         `negative_prompt` works in "cfg" and, with a guide distilled on negative prompts (`guide.config.reads_negative`),
         in "guide"; an older guide was distilled against the empty prompt only and ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
