@@ -107,6 +107,18 @@ def test_guidance_interval_guides_only_inside_it_for_the_teacher_and_the_guides(
     assert "Guidance interval: w applies only at timesteps 500 <= t <= 1000" in (eval_setup / "out" / "report.md").read_text()
 
 
+def test_cfg_first_steps_rows_run_cfg_for_those_steps_and_close_their_gap_there(eval_setup):
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], cfg_first_steps=[1]))
+    guide, hybrid, cfg = _row(result, "guide:trained"), _row(result, "guide:trained + cfg 1"), _row(result, "cfg")
+    assert (hybrid["unet_evals_per_image"], hybrid["guide_evals_per_image"]) == (2 + 2, 2)  # 1 CFG step (2 calls), then 2 guided
+    first, *rest = hybrid["step_gap_closed_per_timestep"]  # highest timestep first, as sampled
+    assert first["timestep"] == max(s["timestep"] for s in cfg["step_gap_closed_per_timestep"])
+    assert first["gap_closed"] == pytest.approx(1.0) and rest == guide["step_gap_closed_per_timestep"][1:]
+    assert hybrid["image_gap_closed"] != pytest.approx(guide["image_gap_closed"])
+    with pytest.raises(ValueError, match=r"cfg_first_steps must be between 1 and the fewest --steps \(3\), got \[4\]"):
+        EvalConfig(steps=[3, 8], cfg_first_steps=[4])
+
+
 def test_eval_refuses_a_malformed_guidance_interval():
     with pytest.raises(ValueError, match="guidance_interval must be two timesteps"):
         EvalConfig(guidance_interval=[800, 200])

@@ -32,4 +32,4 @@ for k in ks:
         mse_g = ((img - cached[f"cfg{w}"]) ** 2).mean().item(); mse_n = ((cached["none"] - cached[f"cfg{w}"]) ** 2).mean().item()
         results[f"k{k}-w{w}"] = 1 - mse_g / mse_n
         print(f"{name} k={k} w={w}: image gap closed {1 - mse_g / mse_n:.3f}  cost {(steps + k) / (2 * steps):.3f} of CFG", flush=True)
-json.dump(results, open(HERE / f"hybrid-{Path(name).name}.json", "w"), indent=1)
+json.dump(results, open(HERE / f"hybrid-{Path(name).name}{'' if base == 'embedded' else '-on-' + base}.json", "w"), indent=1)

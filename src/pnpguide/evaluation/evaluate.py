@@ -29,7 +29,7 @@ from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_
 from ..sources import read_prompt_file
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
-from .methods import NO_NEGATIVE, Method, sample
+from .methods import CFG_FIRST, NO_NEGATIVE, Method, sample
 from .negative_prompts import avoidance_rate, eval_negatives, measurable
 from .sampling import as_plug_and_play, mean_psnr
 from .speed import median_seconds, parameter_count, peak_memory_bytes, step_cost
@@ -81,6 +81,7 @@ class EvalConfig:
     cfg_steps: list[int] = field(default_factory=list)  # extra step counts for the cfg teacher only (e.g. 50: the reference for step-distilled guides)
     scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5])  # guidance scales w (diffusers' convention)
     guidance_interval: list[float] | None = None  # T_LOW T_HIGH: w only at timesteps inside, w = 1 elsewhere, for cfg and guides alike (default: every step)
+    cfg_first_steps: list[int] = field(default_factory=list)  # K ...: each guide also in a row "+ cfg K" that runs CFG for the first K steps, then the guide (default: none)
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
@@ -107,6 +108,8 @@ class EvalConfig:
             raise ValueError(f"images must be >= 2 (FID needs a covariance), got {self.images}")
         if any(s < 1 for s in self.steps + self.cfg_steps) or not self.steps:
             raise ValueError(f"steps must be positive integers, got {self.steps}")
+        if any(k < 1 or k > min(self.steps) for k in self.cfg_first_steps):
+            raise ValueError(f"cfg_first_steps must be between 1 and the fewest --steps ({min(self.steps)}), got {self.cfg_first_steps}")
         if any(not w >= 1 for w in self.scales) or not self.scales:
             raise ValueError(f"guidance scales must be >= 1 (diffusers' convention), got {self.scales}")
         if self.guidance_interval is not None and not (len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] <= self.guidance_interval[1]):
@@ -128,6 +131,7 @@ def build_methods(config: EvalConfig) -> list[Method]:
             counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
             methods.append(Method(f"guide:{name}", "guide", guide, counts, negatives))
             methods += [Method(f"guide:{name}{NO_NEGATIVE}", "guide", guide, counts)] if negatives else []
+            methods += [Method(f"guide:{name}{CFG_FIRST.format(k)}", "guide", guide, counts, negatives, k) for k in config.cfg_first_steps]
     return methods
 
 
@@ -310,7 +314,8 @@ def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, re
     trajectory = references.trajectories.get(key)
     if trajectory is not None:
         pipe.guide = method.guide
-        errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt)
+        errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt,
+                                                      method.cfg_first_steps)
         per_seed["step_errors"].update(errors)  # Counter.update adds: summed over seeds, timestep by timestep
         per_seed["step_baselines"].update(baselines)
         row.step_gap_images = trajectory.images
@@ -355,7 +360,7 @@ def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, 
     for batch in (1, 8):
         def call(batch=batch):
             return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, mode=method.mode, output_type="np",
-                        guidance_interval=guidance_interval)
+                        guidance_interval=guidance_interval, cfg_first_steps=method.cfg_first_steps)
         seconds = median_seconds(call, repeats=3, warmup=1) / batch
         if batch == 1:
             row.seconds_per_image_b1 = seconds

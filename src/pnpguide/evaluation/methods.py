@@ -19,6 +19,7 @@ from .teacher_states import TeacherTrajectory, negative_inputs
 
 FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra model call per step and row)
 NO_NEGATIVE = " (no neg)"  # suffix of a guide's row sampled without the negative prompts, beside its row with them
+CFG_FIRST = " + cfg {}"  # suffix of a guide's row that runs CFG for its first {} steps (--cfg-first-steps)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Method:
     guide: object | None = None  # a GuideModel
     step_counts: tuple[int, ...] | None = None  # a step-distilled guide: only these
     negative_prompt: bool = False  # samples with the evaluation's negative prompts (--negative-prompts)
+    cfg_first_steps: int = 0  # a guide: the first steps run CFG (the pipeline's cfg_first_steps)
 
     def runs_at(self, steps: int) -> bool:
         return self.step_counts is None or steps in self.step_counts
@@ -71,7 +73,8 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
                 hook = compare(batch_negative)
             own_negative = pipeline_kwargs(batch_negative) if method.negative_prompt and batch_negative is not None else {}
             output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
-                          generator=generators, mode=method.mode, on_model_output=hook, guidance_interval=guidance_interval, **own_negative)
+                          generator=generators, mode=method.mode, on_model_output=hook, guidance_interval=guidance_interval,
+                          cfg_first_steps=method.cfg_first_steps, **own_negative)
             images += output.images
     finally:
         counter.close()
