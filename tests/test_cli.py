@@ -128,6 +128,16 @@ def test_generate_runs_cfg_for_the_first_steps_then_the_guide(tiny_base_dir, tin
     assert scales == [6.0] and (tmp_path / "x.png").exists()  # only the last step ran the guide
 
 
+def test_generate_fits_the_first_step_and_samples_it_in_one_unet_pass(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch):
+    from pnpguide.first_step import FirstStepFit
+
+    fits, fit = [], FirstStepFit.fit.__func__
+    monkeypatch.setattr(FirstStepFit, "fit", classmethod(lambda cls, *a, **k: fits.append(fit(cls, *a, **k)) or fits[-1]))
+    flags = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(tmp_path / "x.png")]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--first-step-fit"]) == 0
+    assert len(fits) == 1 and fits[0].timestep == 999 and (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--w-schedule", "3,,5"], "argument --w-schedule: must be comma-separated numbers (one w per step) or linear:W0:W1, got '3,,5'"),
     (["--w-schedule", "3,5"], "guidance_scale has 2 values but sampling takes 4 steps"),
@@ -136,6 +146,8 @@ def test_generate_runs_cfg_for_the_first_steps_then_the_guide(tiny_base_dir, tin
     (["--cfg-first-steps", "-1"], "argument --cfg-first-steps: must be >= 0, got -1"),
     (["--cfg-first-steps", "5"], "--cfg-first-steps 5 is more than --steps 4"),
     (["--cfg-first-steps", "2", "--mode", "cfg"], "--cfg-first-steps splits sampling between CFG and the guide: it needs --mode guide, not --mode cfg"),
+    (["--first-step-fit", "--cfg-first-steps", "1"], "--first-step-fit makes the first step CFG in one pass in --mode guide; it takes neither"),
+    (["--first-step-fit", "--negative-prompt", "red"], "nor --negative-prompt (the fit stands in for the empty prompt)"),
 ])
 def test_bad_schedule_flags_are_one_line_errors_with_exit_code_2(tiny_base_dir, tiny_guide_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "x.png"

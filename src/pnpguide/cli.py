@@ -173,6 +173,7 @@ def cmd_generate(args) -> None:
     request = GenerateRequest(
         args.prompt, args.out, args.negative_prompt, args.num_images, args.height, args.width, args.steps, args.w, args.w_schedule,
         args.guidance_interval, args.mode, args.scheduler, args.seed, args.device, args.dtype, args.cfg_first_steps,
+        args.first_step_fit,
     )
     device, dtype = check_request(request, args.base, args.guide)  # before the slow part
     pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
@@ -347,6 +348,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="--mode guide: run the first K steps with CFG (2 UNet passes), the rest with the guide. The first, "
         "high-noise steps set the layout and hold most of what a guide misses of CFG: K = 2 of 25 brings images much "
         "closer to CFG's for 2 more UNet passes (27, against CFG's 50); --negative-prompt applies in those steps (default: 0)",
+    )
+    p.add_argument(
+        "--first-step-fit", action="store_true",
+        help="--mode guide: run the first step as CFG in one UNet pass, its unconditional pass taken from an affine fit "
+        "made first from 64 pure-noise passes (pnpguide.FirstStepFit; SD 1.x/2.x folders). On the embedded model it "
+        "brings images closer to CFG's at the guide's cost (docs/guides.md)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")

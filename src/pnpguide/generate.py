@@ -34,6 +34,7 @@ class GenerateRequest:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str = "float32"
     cfg_first_steps: int = 0  # guide mode: the first steps run CFG (two UNet passes), the rest the guide
+    first_step_fit: bool = False  # guide mode: fit the first step's unconditional pass (FirstStepFit), then run that step as CFG in one pass
 
 
 def check_request(request: GenerateRequest, base: str | Path | None, guide: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
@@ -45,6 +46,9 @@ def check_request(request: GenerateRequest, base: str | Path | None, guide: str 
         raise ValueError(f"--cfg-first-steps splits sampling between CFG and the guide: it needs --mode guide, not --mode {request.mode}")
     if request.steps is not None and request.cfg_first_steps > request.steps:
         raise ValueError(f"--cfg-first-steps {request.cfg_first_steps} is more than --steps {request.steps}")
+    if request.first_step_fit and (request.mode != "guide" or request.cfg_first_steps or request.negative_prompt is not None):
+        raise ValueError("--first-step-fit makes the first step CFG in one pass in --mode guide; it takes neither --cfg-first-steps "
+                         "(that step would already be CFG) nor --negative-prompt (the fit stands in for the empty prompt)")
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
     if request.scheduler is not None:
@@ -67,16 +71,28 @@ def generate(pipe, request: GenerateRequest) -> list[Path]:
     steps = request.steps if request.steps is not None else (trained_steps or [25])[0]
     w = 1.0 if request.mode == "none" else parse_w_schedule(request.w_schedule, steps) if request.w_schedule else request.guidance_scale
     generators = [torch.Generator().manual_seed(request.seed + i) for i in range(request.num_images)]
+    first_step_fit = fit_first_step(pipe, request, steps) if request.first_step_fit else None
     images = pipe(
         request.prompt, height=request.height, width=request.width, negative_prompt=request.negative_prompt,
         num_images_per_prompt=request.num_images, guidance_scale=w, num_inference_steps=steps, generator=generators,
         mode=request.mode, guidance_interval=request.guidance_interval, cfg_first_steps=request.cfg_first_steps,
+        **({"first_step_fit": first_step_fit} if first_step_fit is not None else {}),
     ).images
     paths = output_paths(request.out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
         image.save(path)
     return paths
+
+
+def fit_first_step(pipe, request: GenerateRequest, steps: int):
+    """The first step's unconditional pass fitted for this size and step count (FIT_SAMPLES UNet passes)."""
+    from .first_step import FirstStepFit
+    from .pipeline import PlugAndPlayPipeline
+
+    if not isinstance(pipe, PlugAndPlayPipeline):
+        raise ValueError("--first-step-fit works with SD 1.x/2.x folders for now, not SDXL; use --cfg-first-steps 1 there")
+    return FirstStepFit.fit(pipe, request.height, request.width, steps)
 
 
 def output_paths(out: str | Path, count: int) -> list[Path]:

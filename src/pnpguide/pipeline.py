@@ -15,7 +15,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 
 from .guide import GuideModel, per_sample
 from .schedules import GuidanceScale, guidance_schedule
-from .teacher import cfg_noise_pred, guided_noise_pred
+from .first_step import FirstStepFit
+from .teacher import cfg_combine, cfg_noise_pred, guided_noise_pred
 
 MODES = ("guide", "cfg", "none")
 ModelOutputHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "dict | None"], None]
@@ -87,14 +88,18 @@ class GuidedSamplingMixin:
         return DDIMScheduler.from_config(self.guide.config.trained_schedule)
 
     def guidance_plan(self, num_inference_steps: int, timesteps, guidance_scale: GuidanceScale, guidance_interval, mode: str,
-                      device, cfg_first_steps: int = 0):
+                      device, cfg_first_steps: int = 0, first_step_fit: FirstStepFit | None = None):
         """(scheduler, timesteps, one w per model call, one mode per model call), checked before the prompt is encoded."""
         scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
         timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
         schedule = guidance_schedule(guidance_scale, timesteps.tolist(), guidance_interval, scheduler.config.num_train_timesteps)
         if mode == "guide":
             self.warn_untrained(schedule[first_call_after(timesteps.tolist(), cfg_first_steps):], num_inference_steps)
-        return scheduler, timesteps, schedule, step_modes(mode, timesteps.tolist(), schedule, cfg_first_steps)
+        modes = step_modes(mode, timesteps.tolist(), schedule, cfg_first_steps)
+        if first_step_fit is not None and modes[0] == "guide":  # the first step: CFG, its unconditional pass from the fit
+            first_step_fit.check_timestep(timesteps[0])
+            modes[0] = "fit"
+        return scheduler, timesteps, schedule, modes
 
     def mode_noise_pred(self, mode: str, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
                         negative_prompt_embeds: torch.Tensor | None, guidance_scale: float,
@@ -116,8 +121,10 @@ class GuidedSamplingMixin:
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
     def denoise(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, schedule: list[float], modes: list[str],
-                extra_step_kwargs: dict, on_model_output: ModelOutputHook | None, **conditioning) -> torch.Tensor:
-        """The denoising loop: one model call per step, in that step's mode (see :func:`step_modes`).
+                extra_step_kwargs: dict, on_model_output: ModelOutputHook | None, first_step_fit: FirstStepFit | None = None,
+                **conditioning) -> torch.Tensor:
+        """The denoising loop: one model call per step, in that step's mode (see :func:`step_modes`; "fit": CFG with
+        the unconditional pass from `first_step_fit`, one UNet call).
         `conditioning`: mode_noise_pred's prompt_embeds, negative_prompt_embeds and (SDXL) added_cond_kwargs,
         negative_added_cond_kwargs. latents: (B, C, h, w), scaled for `scheduler`."""
         if hasattr(scheduler, "set_begin_index"):
@@ -127,7 +134,11 @@ class GuidedSamplingMixin:
         # fill t in on the device instead (guide.per_sample)
         for t, w, mode in zip(self.progress_bar(timesteps.tolist()), schedule, modes):
             model_input = scheduler.scale_model_input(latents, t)
-            noise_pred = self.mode_noise_pred(mode, model_input, t, guidance_scale=w, **conditioning)
+            if mode == "fit":
+                first_step_fit.check_size(model_input)
+                noise_pred = cfg_combine(first_step_fit(model_input), self.mode_noise_pred("none", model_input, t, guidance_scale=1.0, **conditioning), w)
+            else:
+                noise_pred = self.mode_noise_pred(mode, model_input, t, guidance_scale=w, **conditioning)
             if on_model_output is not None:
                 on_model_output(t, model_input, noise_pred, conditioning["prompt_embeds"], conditioning.get("added_cond_kwargs"))
             latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -185,6 +196,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         on_model_output: ModelOutputHook | None = None,
         guidance_interval: tuple[float, float] | None = None,
         cfg_first_steps: int = 0,
+        first_step_fit: FirstStepFit | None = None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionPipeline's, plus `mode`:
 
@@ -199,6 +211,9 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         high-noise steps set the layout and hold most of the gap between a guide and CFG, so k = 2 of 25 brings the
         image much closer to CFG's for 2 more UNet passes (27, against CFG's 50; docs/guides.md); the negative
         prompt applies in those steps.
+        `first_step_fit` (guide mode, :class:`pnpguide.FirstStepFit`): the first step runs CFG with its unconditional
+        pass taken from this affine fit, so it costs one UNet pass; it stands in for the empty prompt's pass, so it
+        takes no negative prompt.
         `negative_prompt` works in "cfg" and, with a guide distilled on negative prompts (`guide.config.reads_negative`),
         in "guide"; an older guide was distilled against the empty prompt only and ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
         `on_model_output(t, model_input, model_output, prompt_embeds, added_cond_kwargs)` is called at every step (evaluation
@@ -212,10 +227,11 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
         self.check_guidance(num_inference_steps, mode, height, width, (negative_prompt, negative_prompt_embeds), cfg_first_steps)
+        check_first_step_fit(first_step_fit, mode, cfg_first_steps, (negative_prompt, negative_prompt_embeds))
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
-                                                                   device, cfg_first_steps)
+                                                                   device, cfg_first_steps, first_step_fit)
 
         # 1. encode the prompt (and the negative, the empty prompt by default, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -232,7 +248,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
         # 3. denoising loop: one model call per step, in the step's mode; a step at w = 1 is the plain UNet
-        latents = self.denoise(latents, scheduler, timesteps, schedule, modes, extra_step_kwargs, on_model_output,
+        latents = self.denoise(latents, scheduler, timesteps, schedule, modes, extra_step_kwargs, on_model_output, first_step_fit,
                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
 
         # 4. decode
@@ -290,6 +306,19 @@ def check_cfg_first_steps(cfg_first_steps, num_inference_steps: int | None) -> N
         raise ValueError(f"cfg_first_steps must be a whole number >= 0 (steps that run CFG before the guide), got {cfg_first_steps!r}")
     if num_inference_steps is not None and cfg_first_steps > num_inference_steps:
         raise ValueError(f"cfg_first_steps={cfg_first_steps} is more than the {num_inference_steps} sampling steps")
+
+
+def check_first_step_fit(first_step_fit: FirstStepFit | None, mode: str, cfg_first_steps: int, negatives: tuple) -> None:
+    if first_step_fit is None:
+        return
+    if not isinstance(first_step_fit, FirstStepFit):
+        raise ValueError(f"first_step_fit must be a pnpguide.FirstStepFit (FirstStepFit.fit(pipe, ...)), got {type(first_step_fit).__name__}")
+    if mode != "guide" or cfg_first_steps:
+        raise ValueError("first_step_fit replaces the first CFG step's unconditional pass in guide mode: use it with mode='guide' "
+                         "and cfg_first_steps=0 (with cfg_first_steps >= 1 the first step already runs CFG in full)")
+    if any(n is not None for n in negatives):
+        raise ValueError("first_step_fit stands in for the empty prompt's unconditional pass and cannot apply a negative prompt: "
+                         "use cfg_first_steps=1 instead")
 
 
 def first_call_after(timesteps: list, steps: int) -> int:
