@@ -119,6 +119,16 @@ def test_cfg_first_steps_rows_run_cfg_for_those_steps_and_close_their_gap_there(
         EvalConfig(steps=[3, 8], cfg_first_steps=[4])
 
 
+def test_first_step_fit_rows_run_the_first_step_as_cfg_in_one_pass(eval_setup):
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], first_step_fit=True))
+    guide, fitted = _row(result, "guide:trained"), _row(result, "guide:trained + fit")
+    assert (fitted["unet_evals_per_image"], fitted["guide_evals_per_image"]) == (3, 2)  # the fit's own passes are calibration, not counted
+    first, *rest = fitted["step_gap_closed_per_timestep"]
+    assert first["gap_closed"] != pytest.approx(guide["step_gap_closed_per_timestep"][0]["gap_closed"])
+    assert rest == guide["step_gap_closed_per_timestep"][1:]
+    assert fitted["image_gap_closed"] != pytest.approx(guide["image_gap_closed"])
+
+
 def test_eval_refuses_a_malformed_guidance_interval():
     with pytest.raises(ValueError, match="guidance_interval must be two timesteps"):
         EvalConfig(guidance_interval=[800, 200])

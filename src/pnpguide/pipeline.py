@@ -120,6 +120,13 @@ class GuidedSamplingMixin:
         timestep = per_sample(timestep, sample.shape[0], sample.device)  # diffusers would copy a Python number from the host
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
+    def fitted_cfg_noise_pred(self, first_step_fit: FirstStepFit, sample: torch.Tensor, timestep, guidance_scale: float,
+                              prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """CFG at the first step in one UNet pass: the conditional pass, and the unconditional one from the fit."""
+        first_step_fit.check_size(sample)
+        cond = self.mode_noise_pred("none", sample, timestep, prompt_embeds, None, 1.0)
+        return cfg_combine(first_step_fit(sample), cond, guidance_scale)
+
     def denoise(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, schedule: list[float], modes: list[str],
                 extra_step_kwargs: dict, on_model_output: ModelOutputHook | None, first_step_fit: FirstStepFit | None = None,
                 **conditioning) -> torch.Tensor:
@@ -135,8 +142,7 @@ class GuidedSamplingMixin:
         for t, w, mode in zip(self.progress_bar(timesteps.tolist()), schedule, modes):
             model_input = scheduler.scale_model_input(latents, t)
             if mode == "fit":
-                first_step_fit.check_size(model_input)
-                noise_pred = cfg_combine(first_step_fit(model_input), self.mode_noise_pred("none", model_input, t, guidance_scale=1.0, **conditioning), w)
+                noise_pred = self.fitted_cfg_noise_pred(first_step_fit, model_input, t, w, conditioning["prompt_embeds"])
             else:
                 noise_pred = self.mode_noise_pred(mode, model_input, t, guidance_scale=w, **conditioning)
             if on_model_output is not None:

@@ -29,7 +29,7 @@ from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_
 from ..sources import read_prompt_file
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
-from .methods import CFG_FIRST, NO_NEGATIVE, Method, sample
+from .methods import CFG_FIRST, FIRST_STEP_FIT, NO_NEGATIVE, Method, first_step_fit, sample
 from .negative_prompts import avoidance_rate, eval_negatives, measurable
 from .sampling import as_plug_and_play, mean_psnr
 from .speed import median_seconds, parameter_count, peak_memory_bytes, step_cost
@@ -82,6 +82,7 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5])  # guidance scales w (diffusers' convention)
     guidance_interval: list[float] | None = None  # T_LOW T_HIGH: w only at timesteps inside, w = 1 elsewhere, for cfg and guides alike (default: every step)
     cfg_first_steps: list[int] = field(default_factory=list)  # K ...: each guide also in a row "+ cfg K" that runs CFG for the first K steps, then the guide (default: none)
+    first_step_fit: bool = False  # each guide also in a row "+ fit": the first step as CFG in one pass, its unconditional pass from a FirstStepFit (SD 1.x/2.x)
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
@@ -132,6 +133,7 @@ def build_methods(config: EvalConfig) -> list[Method]:
             methods.append(Method(f"guide:{name}", "guide", guide, counts, negatives))
             methods += [Method(f"guide:{name}{NO_NEGATIVE}", "guide", guide, counts)] if negatives else []
             methods += [Method(f"guide:{name}{CFG_FIRST.format(k)}", "guide", guide, counts, negatives, k) for k in config.cfg_first_steps]
+            methods += [Method(f"guide:{name}{FIRST_STEP_FIT}", "guide", guide, counts, first_step_fit=True)] if config.first_step_fit else []
     return methods
 
 
@@ -314,8 +316,9 @@ def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, re
     trajectory = references.trajectories.get(key)
     if trajectory is not None:
         pipe.guide = method.guide
+        fit = first_step_fit(pipe, row.steps) if method.first_step_fit else None
         errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt,
-                                                      method.cfg_first_steps)
+                                                      method.cfg_first_steps, fit)
         per_seed["step_errors"].update(errors)  # Counter.update adds: summed over seeds, timestep by timestep
         per_seed["step_baselines"].update(baselines)
         row.step_gap_images = trajectory.images
@@ -360,7 +363,8 @@ def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, 
     for batch in (1, 8):
         def call(batch=batch):
             return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, mode=method.mode, output_type="np",
-                        guidance_interval=guidance_interval, cfg_first_steps=method.cfg_first_steps)
+                        guidance_interval=guidance_interval, cfg_first_steps=method.cfg_first_steps,
+                        **({"first_step_fit": first_step_fit(pipe, steps)} if method.first_step_fit else {}))
         seconds = median_seconds(call, repeats=3, warmup=1) / batch
         if batch == 1:
             row.seconds_per_image_b1 = seconds

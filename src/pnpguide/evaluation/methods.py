@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from .speed import UNetCallCounter
 from .teacher_states import TeacherTrajectory, negative_inputs
 
 FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with the teacher's (one extra model call per step and row)
+FIRST_STEP_FIT = " + fit"  # suffix of a guide's row sampled with a FirstStepFit (--first-step-fit)
 NO_NEGATIVE = " (no neg)"  # suffix of a guide's row sampled without the negative prompts, beside its row with them
 CFG_FIRST = " + cfg {}"  # suffix of a guide's row that runs CFG for its first {} steps (--cfg-first-steps)
 
@@ -30,6 +32,7 @@ class Method:
     step_counts: tuple[int, ...] | None = None  # a step-distilled guide: only these
     negative_prompt: bool = False  # samples with the evaluation's negative prompts (--negative-prompts)
     cfg_first_steps: int = 0  # a guide: the first steps run CFG (the pipeline's cfg_first_steps)
+    first_step_fit: bool = False  # a guide: the first step runs CFG in one pass, its unconditional pass from a FirstStepFit
 
     def runs_at(self, steps: int) -> bool:
         return self.step_counts is None or steps in self.step_counts
@@ -50,6 +53,8 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
     images the UNet and the guide processed, teacher calls for the comparison left out (steps at w = 1 skip the guide)."""
     pipe.guide = method.guide
     counter, errors, images = UNetCallCounter(pipe.unet), [], []
+    with counter.paused():  # a one-off calibration, not a cost per image
+        fit = first_step_fit(pipe, steps) if method.first_step_fit else None
     guide_counter = UNetCallCounter(method.guide) if method.guide is not None else None
 
     def compare(batch_negative: Conditioning):
@@ -74,7 +79,7 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
             own_negative = pipeline_kwargs(batch_negative) if method.negative_prompt and batch_negative is not None else {}
             output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
                           generator=generators, mode=method.mode, on_model_output=hook, guidance_interval=guidance_interval,
-                          cfg_first_steps=method.cfg_first_steps, **own_negative)
+                          cfg_first_steps=method.cfg_first_steps, **({"first_step_fit": fit} if fit else {}), **own_negative)
             images += output.images
     finally:
         counter.close()
@@ -82,3 +87,17 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
             guide_counter.close()
     mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative is not None else None)
     return images, mse, (counter.images, guide_counter.images if guide_counter is not None else 0)
+
+
+def first_step_fit(pipe, steps: int):
+    """The FirstStepFit of this pipeline's UNet at `steps` steps, made once per evaluation (the rows and the teacher
+    replays of a model share it)."""
+    fits = _FITS.setdefault(pipe.unet, {})
+    if steps not in fits:
+        from ..first_step import FirstStepFit
+
+        fits[steps] = FirstStepFit.fit(pipe, num_inference_steps=steps)
+    return fits[steps]
+
+
+_FITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> {steps: fit}; gone with the UNet

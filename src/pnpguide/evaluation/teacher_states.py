@@ -52,29 +52,36 @@ class TeacherTrajectory:
 
     @torch.no_grad()
     def squared_errors(self, pipe: PlugAndPlayPipeline, mode: str, guidance_scale: float,
-                       negative: Conditioning, with_negative: bool = True, cfg_first_steps: int = 0) -> tuple[dict[int, float], dict[int, float]]:
+                       negative: Conditioning, with_negative: bool = True, cfg_first_steps: int = 0,
+                       first_step_fit=None) -> tuple[dict[int, float], dict[int, float]]:
         """timestep -> summed ||output - CFG output||^2 over the recorded images, for `mode` (with `pipe.guide`
         at `guidance_scale`) and for the conditional model (the baseline, computed once with the same call
         that mode "none" makes, so that "none" scores exactly 0). `negative`: one row, the empty prompt's
         unconditional input; the method is given it instead of the teacher's recorded negatives unless `with_negative`
         (a guide replayed as it samples without them; CFG's outputs were always recorded with them). With
-        `cfg_first_steps`, the method runs CFG at the first (highest) timesteps, as the pipeline samples it."""
+        `cfg_first_steps`, the method runs CFG at the first (highest) timesteps, as the pipeline samples it; with
+        `first_step_fit` (a FirstStepFit), CFG in one pass at the first timestep."""
         if self._baselines is None:
             self._baselines = self._errors(pipe, "none", 1.0, negative, with_negative)
-        return self._errors(pipe, mode, guidance_scale, negative, with_negative, cfg_first_steps), self._baselines
+        return self._errors(pipe, mode, guidance_scale, negative, with_negative, cfg_first_steps, first_step_fit), self._baselines
 
     def _errors(self, pipe, mode: str, guidance_scale: float, empty: Conditioning, with_negative: bool,
-                cfg_first_steps: int = 0) -> dict[int, float]:
+                cfg_first_steps: int = 0, first_step_fit=None) -> dict[int, float]:
         errors: dict[int, float] = {}
-        cfg_timesteps = sorted({s.timestep for s in self.states}, reverse=True)[:cfg_first_steps] if mode == "guide" else []
+        timesteps = sorted({s.timestep for s in self.states}, reverse=True)
+        cfg_timesteps = timesteps[:cfg_first_steps] if mode == "guide" else []
+        fitted = timesteps[0] if mode == "guide" and first_step_fit is not None else None
         for state in self.states:
             negative = state.negative if with_negative and state.negative is not None else empty
             embeds = state.prompt_embeds.to(pipe.device)
             added = None if state.added_cond_kwargs is None else {k: v.to(pipe.device) for k, v in state.added_cond_kwargs.items()}
             step_mode = mode if state.timestep not in cfg_timesteps else "cfg"
             step_mode = step_mode if guided_at(state.timestep, self.guidance_interval) else "none"  # as the pipeline samples
-            output = pipe.mode_noise_pred(step_mode, state.sample.to(pipe.device), state.timestep, embeds, guidance_scale=guidance_scale,
-                                          added_cond_kwargs=added, **negative_inputs(negative.to(pipe.device), len(embeds), added))
+            if state.timestep == fitted and step_mode == "guide":
+                output = pipe.fitted_cfg_noise_pred(first_step_fit, state.sample.to(pipe.device), state.timestep, guidance_scale, embeds)
+            else:
+                output = pipe.mode_noise_pred(step_mode, state.sample.to(pipe.device), state.timestep, embeds, guidance_scale=guidance_scale,
+                                              added_cond_kwargs=added, **negative_inputs(negative.to(pipe.device), len(embeds), added))
             error = float((output.float().cpu() - state.cfg_output).pow(2).sum())
             errors[state.timestep] = errors.get(state.timestep, 0.0) + error
         return errors
