@@ -155,3 +155,24 @@ def test_cfg_first_steps_use_sdxls_negative_conditioning_then_the_guide(sdxl):
     torch.testing.assert_close(outputs["hybrid"][0], outputs["cfg"][0])
     assert not torch.allclose(outputs["hybrid"][1], outputs["cfg"][1], atol=1e-4)
     assert not np.allclose(hybrid, _run(pipe, guidance_scale=5.0), atol=1e-3)
+
+
+def test_a_first_step_fit_runs_sdxls_first_step_as_cfg_in_one_unet_pass(sdxl):
+    from pnpguide import FirstStepFit
+    from pnpguide.teacher import cfg_combine
+
+    pipe = _pipe(sdxl, guide=_trained(GuideModel.from_unet(sdxl.unet, "tiny")))
+    fit = FirstStepFit.fit(pipe, height=64, width=96, num_inference_steps=3, num_samples=6)  # SDXL's time ids at this size
+    assert fit.bias.shape[1:] == (8, 12)
+    steps, batches = [], []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    image = _run(pipe, guidance_scale=5.0, height=64, width=96, first_step_fit=fit, on_model_output=lambda *a: steps.append(a))
+    hook.remove()
+    assert batches == [2] * 3
+    t, x, out, embeds, added = steps[0]
+    with torch.no_grad():
+        cond = pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+    torch.testing.assert_close(out, cfg_combine(fit(x), cond, 5.0))
+    assert not np.allclose(image, _run(pipe, guidance_scale=5.0, height=64, width=96), atol=1e-3)
+    with pytest.raises(ValueError, match=r"made for latents of \(4, 8, 12\), not \(4, 8, 8\)"):
+        _run(pipe, guidance_scale=5.0, first_step_fit=fit)

@@ -238,3 +238,13 @@ def test_cfg_mode_reproduces_diffusers_on_the_sd15_folder_with_its_pndm_schedule
     run = lambda p, **kw: p(["a red cat", "a car"], num_inference_steps=3, guidance_scale=5.0, output_type="np",  # noqa: E731
                             generator=torch.Generator().manual_seed(0), **kw).images
     np.testing.assert_allclose(run(pipe, mode="cfg"), run(sd), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, height, width", [("sd15", 64, 128), ("sdxl", 48, 80)])
+def test_generate_with_a_first_step_fit_on_a_real_layout_folder_at_its_own_scheduler_and_size(kind, height, width, request, tmp_path):
+    """SD 1.5's PNDM (leading spacing: the first step is not t = 999) and SDXL's Euler (which scales its input)."""
+    base, guide = request.getfixturevalue(f"{kind}_dir"), request.getfixturevalue(f"{kind}_guide")
+    out = tmp_path / "image.png"
+    assert main(["--threads", "1", "generate", "--prompt", "a red cat", "--base", str(base), "--guide", str(guide),
+                 "--steps", "3", "--height", str(height), "--width", str(width), "--first-step-fit", "--out", str(out)]) == 0
+    assert Image.open(out).size == (width, height)

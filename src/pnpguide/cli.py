@@ -352,7 +352,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--first-step-fit", action="store_true",
         help="--mode guide: run the first step as CFG in one UNet pass, its unconditional pass taken from an affine fit "
-        "made first from 64 pure-noise passes (pnpguide.FirstStepFit; SD 1.x/2.x folders). On the embedded model it "
+        "made first from 64 pure-noise passes (pnpguide.FirstStepFit). On the embedded model it "
         "brings images closer to CFG's at the guide's cost (docs/guides.md)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default: 0)")

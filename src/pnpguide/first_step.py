@@ -42,7 +42,7 @@ class FirstStepFit:
         scheduler = copy.deepcopy(pipe.scheduler)  # set_timesteps and scale_model_input keep state: the pipeline's stays as it was
         scheduler.set_timesteps(num_inference_steps, device=pipe.device)
         timestep = scheduler.timesteps[0]
-        _, empty = pipe.encode_prompt([""], pipe.device, 1, True)
+        empty, empty_added = pipe.unconditional_inputs(height, width)
         shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         generator = torch.Generator().manual_seed(seed)
         inputs, outputs = [], []
@@ -50,7 +50,8 @@ class FirstStepFit:
             rows = min(batch_size, num_samples - start)
             noise = torch.randn((rows, *shape), generator=generator).to(pipe.device, pipe.unet.dtype) * scheduler.init_noise_sigma
             model_input = scheduler.scale_model_input(noise, timestep)
-            outputs.append(pipe.mode_noise_pred("none", model_input, timestep, empty.expand(rows, -1, -1), None, 1.0).float())
+            added = None if empty_added is None else {k: v.expand(rows, -1) for k, v in empty_added.items()}
+            outputs.append(pipe.mode_noise_pred("none", model_input, timestep, empty.expand(rows, -1, -1), None, 1.0, added).float())
             inputs.append(model_input.float())
         return cls.from_samples(float(timestep), torch.cat(inputs), torch.cat(outputs))
 

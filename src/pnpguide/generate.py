@@ -88,10 +88,7 @@ def generate(pipe, request: GenerateRequest) -> list[Path]:
 def fit_first_step(pipe, request: GenerateRequest, steps: int):
     """The first step's unconditional pass fitted for this size and step count (FIT_SAMPLES UNet passes)."""
     from .first_step import FirstStepFit
-    from .pipeline import PlugAndPlayPipeline
 
-    if not isinstance(pipe, PlugAndPlayPipeline):
-        raise ValueError("--first-step-fit works with SD 1.x/2.x folders for now, not SDXL; use --cfg-first-steps 1 there")
     return FirstStepFit.fit(pipe, request.height, request.width, steps)
 
 

@@ -121,10 +121,10 @@ class GuidedSamplingMixin:
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
     def fitted_cfg_noise_pred(self, first_step_fit: FirstStepFit, sample: torch.Tensor, timestep, guidance_scale: float,
-                              prompt_embeds: torch.Tensor) -> torch.Tensor:
+                              prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
         """CFG at the first step in one UNet pass: the conditional pass, and the unconditional one from the fit."""
         first_step_fit.check_size(sample)
-        cond = self.mode_noise_pred("none", sample, timestep, prompt_embeds, None, 1.0)
+        cond = self.mode_noise_pred("none", sample, timestep, prompt_embeds, None, 1.0, added_cond_kwargs)
         return cfg_combine(first_step_fit(sample), cond, guidance_scale)
 
     def denoise(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, schedule: list[float], modes: list[str],
@@ -142,7 +142,8 @@ class GuidedSamplingMixin:
         for t, w, mode in zip(self.progress_bar(timesteps.tolist()), schedule, modes):
             model_input = scheduler.scale_model_input(latents, t)
             if mode == "fit":
-                noise_pred = self.fitted_cfg_noise_pred(first_step_fit, model_input, t, w, conditioning["prompt_embeds"])
+                noise_pred = self.fitted_cfg_noise_pred(first_step_fit, model_input, t, w, conditioning["prompt_embeds"],
+                                                        conditioning.get("added_cond_kwargs"))
             else:
                 noise_pred = self.mode_noise_pred(mode, model_input, t, guidance_scale=w, **conditioning)
             if on_model_output is not None:
@@ -160,6 +161,11 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
     """
 
     _optional_components = StableDiffusionPipeline._optional_components + ["guide"]
+
+    def unconditional_inputs(self, height: int, width: int) -> tuple[torch.Tensor, dict | None]:
+        """One row of what CFG's unconditional pass reads without a negative prompt: the empty prompt's embedding."""
+        _, empty = self.encode_prompt([""], self._execution_device, 1, True)
+        return empty, None
 
     def __init__(
         self,
@@ -232,8 +238,8 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        self.check_guidance(num_inference_steps, mode, height, width, (negative_prompt, negative_prompt_embeds), cfg_first_steps)
         check_first_step_fit(first_step_fit, mode, cfg_first_steps, (negative_prompt, negative_prompt_embeds))
+        self.check_guidance(num_inference_steps, mode, height, width, (negative_prompt, negative_prompt_embeds), cfg_first_steps)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,

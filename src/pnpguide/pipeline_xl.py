@@ -9,7 +9,8 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
 from .guide import GuideModel
-from .pipeline import GuidedSamplingMixin, ModelOutputHook, follow_unet
+from .first_step import FirstStepFit
+from .pipeline import GuidedSamplingMixin, ModelOutputHook, check_first_step_fit, follow_unet
 from .schedules import GuidanceScale
 
 
@@ -73,9 +74,10 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         on_model_output: ModelOutputHook | None = None,
         guidance_interval: tuple[float, float] | None = None,
         cfg_first_steps: int = 0,
+        first_step_fit: FirstStepFit | None = None,
     ) -> StableDiffusionXLPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionXLPipeline's (SDXL's size/crop conditioning included),
-        plus `mode`, schedules, `guidance_interval`, `cfg_first_steps` and `on_model_output` as in PlugAndPlayPipeline.__call__.
+        plus `mode`, schedules, `guidance_interval`, `cfg_first_steps`, `first_step_fit` and `on_model_output` as in PlugAndPlayPipeline.__call__.
         `negative_prompt(_2)` works in "cfg" and with a guide that reads the negative prompt (its token embeddings;
         the pooled negative only enters CFG's unconditional half); other guides ignore it, with a warning."""
         mode = mode or ("guide" if self.guide is not None else "cfg")
@@ -85,12 +87,13 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        self.check_guidance(num_inference_steps, mode, height, width,
-                            (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds), cfg_first_steps)
+        negatives = (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds)
+        check_first_step_fit(first_step_fit, mode, cfg_first_steps, negatives)
+        self.check_guidance(num_inference_steps, mode, height, width, negatives, cfg_first_steps)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
-                                                                   device, cfg_first_steps)
+                                                                   device, cfg_first_steps, first_step_fit)
 
         # 1. encode the prompt with both text encoders (and the negative, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
@@ -112,7 +115,7 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         )
 
         # 4. denoising loop: one model call per step, in the step's mode; a step at w = 1 is the plain UNet
-        latents = self.denoise(latents, scheduler, timesteps, schedule, modes, extra_step_kwargs, on_model_output,
+        latents = self.denoise(latents, scheduler, timesteps, schedule, modes, extra_step_kwargs, on_model_output, first_step_fit,
                                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                added_cond_kwargs=added_cond_kwargs, negative_added_cond_kwargs=negative_added_cond_kwargs)
 
@@ -122,6 +125,14 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         if not return_dict:
             return (image,)
         return StableDiffusionXLPipelineOutput(images=image)
+
+    def unconditional_inputs(self, height: int, width: int) -> tuple[torch.Tensor, dict]:
+        """One row of what CFG's unconditional pass reads without a negative prompt at this size: the empty prompt's
+        token embeddings and pooled embedding (zeros with `force_zeros_for_empty_prompt`) and SDXL's time ids."""
+        device = self._execution_device
+        _, empty, pooled, empty_pooled = self.encode_prompt("", device=device, do_classifier_free_guidance=True)
+        _, added = self.added_conditioning(pooled, empty_pooled, (height, width), (0, 0), (height, width), 1, empty.dtype, device)
+        return empty, added
 
     def added_conditioning(self, pooled_prompt_embeds, negative_pooled_prompt_embeds, original_size, crops_coords_top_left,
                            target_size, images: int, dtype, device) -> tuple[dict, dict | None]:

@@ -82,7 +82,7 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5])  # guidance scales w (diffusers' convention)
     guidance_interval: list[float] | None = None  # T_LOW T_HIGH: w only at timesteps inside, w = 1 elsewhere, for cfg and guides alike (default: every step)
     cfg_first_steps: list[int] = field(default_factory=list)  # K ...: each guide also in a row "+ cfg K" that runs CFG for the first K steps, then the guide (default: none)
-    first_step_fit: bool = False  # each guide also in a row "+ fit": the first step as CFG in one pass, its unconditional pass from a FirstStepFit (SD 1.x/2.x)
+    first_step_fit: bool = False  # each guide also in a row "+ fit": the first step as CFG in one pass, its unconditional pass from a FirstStepFit
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
