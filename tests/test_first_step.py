@@ -5,7 +5,7 @@ import torch
 
 from pnpguide import FirstStepFit
 from pnpguide.teacher import cfg_combine
-from test_pipeline import _pipe, _run
+from test_pipeline import _pipe, _run, _step_distilled
 
 
 def test_the_fit_recovers_an_affine_map_with_a_bias_per_position():
@@ -66,3 +66,13 @@ def test_a_fit_for_another_first_timestep_is_a_one_line_error_before_the_prompt_
     with pytest.raises(ValueError, match="made for a first timestep of 999, but sampling starts at 750: fit it again"):
         _run(pipe, guidance_scale=5.0, first_step_fit=fit)
     assert not encoded
+
+
+def test_a_step_distilled_guide_is_fitted_on_its_own_schedule(tiny_components):
+    from diffusers import DDIMScheduler
+
+    pipe = _step_distilled(tiny_components, steps=(4,))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")  # not the guide's
+    fit = FirstStepFit.fit(pipe, num_inference_steps=4, num_samples=4)
+    assert fit.timestep == 999  # the guide's own trailing schedule, which the pipeline samples it on
+    _run(pipe, guidance_scale=5.0, first_step_fit=fit)

@@ -39,7 +39,9 @@ class FirstStepFit:
             raise ValueError(f"num_samples must be >= 2 to fit the unconditional pass, got {num_samples}")
         height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
         width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        scheduler = copy.deepcopy(pipe.scheduler)  # set_timesteps and scale_model_input keep state: the pipeline's stays as it was
+        # the scheduler guide mode will sample with (a step-distilled guide's own DDIM schedule at its step counts);
+        # copied: set_timesteps and scale_model_input keep state, and the pipeline's stays as it was
+        scheduler = copy.deepcopy(pipe.sampling_scheduler(num_inference_steps, "guide") if pipe.guide is not None else pipe.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=pipe.device)
         timestep = scheduler.timesteps[0]
         empty, empty_added = pipe.unconditional_inputs(height, width)
