@@ -9,6 +9,7 @@ import torch
 
 from .config_checks import read_json_object
 from .devices import resolve_device, resolve_dtype
+from .first_step import FirstStepFit
 from .pipeline import check_image_size
 from .schedulers import check_scheduler_name, scheduler_from_name
 from .schedules import parse_w_schedule
@@ -71,25 +72,18 @@ def generate(pipe, request: GenerateRequest) -> list[Path]:
     steps = request.steps if request.steps is not None else (trained_steps or [25])[0]
     w = 1.0 if request.mode == "none" else parse_w_schedule(request.w_schedule, steps) if request.w_schedule else request.guidance_scale
     generators = [torch.Generator().manual_seed(request.seed + i) for i in range(request.num_images)]
-    first_step_fit = fit_first_step(pipe, request, steps) if request.first_step_fit else None
+    first_step_fit = FirstStepFit.fit(pipe, request.height, request.width, steps) if request.first_step_fit else None  # 64 UNet passes
     images = pipe(
         request.prompt, height=request.height, width=request.width, negative_prompt=request.negative_prompt,
         num_images_per_prompt=request.num_images, guidance_scale=w, num_inference_steps=steps, generator=generators,
         mode=request.mode, guidance_interval=request.guidance_interval, cfg_first_steps=request.cfg_first_steps,
-        **({"first_step_fit": first_step_fit} if first_step_fit is not None else {}),
+        first_step_fit=first_step_fit,
     ).images
     paths = output_paths(request.out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
         image.save(path)
     return paths
-
-
-def fit_first_step(pipe, request: GenerateRequest, steps: int):
-    """The first step's unconditional pass fitted for this size and step count (FIT_SAMPLES UNet passes)."""
-    from .first_step import FirstStepFit
-
-    return FirstStepFit.fit(pipe, request.height, request.width, steps)
 
 
 def output_paths(out: str | Path, count: int) -> list[Path]:

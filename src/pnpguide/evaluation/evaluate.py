@@ -364,7 +364,7 @@ def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, 
         def call(batch=batch):
             return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, mode=method.mode, output_type="np",
                         guidance_interval=guidance_interval, cfg_first_steps=method.cfg_first_steps,
-                        **({"first_step_fit": first_step_fit(pipe, steps)} if method.first_step_fit else {}))
+                        first_step_fit=first_step_fit(pipe, steps) if method.first_step_fit else None)
         seconds = median_seconds(call, repeats=3, warmup=1) / batch
         if batch == 1:
             row.seconds_per_image_b1 = seconds

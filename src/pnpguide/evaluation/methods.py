@@ -79,7 +79,7 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
             own_negative = pipeline_kwargs(batch_negative) if method.negative_prompt and batch_negative is not None else {}
             output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
                           generator=generators, mode=method.mode, on_model_output=hook, guidance_interval=guidance_interval,
-                          cfg_first_steps=method.cfg_first_steps, **({"first_step_fit": fit} if fit else {}), **own_negative)
+                          cfg_first_steps=method.cfg_first_steps, first_step_fit=fit, **own_negative)
             images += output.images
     finally:
         counter.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..conditioning import Conditioning
-from ..pipeline import PlugAndPlayPipeline
+from ..pipeline import PlugAndPlayPipeline, step_modes
 from ..schedules import guided_at
 
 
@@ -68,19 +68,17 @@ class TeacherTrajectory:
     def _errors(self, pipe, mode: str, guidance_scale: float, empty: Conditioning, with_negative: bool,
                 cfg_first_steps: int = 0, first_step_fit=None) -> dict[int, float]:
         errors: dict[int, float] = {}
-        timesteps = sorted({s.timestep for s in self.states}, reverse=True)
-        cfg_timesteps = timesteps[:cfg_first_steps] if mode == "guide" else []
-        fitted = timesteps[0] if mode == "guide" and first_step_fit is not None else None
+        timesteps = sorted({s.timestep for s in self.states}, reverse=True)  # sampling order
+        schedule = [guidance_scale if guided_at(t, self.guidance_interval) else 1.0 for t in timesteps]
+        modes = dict(zip(timesteps, step_modes(mode, timesteps, schedule, cfg_first_steps, first_step_fit is not None)))  # as the pipeline samples
         for state in self.states:
             negative = state.negative if with_negative and state.negative is not None else empty
             embeds = state.prompt_embeds.to(pipe.device)
             added = None if state.added_cond_kwargs is None else {k: v.to(pipe.device) for k, v in state.added_cond_kwargs.items()}
-            step_mode = mode if state.timestep not in cfg_timesteps else "cfg"
-            step_mode = step_mode if guided_at(state.timestep, self.guidance_interval) else "none"  # as the pipeline samples
-            if state.timestep == fitted and step_mode == "guide":
-                output = pipe.fitted_cfg_noise_pred(first_step_fit, state.sample.to(pipe.device), state.timestep, guidance_scale, embeds)
+            if modes[state.timestep] == "fit":
+                output = pipe.fitted_cfg_noise_pred(first_step_fit, state.sample.to(pipe.device), state.timestep, guidance_scale, embeds, added)
             else:
-                output = pipe.mode_noise_pred(step_mode, state.sample.to(pipe.device), state.timestep, embeds, guidance_scale=guidance_scale,
+                output = pipe.mode_noise_pred(modes[state.timestep], state.sample.to(pipe.device), state.timestep, embeds, guidance_scale=guidance_scale,
                                               added_cond_kwargs=added, **negative_inputs(negative.to(pipe.device), len(embeds), added))
             error = float((output.float().cpu() - state.cfg_output).pow(2).sum())
             errors[state.timestep] = errors.get(state.timestep, 0.0) + error
