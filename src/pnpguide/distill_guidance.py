@@ -43,7 +43,7 @@ class GuidanceDistillConfig(SourceConfig):
     output_dir: str = "runs/guide"
     base: str | None = None  # SD folder whose UNet the guide serves (default: the embedded model)
     size: str = "tiny"  # "tiny" (~1% of the UNet) or "full" (as wide as the UNet's encoder)
-    reads: str = "latent"  # the guide's input: "latent" (its own encoder of x_t) or "unet_features" (the frozen UNet's encoder features)
+    reads: str = "latent"  # the guide's input: "latent" (its own encoder of x_t), "unet_features" (the frozen UNet's encoder features) or "unet_output" (x_t and the UNet's output: predicts cond - uncond)
     scale_by_guidance: bool = False  # multiply the guide's residuals by (w - 1), so w = 1 is exactly the unguided UNet
     width_divisor: int | None = None  # tiny guides only: how much narrower than the UNet (default: 8 for latent, 16 for unet_features)
     init_guide: str | None = None  # start from this trained guide (train it further) instead of a new one

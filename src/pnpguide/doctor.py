@@ -174,7 +174,13 @@ def _text_encoder(guide: GuideModel, pipe) -> Check:
 
 
 def _residuals(guide: GuideModel, unet) -> Check:
-    """The widths the guide's projections emit must be the UNet's skip-connection widths, one for one."""
+    """The widths the guide's projections emit must be the UNet's skip-connection widths, one for one (an output guide
+    emits none: it corrects the UNet's output, whose channels it must have)."""
+    if guide.reads_unet_output:
+        emitted, expected = guide.output_head.conv_out.out_channels, unet.config.out_channels
+        if emitted != expected:
+            return Check("residuals", False, f"the guide corrects a {emitted}-channel output, the UNet's has {expected}; retrain the guide")
+        return Check("residuals", True, f"none: the guide corrects the UNet's {expected}-channel output")
     expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
     emitted, mid_emitted = guide.residual_widths()
     mid_expected = unet.config.block_out_channels[-1]

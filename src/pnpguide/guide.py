@@ -5,12 +5,18 @@ returns one residual per UNet skip connection and one for the mid block, through
 convolutions. An untrained guide therefore changes nothing, and the frozen UNet it is trained on, or
 any fine-tune of it, stays untouched (Hsiao et al., "Plug-and-Play Diffusion Distillation", CVPR 2024).
 
-Two ways to see the input (`reads`):
+Three ways to see the input (`reads`):
 - "latent": the paper's design, a narrow copy of the UNet's encoder run on the noisy latent;
 - "unet_features": small heads on the frozen UNet's *own* encoder features (its skip connections and
   mid-block output). The UNet computes them anyway and the residuals only enter its decoder, so this
   costs no extra UNet pass, and the guide starts from everything the UNet knows about x_t and the
-  prompt instead of re-deriving it at 1/8 of the width (the idea of ControlNet-XS, Zavadski et al. 2024).
+  prompt instead of re-deriving it at 1/8 of the width (the idea of ControlNet-XS, Zavadski et al. 2024);
+- "unet_output": a small network after the UNet, reading x_t and the UNet's conditional output, that predicts
+  CFG's own term `cond - uncond`; the step's output is then `cond + (w - 1) * prediction`, CFG's formula with the
+  unconditional pass predicted. Its zero-initialised output convolution plays the projections' part. The
+  conditional output already holds the UNet's whole reading of x_t and the prompt, and the correction keeps CFG's
+  form in w, so this guide reproduces CFG more closely than the residual ones at a fraction of their size
+  (docs/guides.md, "An output-space guide").
 With `scale_by_guidance`, residuals are multiplied by (w - 1): w = 1 is exactly the unguided UNet, and
 the correction grows with w as CFG's own `w * (cond - uncond)` term does.
 
@@ -31,7 +37,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.resnet import ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
@@ -39,12 +45,13 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 GUIDE_SIZES = ("tiny", "full")
-GUIDE_INPUTS = ("latent", "unet_features")
+GUIDE_INPUTS = ("latent", "unet_features", "unet_output")
 HEAD_DIM = 8  # attention head width of tiny guides (both kinds): a multiple of 8, as fused GPU attention kernels want
 TINY_WIDTH_DIVISOR = 8  # tiny guides are 1/8 of the UNet's width: ~0.6% of SD1.5's parameters
 FEATURE_WIDTH_DIVISOR = 16  # tiny feature-reading guides are 1/16 of it: 0.45% of SD1.5's parameters
 TINY_MIN_CHANNELS = 16
 SHIPPED_GUIDES_DIR = Path(__file__).parent / "assets" / "guides"  # guides for the embedded base, by folder name
+OUTPUT_GUIDE_WIDTHS = {"tiny": 32, "full": 128}  # output guides: channels, whatever the UNet (they see its 4-channel output)
 W_EMBED_SCALE = 100.0  # w in [1, 15] -> [100, 1500]: the range the sinusoidal timestep embedding is built for
 
 
@@ -60,6 +67,13 @@ class GuideOutput(BaseOutput):
     # None only while BaseOutput rebuilds an output from a mapping (accelerate does, casting a mixed-precision model's
     # outputs back to fp32): `GuideOutput({...})` then fills both fields from it
     mid_block_additional_residual: torch.Tensor = None
+
+
+@dataclass
+class OutputCorrection(BaseOutput):
+    """What an output guide ("unet_output") returns: `sample`, (batch, C, h, w), to be added to the UNet's output."""
+
+    sample: torch.Tensor
 
 
 @dataclass
@@ -128,6 +142,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         scale_by_guidance: bool = False,
         trained_text_encoder: str | None = None,
         reads_negative: bool = False,
+        unet_out_channels: int | None = None,  # an output guide's output (None: unet_in_channels)
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:
@@ -137,9 +152,14 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         width0, time_embed_dim = block_out_channels[0], block_out_channels[0] * 4
         if reads_negative:  # starts at zero: the negative's tokens look like the prompt's until training tells them apart
             self.negative_segment = nn.Parameter(torch.zeros(unet_cross_attention_dim))
-        self.conv_in = nn.Conv2d(unet_in_channels, width0, kernel_size=3, padding=1)
         self.time_proj = Timesteps(width0, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(width0, time_embed_dim)
+        if reads == "unet_output":  # no w input: CFG's term cond - uncond does not depend on w
+            out_channels = unet_out_channels or unet_in_channels
+            self.output_head = OutputHead(unet_in_channels + out_channels, out_channels, width0, time_embed_dim,
+                                          unet_cross_attention_dim, norm_num_groups, norm_eps)
+            return
+        self.conv_in = nn.Conv2d(unet_in_channels, width0, kernel_size=3, padding=1)
         self.guidance_proj = Timesteps(guidance_embed_dim, flip_sin_to_cos, freq_shift)
         self.guidance_embedding = TimestepEmbedding(guidance_embed_dim, time_embed_dim)
         if addition_embed_type not in (None, "text_time"):
@@ -238,10 +258,13 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError(f"size must be one of {GUIDE_SIZES}, got {size!r}")
         _check_unet_supported(config)
         full = size == "full"
+        if reads == "unet_output":
+            widths = (OUTPUT_GUIDE_WIDTHS[size],) * len(config.block_out_channels)  # only the first is used
         heads = config.num_attention_heads or config.attention_head_dim  # the UNet's historical naming (diffusers#2011)
         heads = _per_block(heads, config.block_out_channels)
         layers = _per_block(config.transformer_layers_per_block, config.block_out_channels)
-        widths = tuple(config.block_out_channels) if full else tuple(_tiny_width(c, width_divisor) for c in config.block_out_channels)
+        if reads != "unet_output":
+            widths = tuple(config.block_out_channels) if full else tuple(_tiny_width(c, width_divisor) for c in config.block_out_channels)
         guide = cls(
             size=size,
             block_out_channels=widths,
@@ -264,6 +287,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             reads=reads,
             scale_by_guidance=scale_by_guidance,
             reads_negative=reads_negative,
+            unet_out_channels=config.out_channels,
         )
         if full and reads == "latent":  # start from the UNet's own encoder, as ControlNet does
             for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block", "add_time_proj", "add_embedding"):
@@ -303,6 +327,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
 
     def residual_widths(self) -> tuple[list[int], int]:
         """Channels of the residuals this guide emits: one per UNet skip connection, and the mid block's."""
+        if self.reads_unet_output:
+            return [], 0
         if self.reads_unet_features:
             return [head.proj_out.out_channels for head in self.skip_heads], self.mid_head.proj_out.out_channels
         return [conv.out_channels for conv in self.down_projections], self.mid_projection.out_channels
@@ -310,6 +336,10 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
     @property
     def reads_unet_features(self) -> bool:
         return self.config.reads == "unet_features"
+
+    @property
+    def reads_unet_output(self) -> bool:
+        return self.config.reads == "unet_output"
 
     def forward(
         self,
@@ -320,21 +350,25 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         unet_features: UNetFeatures | None = None,
         negative_encoder_hidden_states: torch.Tensor | None = None,
-    ) -> GuideOutput:
+        unet_output: torch.Tensor | None = None,
+    ) -> GuideOutput | OutputCorrection:
         """sample: (batch, C, h, w) noisy latents; encoder_hidden_states: (batch, tokens, dim);
         timestep and guidance_scale: scalars or (batch,) tensors; `unet_features`: the frozen UNet's encoder
         features at this step, which a "unet_features" guide needs (see `teacher.guided_noise_pred`);
         `negative_encoder_hidden_states`: (batch, tokens', dim), the negative prompt's embeddings (the empty
-        prompt's for none), which a guide with `reads_negative` needs and any other ignores.
-        Returns :class:`GuideOutput`."""
+        prompt's for none), which a guide with `reads_negative` needs and any other ignores; `unet_output`: the
+        UNet's conditional output at this step, which a "unet_output" guide reads.
+        Returns :class:`GuideOutput`, or for a "unet_output" guide :class:`OutputCorrection`."""
         # 1. time and guidance-scale embeddings (the time embedding is cast to the sample's dtype: the
         #    sinusoidal projection is always fp32, and the MLP may run in fp16)
         batch = sample.shape[0]
         timestep = per_sample(timestep, batch, sample.device)
         w = per_sample(guidance_scale, batch, sample.device, torch.float32)
         emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
-        emb = emb + self.guidance_embedding(self.guidance_proj(w * W_EMBED_SCALE).to(sample.dtype))
         encoder_hidden_states = self._context(encoder_hidden_states, negative_encoder_hidden_states)
+        if self.reads_unet_output:
+            return self._correct_output(sample, unet_output, emb, encoder_hidden_states, w)
+        emb = emb + self.guidance_embedding(self.guidance_proj(w * W_EMBED_SCALE).to(sample.dtype))
         if self.reads_unet_features:
             output = self._read_features(unet_features, emb, encoder_hidden_states)
         else:
@@ -351,6 +385,12 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError("this guide reads the negative prompt: pass negative_encoder_hidden_states (the empty prompt's embeddings for none)")
         negative_embeds = negative_embeds.expand(len(prompt_embeds), *negative_embeds.shape[1:])  # one row serves a batch
         return torch.cat([prompt_embeds, negative_embeds + self.negative_segment.to(negative_embeds.dtype)], dim=1)
+
+    def _correct_output(self, sample, unet_output, emb, encoder_hidden_states, w) -> OutputCorrection:
+        if unet_output is None:
+            raise ValueError("this guide reads the UNet's output: call it through pnpguide.guided_noise_pred (or pass unet_output)")
+        difference = self.output_head(torch.cat([sample, unet_output.to(sample.dtype)], dim=1), emb, encoder_hidden_states)
+        return OutputCorrection(sample=difference * (w - 1).to(difference.dtype).reshape(-1, 1, 1, 1))
 
     def _read_features(self, features: UNetFeatures | None, emb, encoder_hidden_states) -> GuideOutput:
         if features is None:
@@ -407,6 +447,42 @@ class FeatureHead(nn.Module):
             # which torch.compile cannot trace
             hidden = self.attention(hidden, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         return self.proj_out(hidden)
+
+
+class OutputHead(nn.Module):
+    """An output guide's network: reads [x_t, the UNet's output] and predicts CFG's term `cond - uncond`. A resnet at
+    full resolution, two resnets with cross-attention to the prompt at half resolution, then back up, merged with the
+    full-resolution features, one more resnet with cross-attention, and a zero-initialised convolution out."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int, temb_channels: int, cross_attention_dim: int, groups: int, eps: float):
+        super().__init__()
+        resnet = lambda: ResnetBlock2D(in_channels=width, out_channels=width, temb_channels=temb_channels, groups=groups, eps=eps)  # noqa: E731
+        attention = lambda: Transformer2DModel(num_attention_heads=width // HEAD_DIM, attention_head_dim=HEAD_DIM, in_channels=width,  # noqa: E731
+                                               cross_attention_dim=cross_attention_dim, norm_num_groups=groups)
+        self.conv_in = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        self.resnet_in = resnet()
+        self.downsample = nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1)  # Downsample2D's conv, without its alias name
+        self.low = nn.ModuleList([resnet(), attention(), resnet(), attention()])
+        self.upsample = Upsample2D(width, use_conv=True)
+        self.merge = nn.Conv2d(2 * width, width, kernel_size=1)
+        self.resnet_out, self.attention_out = resnet(), attention()
+        self.norm_out = nn.GroupNorm(groups, width, eps=eps)
+        self.conv_out = zero_module(nn.Conv2d(width, out_channels, kernel_size=3, padding=1))
+
+    def forward(self, inputs: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        full = self.resnet_in(self.conv_in(inputs), emb)
+        hidden = self.downsample(full)
+        for layer in self.low:
+            hidden = self._run(layer, hidden, emb, encoder_hidden_states)
+        hidden = self.merge(torch.cat([self.upsample(hidden, output_size=full.shape[-2:]), full], dim=1))
+        hidden = self._run(self.attention_out, self.resnet_out(hidden, emb), emb, encoder_hidden_states)
+        return self.conv_out(nn.functional.silu(self.norm_out(hidden)))
+
+    @staticmethod
+    def _run(layer, hidden, emb, encoder_hidden_states):
+        if isinstance(layer, ResnetBlock2D):
+            return layer(hidden, emb)
+        return layer(hidden, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
 UNET_KINDS = {None: "an SD 1.x/2.x UNet (no added conditioning)", "text_time": "an SDXL UNet (text_time size/crop conditioning)"}

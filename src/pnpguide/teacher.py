@@ -85,14 +85,20 @@ def guided_noise_pred(
     cross_attention_kwargs: dict | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The student: one UNet call at batch B whose skip connections receive the guide's residuals.
+    """The student: one UNet call at batch B whose skip connections receive the guide's residuals, or (a guide
+    that reads the UNet's output) whose output the guide then corrects.
 
     A guide that reads the UNet's own features is called from inside that one call, once the UNet's encoder
     has run (see :class:`FeatureTap`); any other guide runs first and its residuals are passed
     through diffusers' ControlNet arguments. Both add the residuals at the same places.
     `negative_prompt_embeds` (B or 1 rows) reach a guide that reads the negative prompt; the UNet never sees them."""
     timestep = _batched(timestep, sample.shape[0], sample.device)
-    if getattr(guide, "module", guide).reads_unet_features:  # under data parallelism the guide arrives wrapped in DDP
+    if getattr(guide, "module", guide).reads_unet_output:  # under data parallelism the guide arrives wrapped in DDP
+        output = unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs,
+                      cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+        correction = guide(sample, timestep, prompt_embeds, guidance_scale, unet_output=output, negative_encoder_hidden_states=negative_prompt_embeds)
+        return output + correction.sample.to(output.dtype)
+    if getattr(guide, "module", guide).reads_unet_features:
         tap = feature_tap(unet)
         tap.start(guide, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
         try:

@@ -1,0 +1,108 @@
+"""The guide that reads the UNet's output and predicts CFG's term cond - uncond: identity at init, CFG's form in w,
+odd latent sizes, SD1.5/SDXL layouts and budget, save/load, and the pipelines and doctor with it."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from pnpguide.evaluation.speed import SD15, SDXL, step_cost
+from pnpguide.guide import GuideModel, OutputCorrection
+from pnpguide.teacher import guided_noise_pred
+
+
+def _inputs(batch=2, dim=32, size=8):
+    torch.manual_seed(1)
+    return torch.randn(batch, 4, size, size), torch.tensor([10, 700])[:batch], torch.randn(batch, 6, dim)
+
+
+def _randomised(guide):
+    torch.manual_seed(2)
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return guide
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_an_untrained_output_guide_leaves_the_unet_output_unchanged(unet, size):
+    guide = GuideModel.from_unet(unet, size=size, reads="unet_output")
+    sample, t, embeds = _inputs()
+    assert torch.equal(unet(sample, t, embeds).sample, guided_noise_pred(unet, guide, sample, t, embeds, torch.tensor([3.0, 8.0])))
+
+
+def test_the_correction_has_cfgs_form_in_w(unet):
+    """cond + (w - 1) * d: w = 1 is exactly the unguided UNet, and the correction grows linearly in w, as CFG's does."""
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    sample, t, embeds = _inputs()
+    plain = unet(sample, t, embeds).sample
+    assert torch.equal(plain, guided_noise_pred(unet, guide, sample, t, embeds, 1.0))
+    at3 = guided_noise_pred(unet, guide, sample, t, embeds, 3.0) - plain
+    at5 = guided_noise_pred(unet, guide, sample, t, embeds, 5.0) - plain
+    assert at3.abs().max() > 1e-3
+    torch.testing.assert_close(at5, 2 * at3, rtol=1e-4, atol=1e-5)
+
+
+def test_the_guide_reads_the_unets_output_and_the_prompt(unet):
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    sample, t, embeds = _inputs()
+    output = unet(sample, t, embeds).sample
+    correction = guide(sample, t, embeds, 4.0, unet_output=output)
+    assert isinstance(correction, OutputCorrection) and correction.sample.shape == output.shape
+    assert not torch.allclose(correction.sample, guide(sample, t, embeds, 4.0, unet_output=output + 1).sample)
+    assert not torch.allclose(correction.sample, guide(sample, t, embeds + 1, 4.0, unet_output=output).sample)
+
+
+@pytest.mark.parametrize("height, width", [(9, 9), (5, 12)])
+def test_odd_latent_sizes_come_back_at_their_size(unet, height, width):
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    sample = torch.randn(1, 4, height, width)
+    out = guided_noise_pred(unet, guide, sample, 500, torch.randn(1, 6, 32), 3.0)
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+
+
+def test_an_output_guide_called_without_the_output_says_how_to_call_it(unet):
+    guide = GuideModel.from_unet(unet, reads="unet_output")
+    sample, t, embeds = _inputs()
+    with pytest.raises(ValueError, match="reads the UNet's output: call it through pnpguide.guided_noise_pred"):
+        guide(sample, t, embeds, 3.0)
+
+
+@pytest.mark.parametrize("config", ["sd15", "sdxl"])
+def test_tiny_output_guide_fits_the_budget_on_sd15_and_sdxl(config):
+    with torch.device("meta"):
+        base = UNet2DConditionModel(**(SD15 if config == "sd15" else SDXL))
+        guide = GuideModel.from_unet(base, "tiny", reads="unet_output")
+    ratio = sum(p.numel() for p in guide.parameters()) / sum(p.numel() for p in base.parameters())
+    assert ratio <= 0.01
+    cost = step_cost(base, guide, tokens=77)
+    assert cost.guide > 0 and cost.ratio <= 0.505
+    assert guide.output_head.conv_out.out_channels == base.config.out_channels == 4
+
+
+def test_output_guide_save_and_load_round_trip(unet, tmp_path):
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    guide.save_pretrained(tmp_path / "guide")
+    loaded = GuideModel.from_pretrained(tmp_path / "guide")
+    assert loaded.config.reads == "unet_output" and loaded.config.unet_out_channels == 4
+    sample, t, embeds = _inputs()
+    assert torch.equal(guided_noise_pred(unet, guide, sample, t, embeds, 4.0), guided_noise_pred(unet, loaded, sample, t, embeds, 4.0))
+
+
+def test_an_output_guide_reading_negatives_sees_them(unet):
+    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output", reads_negative=True))
+    sample, t, embeds = _inputs()
+    one = guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=torch.zeros(1, 6, 32))
+    other = guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=torch.ones(1, 6, 32))
+    assert not torch.allclose(one, other)
+
+
+def test_the_pipeline_samples_with_an_output_guide_and_doctor_passes_it(tiny_components):
+    from pnpguide.doctor import _residuals
+    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    guide = _randomised(GuideModel.from_unet(tiny_components["unet"], reads="unet_output"))
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=guide)
+    images = lambda g: pipe("a red circle", num_inference_steps=3, guidance_scale=g, output_type="np",  # noqa: E731
+                            generator=torch.Generator().manual_seed(0)).images
+    assert images(4.0).shape[-1] == 3 and not (images(4.0) == images(1.0)).all()
+    check = _residuals(guide, tiny_components["unet"])
+    assert check.ok and "output" in check.detail
