@@ -44,11 +44,12 @@ def compute_table(models: dict[str, UNet2DConditionModel], tokens: dict[str, int
     print("| UNet | UNet params | guide | guide params | params ratio | UNet GFLOPs/step | guide GFLOPs/step | (UNet+guide)/(2 UNet) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, unet in models.items():
-        for size, reads in (("tiny", "latent"), ("full", "latent"), ("tiny", "unet_features"), ("full", "unet_features")):
+        kinds = [(size, reads) for reads in ("latent", "unet_features", "unet_output") for size in ("tiny", "full")]
+        for size, reads in kinds:
             with torch.device(unet.device):  # meta for the big configs: FLOPs need shapes only
                 guide = GuideModel.from_unet(unet, size, reads=reads)
             cost = step_cost(unet, guide, tokens=tokens[name])
-            label = size if reads == "latent" else f"{size}, reads UNet features"
+            label = {"latent": size, "unet_features": f"{size}, reads UNet features", "unet_output": f"{size}, reads UNet output"}[reads]
             print(
                 f"| {name} | {parameter_count(unet) / 1e6:.1f}M | {label} | {parameter_count(guide) / 1e6:.2f}M | "
                 f"{parameter_count(guide) / parameter_count(unet):.4f} | {cost.unet / 1e9:.2f} | {cost.guide / 1e9:.3f} | {cost.ratio:.4f} |"

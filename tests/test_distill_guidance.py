@@ -114,6 +114,19 @@ def test_a_feature_reading_guide_learns_with_the_relative_loss(tiny_base_dir, pr
     assert after < 0.8 * before
 
 
+def test_an_output_guide_learns_with_the_timestep_loss(tiny_base_dir, prompt_file, tmp_path):
+    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", loss_weighting="timestep", learning_rate=1e-3)
+    pipe = load_pipeline(tiny_base_dir)
+    batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
+    trained = train_guide(config)
+    assert trained.config.reads == "unet_output"
+    untrained = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output")
+    with torch.no_grad():
+        before = distillation_loss(pipe.unet, untrained, batch, negative, "none").item()
+        after = distillation_loss(pipe.unet, trained, batch, negative, "none").item()
+    assert after < 0.8 * before
+
+
 def test_relative_loss_divides_each_samples_error_by_its_own_gap(tiny_base_dir, prompt_file, tmp_path):
     pipe = load_pipeline(tiny_base_dir)
     conditioning = encode_prompts(pipe, ["a red circle on a black background"] * 2, "cpu", 16)

@@ -27,13 +27,14 @@ def test_a_guide_output_can_be_rebuilt_from_a_mapping_as_accelerate_does():
     assert len(rebuilt.down_block_additional_residuals) == 2
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
 def test_distill_with_bf16_mixed_precision_trains_an_fp32_guide(tiny_base_dir, prompt_file, tmp_path, reads):
     out = tmp_path / "run"
     assert main(distill_flags(tiny_base_dir, prompt_file, out, mixed_precision="bf16", reads=reads)) == 0
     guide = GuideModel.from_pretrained(str(out / "guide"))
     assert guide.dtype == torch.float32
-    projections = guide.skip_heads[0].proj_out if reads == "unet_features" else guide.down_projections[0]
+    projections = {"unet_features": lambda: guide.skip_heads[0].proj_out, "latent": lambda: guide.down_projections[0],
+                   "unet_output": lambda: guide.output_head.conv_out}[reads]()
     assert projections.weight.abs().sum() > 0  # moved away from the zero init
     assert all(torch.isfinite(p).all() for p in guide.parameters())
 

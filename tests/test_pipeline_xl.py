@@ -54,13 +54,13 @@ def test_none_mode_is_the_diffusers_pipeline_at_w_1(sdxl):
     np.testing.assert_allclose(_run(_pipe(sdxl), mode="none"), _run(sdxl, guidance_scale=1.0), atol=1e-5)
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
 def test_an_untrained_guide_gives_the_unguided_image(sdxl, reads):
     pipe = _pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny", reads=reads))
     np.testing.assert_array_equal(_run(pipe, guidance_scale=6.0), _run(pipe, guidance_scale=6.0, mode="none"))
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
 def test_a_trained_guide_changes_the_image_in_one_unet_call_per_step(sdxl, reads):
     pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads=reads)))
     calls = []
@@ -125,7 +125,7 @@ def test_the_sdxl_pipeline_is_exported_beside_the_sd_one():
     assert pnpguide.PlugAndPlayPipeline.__name__ == "PlugAndPlayPipeline"  # the SD one beside it
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
 def test_a_guide_that_reads_negatives_uses_the_negative_prompt_in_one_unet_call_per_step(sdxl, reads):
     guide = GuideModel.from_unet(sdxl.unet, "tiny", reads=reads, reads_negative=True)
     torch.manual_seed(3)

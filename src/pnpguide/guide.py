@@ -251,19 +251,20 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
     ) -> "GuideModel":
         """Build a guide that fits `unet`: `full` is as wide as its encoder (and, reading the latent, starts
         from its weights), `tiny` is 1/`width_divisor` as wide (default: 8 reading the latent, 16 reading
-        the UNet's features). `reads`, `scale_by_guidance` and `reads_negative`: see the module."""
+        the UNet's features); reading the UNet's output, `tiny` and `full` are 32 and 128 channels whatever the UNet.
+        `reads`, `scale_by_guidance` and `reads_negative`: see the module."""
         config = unet.config
         width_divisor = width_divisor or (FEATURE_WIDTH_DIVISOR if reads == "unet_features" else TINY_WIDTH_DIVISOR)
         if size not in GUIDE_SIZES:
             raise ValueError(f"size must be one of {GUIDE_SIZES}, got {size!r}")
         _check_unet_supported(config)
-        full = size == "full"
-        if reads == "unet_output":
-            widths = (OUTPUT_GUIDE_WIDTHS[size],) * len(config.block_out_channels)  # only the first is used
+        full = size == "full" and reads != "unet_output"  # as wide as the UNet's encoder, in its layout
         heads = config.num_attention_heads or config.attention_head_dim  # the UNet's historical naming (diffusers#2011)
         heads = _per_block(heads, config.block_out_channels)
         layers = _per_block(config.transformer_layers_per_block, config.block_out_channels)
-        if reads != "unet_output":
+        if reads == "unet_output":  # one width for the output network (only the first entry is used)
+            widths = (OUTPUT_GUIDE_WIDTHS[size],) * len(config.block_out_channels)
+        else:
             widths = tuple(config.block_out_channels) if full else tuple(_tiny_width(c, width_divisor) for c in config.block_out_channels)
         guide = cls(
             size=size,
