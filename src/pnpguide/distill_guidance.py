@@ -28,7 +28,7 @@ from .loading import load_guide, load_pipeline
 from .negatives import NegativeSampler, check_negative_settings
 from .shards import Rows
 from .sources import SourceConfig, training_pools, training_resolution
-from .teacher import cfg_and_conditional, guided_noise_pred
+from .teacher import cfg_and_conditional, guided_noise_pred, output_guided
 from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
 
@@ -119,8 +119,12 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     with torch.no_grad():
         target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, negative_embeds,
                                                   batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, negative))
-    prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, batch["guidance_scale"],
-                                   conditioning.added_cond_kwargs(), negative_prompt_embeds=negative_embeds)
+    if getattr(guide, "module", guide).reads_unet_output:  # the teacher's conditional half is the student's UNet call
+        prediction = output_guided(guide, conditional, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
+                                   batch["guidance_scale"], negative_embeds)
+    else:
+        prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, batch["guidance_scale"],
+                                       conditioning.added_cond_kwargs(), negative_prompt_embeds=negative_embeds)
     if weighting == "none":
         return F.mse_loss(prediction.float(), target.float())
     error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -96,8 +96,7 @@ def guided_noise_pred(
     if getattr(guide, "module", guide).reads_unet_output:  # under data parallelism the guide arrives wrapped in DDP
         output = unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs,
                       cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
-        correction = guide(sample, timestep, prompt_embeds, guidance_scale, unet_output=output, negative_encoder_hidden_states=negative_prompt_embeds)
-        return output + correction.sample.to(output.dtype)
+        return output_guided(guide, output, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
     if getattr(guide, "module", guide).reads_unet_features:
         tap = feature_tap(unet)
         tap.start(guide, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
@@ -127,6 +126,15 @@ def guided_noise_pred(
         cross_attention_kwargs=cross_attention_kwargs,
         return_dict=False,
     )[0]
+
+
+def output_guided(guide, conditional: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                  guidance_scale: torch.Tensor | float, negative_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """An output guide's step from the UNet's conditional output: `cond + (w - 1) * predicted (cond - uncond)`, CFG with
+    the unconditional pass predicted. Training passes the conditional half of the teacher's own call here, so the
+    student needs no UNet call of its own."""
+    correction = guide(sample, timestep, prompt_embeds, guidance_scale, unet_output=conditional, negative_encoder_hidden_states=negative_prompt_embeds)
+    return conditional + correction.sample.to(conditional.dtype)
 
 
 class FeatureTap:
