@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild every shipped asset of the embedded default model from scratch, in order.
-# Steps 1-3 and 5 ran on the 2-core development machine (times as measured there, see docs/embedded-model.md);
+# Steps 1-3, 5 and 7 ran on the 2-core development machine (times as measured there, see docs/embedded-model.md);
 # the guides (steps 4 and 6) were trained on a lent H200 by scripts/train_guides_gpu.sh, whose commands are given here
 # one by one (add --max-minutes to bound any of them; on a CPU they take hours).
 # Everything is deterministic from the seeds in the configs; each run writes runs/<name>/{config.json,log.jsonl}.
@@ -51,3 +51,9 @@ pnpguide distill-steps --guide runs/gpu/L1/guide --output-dir runs/gpu/L2 --teac
     --max-steps 44 --batch-size 256 --num-samples 20000 --learning-rate 5e-4 --lr-warmup-steps 20 --use-ema
 python scripts/ship_guide.py runs/gpu/L2/guide-16 "$ASSETS/guides/tiny-16step"
 python scripts/ship_guide.py runs/gpu/L2/guide-8 "$ASSETS/guides/tiny-8step"
+
+# 7. the output guide (reads x_t and the UNet's conditional output, predicts cond - uncond): CFG teacher trajectories
+#    (1,536 runs, ~24 min), then 2,000 steps of batch 64 with the per-timestep loss (~40 min), on 2 CPU threads
+pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 1536 --loss-weighting timestep \
+    --batch-size 64 --learning-rate 1e-3 --lr-warmup-steps 100 --max-steps 2000 --output-dir runs/output-guide
+python scripts/ship_guide.py runs/output-guide/guide "$ASSETS/guides/output"
