@@ -106,3 +106,22 @@ def test_the_pipeline_samples_with_an_output_guide_and_doctor_passes_it(tiny_com
     assert images(4.0).shape[-1] == 3 and not (images(4.0) == images(1.0)).all()
     check = _residuals(guide, tiny_components["unet"])
     assert check.ok and "output" in check.detail
+
+
+def test_the_shipped_output_guide_brings_the_embedded_models_output_most_of_the_way_to_cfg_at_the_first_step():
+    """Integration: at pure noise (t = 999), where CFG's correction is largest, the shipped guide closes most of it."""
+    from pnpguide.conditioning import encode_negative, encode_prompts
+    from pnpguide.loading import load_guide, load_pipeline
+    from pnpguide.teacher import cfg_noise_pred
+
+    pipe, guide = load_pipeline(None), load_guide("output")
+    assert guide.reads_unet_output
+    prompts = ["a red circle on a black background", "a blue triangle above a yellow square on a white background"] * 4
+    conditioning, negative = encode_prompts(pipe, prompts, "cpu", 64), encode_negative(pipe, "cpu", 64)
+    sample = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cfg = cfg_noise_pred(pipe.unet, sample, 999, conditioning.prompt_embeds, negative.expand(len(prompts)).prompt_embeds, 7.5)
+        plain = pipe.unet(sample, 999, conditioning.prompt_embeds).sample
+        guided = guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5)
+    gap_closed = 1 - (guided - cfg).pow(2).mean() / (plain - cfg).pow(2).mean()
+    assert gap_closed > 0.7, f"closed {gap_closed:.3f} of the first step's gap"
