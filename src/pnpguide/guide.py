@@ -15,8 +15,8 @@ Three ways to see the input (`reads`):
   CFG's own term `cond - uncond`; the step's output is then `cond + (w - 1) * prediction`, CFG's formula with the
   unconditional pass predicted. Its zero-initialised output convolution plays the projections' part. The
   conditional output already holds the UNet's whole reading of x_t and the prompt, and the correction keeps CFG's
-  form in w, so this guide reproduces CFG more closely than the residual ones at a fraction of their size
-  (docs/guides.md, "An output-space guide").
+  form in w. On the embedded model it comes closer to CFG's images than the residual guides at a fraction of their
+  size, but with lower prompt adherence (docs/guides.md, "An output-space guide").
 With `scale_by_guidance`, residuals are multiplied by (w - 1): w = 1 is exactly the unguided UNet, and
 the correction grows with w as CFG's own `w * (cond - uncond)` term does.
 
