@@ -110,3 +110,17 @@ def sdxl_dir(tmp_path_factory):
     from checkpoints import build_sdxl_folder
 
     return build_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "model")
+
+
+def guide_inputs(batch=2, dim=32, size=8):
+    """(sample, timesteps, prompt embeddings) for a guide on `tiny_unet()`, seeded."""
+    torch.manual_seed(1)
+    return torch.randn(batch, 4, size, size), torch.tensor([10, 700])[:batch], torch.randn(batch, 6, dim)
+
+
+def randomised(guide):
+    """The guide with every weight drawn at random (seeded): its zero-initialised outputs no longer are."""
+    torch.manual_seed(2)
+    for p in guide.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return guide

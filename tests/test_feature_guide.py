@@ -5,27 +5,16 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import tiny_unet
+from conftest import guide_inputs, randomised, tiny_unet
 from pnpguide.evaluation.speed import SD15, SDXL
 from pnpguide.guide import GuideModel, residual_channels, skip_levels
 from pnpguide.teacher import guided_noise_pred
-
-def _inputs(batch=2, dim=32):
-    torch.manual_seed(1)
-    return torch.randn(batch, 4, 8, 8), torch.tensor([10, 700])[:batch], torch.randn(batch, 6, dim)
-
-
-def _randomised(guide):
-    torch.manual_seed(2)
-    for p in guide.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return guide
 
 
 @pytest.mark.parametrize("size", ["tiny", "full"])
 def test_an_untrained_feature_guide_leaves_the_unet_output_unchanged(unet, size):
     guide = GuideModel.from_unet(unet, size=size, reads="unet_features")
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     assert torch.equal(unet(sample, t, embeds).sample, guided_noise_pred(unet, guide, sample, t, embeds, torch.tensor([3.0, 8.0])))
 
 
@@ -41,8 +30,8 @@ def _recording(guide) -> dict:
 
 
 def test_hooks_add_the_residuals_where_diffusers_controlnet_arguments_do(unet):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_features"))
-    sample, t, embeds = _inputs()
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_features"))
+    sample, t, embeds = guide_inputs()
     seen = _recording(guide)
     hooked = guided_noise_pred(unet, guide, sample, t, embeds, 4.0)
     r = seen["residuals"]
@@ -55,7 +44,7 @@ def test_hooks_add_the_residuals_where_diffusers_controlnet_arguments_do(unet):
 
 
 def test_the_features_read_are_the_unets_skip_connections(unet):
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     guide = GuideModel.from_unet(unet, reads="unet_features")
     seen = _recording(guide)
     guided_noise_pred(unet, guide, sample, t, embeds, 4.0)
@@ -65,8 +54,8 @@ def test_the_features_read_are_the_unets_skip_connections(unet):
 
 
 def test_scale_by_guidance_makes_w_one_exactly_the_unguided_unet(unet):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_features", scale_by_guidance=True))
-    sample, t, embeds = _inputs()
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_features", scale_by_guidance=True))
+    sample, t, embeds = guide_inputs()
     plain = unet(sample, t, embeds).sample
     assert torch.equal(plain, guided_noise_pred(unet, guide, sample, t, embeds, 1.0))
     assert not torch.allclose(plain, guided_noise_pred(unet, guide, sample, t, embeds, 3.0))
@@ -74,7 +63,7 @@ def test_scale_by_guidance_makes_w_one_exactly_the_unguided_unet(unet):
 
 def test_a_feature_guide_called_without_features_says_how_to_call_it(unet):
     guide = GuideModel.from_unet(unet, reads="unet_features")
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     with pytest.raises(ValueError, match="reads the UNet's features: call it through pnpguide.guided_noise_pred"):
         guide(sample, t, embeds, 3.0)
 
@@ -110,11 +99,11 @@ def test_tiny_feature_guide_fits_the_budget_on_sd15():
 
 
 def test_feature_guide_save_and_load_round_trip(unet, tmp_path):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_features", scale_by_guidance=True))
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_features", scale_by_guidance=True))
     guide.save_pretrained(tmp_path / "guide")
     loaded = GuideModel.from_pretrained(tmp_path / "guide")
     assert loaded.config.reads == "unet_features" and loaded.config.scale_by_guidance
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     assert torch.equal(guided_noise_pred(unet, guide, sample, t, embeds, 4.0), guided_noise_pred(unet, loaded, sample, t, embeds, 4.0))
 
 
@@ -146,6 +135,6 @@ def test_a_pipeline_warns_when_a_trained_guide_does_not_record_its_text_encoder(
 
 def test_a_feature_guide_given_another_unets_features_names_both_counts(unet):
     guide = GuideModel.from_unet(tiny_unet(layers_per_block=2), reads="unet_features")
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     with pytest.raises(ValueError, match="the guide reads 6 skip connections, this UNet has 4"):
         guided_noise_pred(unet, guide, sample, t, embeds, 3.0)

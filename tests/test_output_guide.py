@@ -5,34 +5,23 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from conftest import guide_inputs, randomised
 from pnpguide.evaluation.speed import SD15, SDXL, step_cost
 from pnpguide.guide import GuideModel, OutputCorrection
 from pnpguide.teacher import guided_noise_pred
 
 
-def _inputs(batch=2, dim=32, size=8):
-    torch.manual_seed(1)
-    return torch.randn(batch, 4, size, size), torch.tensor([10, 700])[:batch], torch.randn(batch, 6, dim)
-
-
-def _randomised(guide):
-    torch.manual_seed(2)
-    for p in guide.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return guide
-
-
 @pytest.mark.parametrize("size", ["tiny", "full"])
 def test_an_untrained_output_guide_leaves_the_unet_output_unchanged(unet, size):
     guide = GuideModel.from_unet(unet, size=size, reads="unet_output")
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     assert torch.equal(unet(sample, t, embeds).sample, guided_noise_pred(unet, guide, sample, t, embeds, torch.tensor([3.0, 8.0])))
 
 
 def test_the_correction_has_cfgs_form_in_w(unet):
     """cond + (w - 1) * d: w = 1 is exactly the unguided UNet, and the correction grows linearly in w, as CFG's does."""
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
-    sample, t, embeds = _inputs()
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    sample, t, embeds = guide_inputs()
     plain = unet(sample, t, embeds).sample
     assert torch.equal(plain, guided_noise_pred(unet, guide, sample, t, embeds, 1.0))
     at3 = guided_noise_pred(unet, guide, sample, t, embeds, 3.0) - plain
@@ -42,8 +31,8 @@ def test_the_correction_has_cfgs_form_in_w(unet):
 
 
 def test_the_guide_reads_the_unets_output_and_the_prompt(unet):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
-    sample, t, embeds = _inputs()
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    sample, t, embeds = guide_inputs()
     output = unet(sample, t, embeds).sample
     correction = guide(sample, t, embeds, 4.0, unet_output=output)
     assert isinstance(correction, OutputCorrection) and correction.sample.shape == output.shape
@@ -53,7 +42,7 @@ def test_the_guide_reads_the_unets_output_and_the_prompt(unet):
 
 @pytest.mark.parametrize("height, width", [(9, 9), (5, 12)])
 def test_odd_latent_sizes_come_back_at_their_size(unet, height, width):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
     sample = torch.randn(1, 4, height, width)
     out = guided_noise_pred(unet, guide, sample, 500, torch.randn(1, 6, 32), 3.0)
     assert out.shape == sample.shape and torch.isfinite(out).all()
@@ -61,7 +50,7 @@ def test_odd_latent_sizes_come_back_at_their_size(unet, height, width):
 
 def test_an_output_guide_called_without_the_output_says_how_to_call_it(unet):
     guide = GuideModel.from_unet(unet, reads="unet_output")
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     with pytest.raises(ValueError, match="reads the UNet's output: call it through pnpguide.guided_noise_pred"):
         guide(sample, t, embeds, 3.0)
 
@@ -79,17 +68,17 @@ def test_tiny_output_guide_fits_the_budget_on_sd15_and_sdxl(config):
 
 
 def test_output_guide_save_and_load_round_trip(unet, tmp_path):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
     guide.save_pretrained(tmp_path / "guide")
     loaded = GuideModel.from_pretrained(tmp_path / "guide")
     assert loaded.config.reads == "unet_output" and loaded.config.unet_out_channels == 4
-    sample, t, embeds = _inputs()
+    sample, t, embeds = guide_inputs()
     assert torch.equal(guided_noise_pred(unet, guide, sample, t, embeds, 4.0), guided_noise_pred(unet, loaded, sample, t, embeds, 4.0))
 
 
 def test_an_output_guide_reading_negatives_sees_them(unet):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_output", reads_negative=True))
-    sample, t, embeds = _inputs()
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output", reads_negative=True))
+    sample, t, embeds = guide_inputs()
     one = guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=torch.zeros(1, 6, 32))
     other = guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=torch.ones(1, 6, 32))
     assert not torch.allclose(one, other)
@@ -99,7 +88,7 @@ def test_the_pipeline_samples_with_an_output_guide_and_doctor_passes_it(tiny_com
     from pnpguide.doctor import _residuals
     from pnpguide.pipeline import PlugAndPlayPipeline
 
-    guide = _randomised(GuideModel.from_unet(tiny_components["unet"], reads="unet_output"))
+    guide = randomised(GuideModel.from_unet(tiny_components["unet"], reads="unet_output"))
     pipe = PlugAndPlayPipeline(**tiny_components, guide=guide)
     images = lambda g: pipe("a red circle", num_inference_steps=3, guidance_scale=g, output_type="np",  # noqa: E731
                             generator=torch.Generator().manual_seed(0)).images
