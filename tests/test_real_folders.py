@@ -146,7 +146,7 @@ def test_generate_guide_mode_on_your_own_base_without_a_guide_is_one_line_before
     assert len(err.splitlines()) == 1 and "needs --guide" in err and "--mode cfg" in err
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features"])
+@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
 def test_generate_on_an_sdxl_folder_with_a_guide_at_a_non_square_size(sdxl_dir, tmp_path, reads):
     guide = make_guide_dir(sdxl_dir, tmp_path / "guide", reads)
     out = tmp_path / "image.png"
@@ -195,6 +195,23 @@ def test_distill_on_sdxl_records_both_text_encoders_and_the_guide_passes_doctor_
     out = tmp_path / "image.png"
     assert main(["--threads", "1", "generate", "--prompt", "a cat", "--base", str(sdxl_dir), "--guide", str(run / "guide"), "--steps", "2", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
+
+
+@pytest.mark.parametrize("kind, height, width", [("sd15", 64, 128), ("sdxl", 48, 80)])
+def test_an_output_guide_distilled_on_a_real_folder_passes_doctor_and_generates_at_a_non_square_size(kind, height, width, request, tmp_path, capsys):
+    base = request.getfixturevalue(f"{kind}_dir")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na cat on a car\n")
+    run = tmp_path / "run"
+    assert main(distill_flags(base, prompts, run, reads="unet_output", trajectories=4, trajectory_steps=2, max_steps=2, batch_size=2, checkpointing_steps=2)) == 0
+    assert json.loads((run / "guide" / "config.json").read_text())["reads"] == "unet_output"
+    assert main(["doctor", "--base", str(base), "--guide", str(run / "guide")]) == 0
+    out_text = capsys.readouterr().out
+    assert "FAIL" not in out_text and "OK   residuals: none: the guide corrects the UNet's 4-channel output" in out_text
+    out = tmp_path / "image.png"
+    assert main(["--threads", "1", "generate", "--prompt", "a cat", "--base", str(base), "--guide", str(run / "guide"), "--steps", "2",
+                 "--height", str(height), "--width", str(width), "--out", str(out)]) == 0
+    assert Image.open(out).size == (width, height)
 
 
 def test_eval_with_a_guide_for_the_other_kind_of_base_is_one_line_before_loading(sdxl_dir, sd15_guide, tmp_path, capsys, monkeypatch):
