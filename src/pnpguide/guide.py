@@ -327,9 +327,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError(f"guide was trained for another base, with text encoder {trained}; this base has {this}: retrain it here (pnpguide distill --base ...)")
 
     def residual_widths(self) -> tuple[list[int], int]:
-        """Channels of the residuals this guide emits: one per UNet skip connection, and the mid block's."""
-        if self.reads_unet_output:
-            return [], 0
+        """Channels of the residuals this guide emits: one per UNet skip connection, and the mid block's (a residual
+        guide's; an output guide emits none, see `doctor`)."""
         if self.reads_unet_features:
             return [head.proj_out.out_channels for head in self.skip_heads], self.mid_head.proj_out.out_channels
         return [conv.out_channels for conv in self.down_projections], self.mid_projection.out_channels

@@ -93,11 +93,12 @@ def guided_noise_pred(
     through diffusers' ControlNet arguments. Both add the residuals at the same places.
     `negative_prompt_embeds` (B or 1 rows) reach a guide that reads the negative prompt; the UNet never sees them."""
     timestep = _batched(timestep, sample.shape[0], sample.device)
-    if getattr(guide, "module", guide).reads_unet_output:  # under data parallelism the guide arrives wrapped in DDP
+    unwrapped = getattr(guide, "module", guide)  # under data parallelism the guide arrives wrapped in DDP
+    if unwrapped.reads_unet_output:
         output = unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs,
                       cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
         return output_guided(guide, output, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
-    if getattr(guide, "module", guide).reads_unet_features:
+    if unwrapped.reads_unet_features:
         tap = feature_tap(unet)
         tap.start(guide, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
         try:
