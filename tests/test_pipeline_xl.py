@@ -176,3 +176,18 @@ def test_a_first_step_fit_runs_sdxls_first_step_as_cfg_in_one_unet_pass(sdxl):
     assert not np.allclose(image, _run(pipe, guidance_scale=5.0, height=64, width=96), atol=1e-3)
     with pytest.raises(ValueError, match=r"made for latents of \(4, 8, 12\), not \(4, 8, 8\)"):
         _run(pipe, guidance_scale=5.0, first_step_fit=fit)
+
+
+def test_a_correction_carry_runs_sdxl_in_one_unet_pass_after_its_full_steps(sdxl):
+    from pnpguide import CorrectionCarry
+
+    pipe = _pipe(sdxl)
+    carry = CorrectionCarry.fit(pipe, ["a cat", "a red car"], full_steps=1, num_inference_steps=3, height=64, width=96)
+    assert len(carry.factors) == 3 and not np.allclose(carry.factors[1:], 1.0, atol=1e-3)
+    batches = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    carried = _run(pipe, guidance_scale=5.0, mode="cfg", height=64, width=96, correction_carry=carry)
+    hook.remove()
+    assert batches == [4, 2, 2]
+    assert not np.allclose(carried, _run(pipe, guidance_scale=5.0, mode="cfg", height=64, width=96), atol=1e-4)
+    assert not np.allclose(carried, _run(pipe, guidance_scale=1.0, height=64, width=96), atol=1e-4)

@@ -10,6 +10,7 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {
+    "CorrectionCarry": "carry",
     "FirstStepFit": "first_step",
     "GuideModel": "guide",
     "GuideOutput": "guide",

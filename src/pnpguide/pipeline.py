@@ -15,8 +15,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 
 from .guide import GuideModel, per_sample
 from .schedules import GuidanceScale, guidance_schedule
+from .carry import CorrectionCarry
 from .first_step import FirstStepFit
-from .teacher import cfg_combine, cfg_noise_pred, guided_noise_pred
+from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred
 
 MODES = ("guide", "cfg", "none")
 ModelOutputHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "dict | None"], None]
@@ -88,7 +89,8 @@ class GuidedSamplingMixin:
         return DDIMScheduler.from_config(self.guide.config.trained_schedule)
 
     def guidance_plan(self, num_inference_steps: int, timesteps, guidance_scale: GuidanceScale, guidance_interval, mode: str,
-                      device, cfg_first_steps: int = 0, first_step_fit: FirstStepFit | None = None):
+                      device, cfg_first_steps: int = 0, first_step_fit: FirstStepFit | None = None,
+                      correction_carry: CorrectionCarry | None = None):
         """(scheduler, timesteps, one w per model call, one mode per model call), checked before the prompt is encoded."""
         scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
         timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
@@ -96,6 +98,9 @@ class GuidedSamplingMixin:
         if mode == "guide":
             self.warn_untrained(schedule[first_call_after(timesteps.tolist(), cfg_first_steps):], num_inference_steps)
         modes = step_modes(mode, timesteps.tolist(), schedule, cfg_first_steps, first_step_fit is not None)
+        if correction_carry is not None:
+            correction_carry.check_timesteps(timesteps.tolist())
+            modes = carried_modes(modes, timesteps.tolist(), correction_carry.full_steps)
         if modes[:1] == ["fit"]:  # the first step: CFG, its unconditional pass from the fit
             first_step_fit.check_timestep(timesteps[0])
             if self.guide.config.trained_step_counts:
@@ -116,12 +121,19 @@ class GuidedSamplingMixin:
             return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs,
                                      negative_prompt_embeds=negative)
         if mode == "cfg":
-            if added_cond_kwargs is not None and negative_added_cond_kwargs is None:
-                raise ValueError("mode 'cfg' with added_cond_kwargs (SDXL) needs negative_added_cond_kwargs for the unconditional half")
-            added = None if added_cond_kwargs is None else {k: torch.cat([negative_added_cond_kwargs[k], v]) for k, v in added_cond_kwargs.items()}
-            return cfg_noise_pred(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added)
+            return self.cfg_outputs(sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added_cond_kwargs,
+                                    negative_added_cond_kwargs)[0]
         timestep = per_sample(timestep, sample.shape[0], sample.device)  # diffusers would copy a Python number from the host
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+
+    def cfg_outputs(self, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                    guidance_scale: float, added_cond_kwargs: dict | None = None,
+                    negative_added_cond_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CFG's output, the conditional output) from the teacher's one 2B call."""
+        if added_cond_kwargs is not None and negative_added_cond_kwargs is None:
+            raise ValueError("mode 'cfg' with added_cond_kwargs (SDXL) needs negative_added_cond_kwargs for the unconditional half")
+        added = None if added_cond_kwargs is None else {k: torch.cat([negative_added_cond_kwargs[k], v]) for k, v in added_cond_kwargs.items()}
+        return cfg_and_conditional(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added)
 
     def fitted_cfg_noise_pred(self, first_step_fit: FirstStepFit, sample: torch.Tensor, timestep, guidance_scale: float,
                               prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
@@ -132,9 +144,10 @@ class GuidedSamplingMixin:
 
     def denoise(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, schedule: list[float], modes: list[str],
                 extra_step_kwargs: dict, on_model_output: ModelOutputHook | None, first_step_fit: FirstStepFit | None = None,
-                **conditioning) -> torch.Tensor:
+                correction_carry: CorrectionCarry | None = None, **conditioning) -> torch.Tensor:
         """The denoising loop: one model call per step, in that step's mode (see :func:`step_modes`; "fit": CFG with
-        the unconditional pass from `first_step_fit`, one UNet call).
+        the unconditional pass from `first_step_fit`, one UNet call; "carry": the conditional pass plus CFG's last
+        correction carried on by `correction_carry`, one UNet call).
         `conditioning`: mode_noise_pred's prompt_embeds, negative_prompt_embeds and (SDXL) added_cond_kwargs,
         negative_added_cond_kwargs. latents: (B, C, h, w), scaled for `scheduler`."""
         if hasattr(scheduler, "set_begin_index"):
@@ -142,11 +155,21 @@ class GuidedSamplingMixin:
         # Python timesteps, read from the device once: a device tensor t makes each step wait for the GPU where the
         # scheduler branches on it (DDIM: `if prev_timestep >= 0`) or indexes a CPU table with it; the model calls
         # fill t in on the device instead (guide.per_sample)
-        for t, w, mode in zip(self.progress_bar(timesteps.tolist()), schedule, modes):
+        correction = None  # with correction_carry: CFG's last cond - uncond, carried on from call to call
+        for call, (t, w, mode) in enumerate(zip(self.progress_bar(timesteps.tolist()), schedule, modes)):
             model_input = scheduler.scale_model_input(latents, t)
+            if correction is not None and mode in ("carry", "none"):
+                correction = correction * correction_carry.factors[call]
             if mode == "fit":
                 noise_pred = self.fitted_cfg_noise_pred(first_step_fit, model_input, t, w, conditioning["prompt_embeds"],
                                                         conditioning.get("added_cond_kwargs"))
+            elif mode == "cfg" and correction_carry is not None:
+                noise_pred, cond = self.cfg_outputs(model_input, t, guidance_scale=w, **conditioning)
+                correction = (noise_pred - cond) / (w - 1)
+            elif mode == "carry":
+                noise_pred = self.mode_noise_pred("none", model_input, t, guidance_scale=1.0, **conditioning)
+                if correction is not None:
+                    noise_pred = noise_pred + (w - 1) * correction
             else:
                 noise_pred = self.mode_noise_pred(mode, model_input, t, guidance_scale=w, **conditioning)
             if on_model_output is not None:
@@ -212,6 +235,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         guidance_interval: tuple[float, float] | None = None,
         cfg_first_steps: int = 0,
         first_step_fit: FirstStepFit | None = None,
+        correction_carry: CorrectionCarry | None = None,
     ) -> StableDiffusionPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionPipeline's, plus `mode`:
 
@@ -229,6 +253,9 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         `first_step_fit` (guide mode, :class:`pnpguide.FirstStepFit`): the first step runs CFG with its unconditional
         pass taken from this affine fit, so it costs one UNet pass; it stands in for the empty prompt's pass, so it
         takes no negative prompt.
+        `correction_carry` (cfg mode, :class:`pnpguide.CorrectionCarry`): CFG's two passes for its first `full_steps`
+        steps, then the conditional pass alone plus CFG's last correction carried on by the fitted factors, one UNet
+        pass per step: no guide, any checkpoint, and the negative prompt keeps its effect.
         `negative_prompt` works in "cfg" and, with a guide distilled on negative prompts (`guide.config.reads_negative`),
         in "guide"; an older guide was distilled against the empty prompt only and ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
         `on_model_output(t, model_input, model_output, prompt_embeds, added_cond_kwargs)` is called at every step (evaluation
@@ -242,11 +269,12 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
         check_first_step_fit(first_step_fit, mode, cfg_first_steps, (negative_prompt, negative_prompt_embeds))
+        check_correction_carry(correction_carry, mode)
         self.check_guidance(num_inference_steps, mode, height, width, (negative_prompt, negative_prompt_embeds), cfg_first_steps)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
-                                                                   device, cfg_first_steps, first_step_fit)
+                                                                   device, cfg_first_steps, first_step_fit, correction_carry)
 
         # 1. encode the prompt (and the negative, the empty prompt by default, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -264,7 +292,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
 
         # 3. denoising loop: one model call per step, in the step's mode; a step at w = 1 is the plain UNet
         latents = self.denoise(latents, scheduler, timesteps, schedule, modes, extra_step_kwargs, on_model_output, first_step_fit,
-                               prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                               correction_carry, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
 
         # 4. decode
         if output_type == "latent":
@@ -334,6 +362,21 @@ def check_first_step_fit(first_step_fit: FirstStepFit | None, mode: str, cfg_fir
     if any(n is not None for n in negatives):
         raise ValueError("first_step_fit stands in for the empty prompt's unconditional pass and cannot apply a negative prompt: "
                          "use cfg_first_steps=1 instead")
+
+
+def check_correction_carry(correction_carry: CorrectionCarry | None, mode: str) -> None:
+    if correction_carry is None:
+        return
+    if not isinstance(correction_carry, CorrectionCarry):
+        raise ValueError(f"correction_carry must be a pnpguide.CorrectionCarry (CorrectionCarry.fit(pipe, prompts)), got {type(correction_carry).__name__}")
+    if mode != "cfg":
+        raise ValueError(f"correction_carry carries CFG's own correction on: use it with mode='cfg', not {mode!r}")
+
+
+def carried_modes(modes: list[str], timesteps: list, full_steps: int) -> list[str]:
+    """After the first `full_steps` steps, CFG's calls become "carry" (one UNet pass, the correction carried on)."""
+    first_carried = first_call_after(timesteps, full_steps)
+    return [mode if i < first_carried or mode != "cfg" else "carry" for i, mode in enumerate(modes)]
 
 
 def first_call_after(timesteps: list, steps: int) -> int:

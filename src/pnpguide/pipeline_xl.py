@@ -9,8 +9,9 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
 from .guide import GuideModel
+from .carry import CorrectionCarry
 from .first_step import FirstStepFit
-from .pipeline import GuidedSamplingMixin, ModelOutputHook, check_first_step_fit, follow_unet
+from .pipeline import GuidedSamplingMixin, ModelOutputHook, check_correction_carry, check_first_step_fit, follow_unet
 from .schedules import GuidanceScale
 
 
@@ -75,9 +76,10 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         guidance_interval: tuple[float, float] | None = None,
         cfg_first_steps: int = 0,
         first_step_fit: FirstStepFit | None = None,
+        correction_carry: CorrectionCarry | None = None,
     ) -> StableDiffusionXLPipelineOutput | tuple:
         """Generate images. Arguments are StableDiffusionXLPipeline's (SDXL's size/crop conditioning included),
-        plus `mode`, schedules, `guidance_interval`, `cfg_first_steps`, `first_step_fit` and `on_model_output` as in PlugAndPlayPipeline.__call__.
+        plus `mode`, schedules, `guidance_interval`, `cfg_first_steps`, `first_step_fit`, `correction_carry` and `on_model_output` as in PlugAndPlayPipeline.__call__.
         `negative_prompt(_2)` works in "cfg" and with a guide that reads the negative prompt (its token embeddings;
         the pooled negative only enters CFG's unconditional half); other guides ignore it, with a warning."""
         mode = mode or ("guide" if self.guide is not None else "cfg")
@@ -89,11 +91,12 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         negatives = (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds)
         check_first_step_fit(first_step_fit, mode, cfg_first_steps, negatives)
+        check_correction_carry(correction_carry, mode)
         self.check_guidance(num_inference_steps, mode, height, width, negatives, cfg_first_steps)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
-                                                                   device, cfg_first_steps, first_step_fit)
+                                                                   device, cfg_first_steps, first_step_fit, correction_carry)
 
         # 1. encode the prompt with both text encoders (and the negative, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
@@ -116,7 +119,7 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
 
         # 4. denoising loop: one model call per step, in the step's mode; a step at w = 1 is the plain UNet
         latents = self.denoise(latents, scheduler, timesteps, schedule, modes, extra_step_kwargs, on_model_output, first_step_fit,
-                               prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                               correction_carry, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                added_cond_kwargs=added_cond_kwargs, negative_added_cond_kwargs=negative_added_cond_kwargs)
 
         # 5. decode

@@ -1,0 +1,106 @@
+"""CorrectionCarry: CFG in full for the first steps, then one UNet pass with CFG's last correction carried on."""
+
+import numpy as np
+import pytest
+import torch
+
+from pnpguide import CorrectionCarry
+from test_pipeline import PROMPTS, _pipe, _run
+
+
+def _carry(pipe, full_steps=2, steps=4):
+    return CorrectionCarry.fit(pipe, ["a red circle", "a blue square", "a green triangle"], full_steps=full_steps,
+                               num_inference_steps=steps, batch_size=2)
+
+
+def _record(pipe, **kwargs):
+    outputs, batches = [], []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    image = _run(pipe, guidance_scale=5.0, mode="cfg", on_model_output=lambda t, x, out, e, *rest: outputs.append((t, x, out, e)), **kwargs)
+    hook.remove()
+    return image, outputs, batches
+
+
+def test_the_fit_finds_the_factor_that_carries_each_correction_to_the_next(tiny_components):
+    pipe = _pipe(tiny_components, guide=False)
+    carry = CorrectionCarry.fit(pipe, ["a red circle", "a blue square"], full_steps=2, num_inference_steps=4)
+    corrections = []
+
+    def record(t, x, out, embeds, *rest):
+        with torch.no_grad():
+            corrections.append((out - pipe.unet(x, t, encoder_hidden_states=embeds).sample) / 4.0)
+
+    pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=5.0, mode="cfg", output_type="latent",
+         generator=torch.Generator().manual_seed(0), on_model_output=record)
+    expected = [(a * b).sum() / b.pow(2).sum() for a, b in zip(corrections[1:], corrections)]
+    assert carry.timesteps == [float(t) for t in pipe.scheduler.timesteps] and carry.factors[0] == 1.0
+    np.testing.assert_allclose(carry.factors[1:], [e.item() for e in expected], rtol=1e-4)
+    assert not np.allclose(carry.factors[1:], 1.0, atol=1e-2)
+
+
+def test_after_the_full_steps_each_step_is_one_unet_pass_with_the_carried_correction(tiny_components):
+    pipe = _pipe(tiny_components, guide=False)
+    carry = _carry(pipe, full_steps=2)
+    image, outputs, batches = _record(pipe, correction_carry=carry)
+    assert batches == [4, 4, 2, 2]  # CFG's 2B call for two steps, then B
+    _, cfg_outputs, _ = _record(pipe)
+    for (t, x, out, e), (_, _, cfg_out, _) in zip(outputs[:2], cfg_outputs[:2]):
+        torch.testing.assert_close(out, cfg_out)
+    with torch.no_grad():
+        cond = [pipe.unet(x, t, encoder_hidden_states=e).sample for t, x, out, e in outputs]
+    correction = (outputs[1][2] - cond[1]) / 4.0
+    for k in (2, 3):
+        correction = correction * carry.factors[k]
+        torch.testing.assert_close(outputs[k][2], cond[k] + 4.0 * correction)
+    assert not np.allclose(image, _run(pipe, guidance_scale=5.0, mode="cfg"), atol=1e-4)  # not CFG after the full steps
+    assert not np.allclose(image, _run(pipe, guidance_scale=5.0, mode="none"), atol=1e-4)
+
+
+def test_carrying_with_every_step_in_full_is_cfg(tiny_components):
+    pipe = _pipe(tiny_components, guide=False)
+    np.testing.assert_allclose(_run(pipe, guidance_scale=5.0, mode="cfg", correction_carry=_carry(pipe, full_steps=4)),
+                               _run(pipe, guidance_scale=5.0, mode="cfg"), atol=1e-6)
+
+
+def test_the_negative_prompts_correction_is_what_is_carried(tiny_components):
+    pipe = _pipe(tiny_components, guide=False)
+    carry = _carry(pipe, full_steps=1)
+    negative = ["a dog"] * len(PROMPTS)
+    with_negative = _run(pipe, guidance_scale=5.0, mode="cfg", correction_carry=carry, negative_prompt=negative, output_type="latent")
+    without = _run(pipe, guidance_scale=5.0, mode="cfg", correction_carry=carry, output_type="latent")
+    assert not torch.allclose(with_negative, without, atol=1e-4)
+
+
+def test_save_and_load_round_trip(tiny_components, tmp_path):
+    pipe = _pipe(tiny_components, guide=False)
+    carry = _carry(pipe)
+    assert CorrectionCarry.load(carry.save(tmp_path / "carry.json")) == carry
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a saved CorrectionCarry"):
+        CorrectionCarry.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("call, match", [
+    (dict(num_inference_steps=6), "fitted for 4 model calls from t = 999, but sampling makes 6 from t = 999: fit it again"),
+    (dict(mode="guide"), "use it with mode='cfg', not 'guide'"),
+    (dict(correction_carry="carry.json"), "must be a pnpguide.CorrectionCarry"),
+])
+def test_a_carry_for_another_schedule_or_mode_is_a_one_line_error_before_the_prompt_is_encoded(tiny_components, call, match):
+    pipe = _pipe(tiny_components, trained=True)
+    carry = _carry(pipe)
+    encoded = []
+    pipe.text_encoder.register_forward_hook(lambda *args: encoded.append(1))
+    with pytest.raises(ValueError, match=match):
+        _run(pipe, **(dict(guidance_scale=5.0, mode="cfg", correction_carry=carry) | call))
+    assert not encoded
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(full_steps=0), "full_steps must be a whole number >= 1"),
+    (dict(prompts="a red circle"), "needs a non-empty list of prompts"),
+    (dict(guidance_scale=1.0), "needs guidance_scale != 1"),
+])
+def test_bad_fit_arguments_are_one_line_errors(tiny_components, kwargs, match):
+    pipe = _pipe(tiny_components, guide=False)
+    with pytest.raises(ValueError, match=match):
+        CorrectionCarry.fit(pipe, **(dict(prompts=["a red circle"], num_inference_steps=2) | kwargs))
