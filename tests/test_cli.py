@@ -138,7 +138,23 @@ def test_generate_fits_the_first_step_and_samples_it_in_one_unet_pass(tiny_base_
     assert len(fits) == 1 and fits[0].timestep == 999 and (tmp_path / "x.png").exists()
 
 
+def test_generate_loads_a_saved_correction_carry_and_samples_in_one_pass_after_its_full_steps(tiny_base_dir, tmp_path, monkeypatch):
+    from pnpguide import CorrectionCarry
+    from pnpguide.loading import load_plug_and_play
+
+    pipe = load_plug_and_play(str(tiny_base_dir), None)
+    pipe.set_progress_bar_config(disable=True)
+    carry = CorrectionCarry.fit(pipe, ["a red circle", "a blue square"], full_steps=1, num_inference_steps=4).save(tmp_path / "carry.json")
+    calls = []
+    monkeypatch.setattr(type(pipe.unet), "forward", lambda self, x, *a, _f=type(pipe.unet).forward, **k: calls.append(x.shape[0]) or _f(self, x, *a, **k))
+    flags = ["--base", str(tiny_base_dir), "--mode", "cfg", "--steps", "4", "--out", str(tmp_path / "x.png")]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--correction-carry", str(carry)]) == 0
+    assert calls == [2, 1, 1, 1] and (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--correction-carry", "carry.json"], "--correction-carry carries CFG's own correction on after its first steps: it needs --mode cfg"),
+    (["--correction-carry", "missing.json", "--mode", "cfg"], "missing.json is not a saved CorrectionCarry"),
     (["--w-schedule", "3,,5"], "argument --w-schedule: must be comma-separated numbers (one w per step) or linear:W0:W1, got '3,,5'"),
     (["--w-schedule", "3,5"], "guidance_scale has 2 values but sampling takes 4 steps"),
     (["--w-schedule", "3,0.5,5,5"], "guidance_scale[1] is 0.5: each w must be a finite number >= 1"),

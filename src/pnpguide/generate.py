@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config_checks import read_json_object
+from .carry import CorrectionCarry
 from .devices import resolve_device, resolve_dtype
 from .first_step import FirstStepFit
 from .pipeline import check_image_size
@@ -36,6 +37,7 @@ class GenerateRequest:
     dtype: str = "float32"
     cfg_first_steps: int = 0  # guide mode: the first steps run CFG (two UNet passes), the rest the guide
     first_step_fit: bool = False  # guide mode: fit the first step's unconditional pass (FirstStepFit), then run that step as CFG in one pass
+    correction_carry: str | None = None  # cfg mode: a saved CorrectionCarry (JSON): CFG in full for its first steps, then one pass per step
 
 
 def check_request(request: GenerateRequest, base: str | Path | None, guide: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
@@ -50,6 +52,10 @@ def check_request(request: GenerateRequest, base: str | Path | None, guide: str 
     if request.first_step_fit and (request.mode != "guide" or request.cfg_first_steps or request.negative_prompt is not None):
         raise ValueError("--first-step-fit makes the first step CFG in one pass in --mode guide; it takes neither --cfg-first-steps "
                          "(that step would already be CFG) nor --negative-prompt (the fit stands in for the empty prompt)")
+    if request.correction_carry is not None:
+        if request.mode != "cfg":
+            raise ValueError(f"--correction-carry carries CFG's own correction on after its first steps: it needs --mode cfg, not --mode {request.mode}")
+        CorrectionCarry.load(request.correction_carry)  # a bad file fails here, before the weights load
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
     if request.scheduler is not None:
@@ -78,6 +84,7 @@ def generate(pipe, request: GenerateRequest) -> list[Path]:
         num_images_per_prompt=request.num_images, guidance_scale=w, num_inference_steps=steps, generator=generators,
         mode=request.mode, guidance_interval=request.guidance_interval, cfg_first_steps=request.cfg_first_steps,
         first_step_fit=first_step_fit,
+        correction_carry=CorrectionCarry.load(request.correction_carry) if request.correction_carry else None,
     ).images
     paths = output_paths(request.out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
