@@ -129,6 +129,17 @@ def test_first_step_fit_rows_run_the_first_step_as_cfg_in_one_pass(eval_setup):
     assert fitted["image_gap_closed"] != pytest.approx(guide["image_gap_closed"])
 
 
+def test_correction_carry_rows_run_cfg_for_their_full_steps_then_one_pass(eval_setup):
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], correction_carry=[1, 3]))
+    carried, full, cfg = _row(result, "cfg + carry 1"), _row(result, "cfg + carry 3"), _row(result, "cfg")
+    assert (carried["unet_evals_per_image"], carried["guide_evals_per_image"]) == (2 + 2, 0)  # 1 CFG step, then 2 carried
+    assert full["image_gap_closed"] == pytest.approx(1.0)  # every step in full: CFG
+    assert carried["image_gap_closed"] != pytest.approx(1.0) and carried["step_gap_closed"] is None  # no replay at the teacher's states
+    assert cfg["image_gap_closed"] is None  # the teacher's own row is not overwritten by the carried ones
+    with pytest.raises(ValueError, match=r"correction_carry must be between 1 and the fewest --steps \(3\), got \[4\]"):
+        EvalConfig(steps=[3, 8], correction_carry=[4])
+
+
 def test_eval_refuses_a_malformed_guidance_interval():
     with pytest.raises(ValueError, match="guidance_interval must be two timesteps"):
         EvalConfig(guidance_interval=[800, 200])

@@ -29,7 +29,7 @@ from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_
 from ..sources import read_prompt_file
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
-from .methods import CFG_FIRST, FIRST_STEP_FIT, NO_NEGATIVE, Method, first_step_fit, sample
+from .methods import CARRY, CFG_FIRST, FIRST_STEP_FIT, NO_NEGATIVE, Method, first_step_fit, sample, sampling_kwargs
 from .negative_prompts import avoidance_rate, eval_negatives, measurable
 from .sampling import as_plug_and_play, mean_psnr
 from .speed import median_seconds, parameter_count, peak_memory_bytes, step_cost
@@ -83,6 +83,7 @@ class EvalConfig:
     guidance_interval: list[float] | None = None  # T_LOW T_HIGH: w only at timesteps inside, w = 1 elsewhere, for cfg and guides alike (default: every step)
     cfg_first_steps: list[int] = field(default_factory=list)  # K ...: each guide also in a row "+ cfg K" that runs CFG for the first K steps, then the guide (default: none)
     first_step_fit: bool = False  # each guide also in a row "+ fit": the first step as CFG in one pass, its unconditional pass from a FirstStepFit
+    correction_carry: list[int] = field(default_factory=list)  # K ...: with cfg, also a row "cfg + carry K" per K: CFG's two passes for the first K steps, then one pass per step with CFG's last correction carried on (pnpguide.CorrectionCarry, fitted on 16 of the prompts) (default: none)
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
@@ -111,6 +112,8 @@ class EvalConfig:
             raise ValueError(f"steps must be positive integers, got {self.steps}")
         if any(k < 1 or k > min(self.steps) for k in self.cfg_first_steps):
             raise ValueError(f"cfg_first_steps must be between 1 and the fewest --steps ({min(self.steps)}), got {self.cfg_first_steps}")
+        if any(k < 1 or k > min(self.steps) for k in self.correction_carry):
+            raise ValueError(f"correction_carry must be between 1 and the fewest --steps ({min(self.steps)}), got {self.correction_carry}")
         if any(not w >= 1 for w in self.scales) or not self.scales:
             raise ValueError(f"guidance scales must be >= 1 (diffusers' convention), got {self.scales}")
         if self.guidance_interval is not None and not (len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] <= self.guidance_interval[1]):
@@ -125,6 +128,7 @@ def build_methods(config: EvalConfig) -> list[Method]:
     negatives = config.negative_prompts is not None
     methods = [Method("none", "none")] if "none" in config.methods else []
     methods += [Method("cfg", "cfg", negative_prompt=negatives)] if "cfg" in config.methods else []
+    methods += [Method(CARRY.format(k), "carry", negative_prompt=negatives, carry_full_steps=k) for k in config.correction_carry] if "cfg" in config.methods else []
     if "guide" in config.methods:
         folders = [Path(f) for f in config.guide or shipped_guide_dirs()]
         for folder, name in zip(folders, _distinct_names(folders)):
@@ -314,7 +318,7 @@ def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, re
         if unguided is not None:
             per_seed["unguided_mse"].append(image_mse(unguided, cfg_images))
     trajectory = references.trajectories.get(key)
-    if trajectory is not None:
+    if trajectory is not None and method.mode != "carry":  # a carried step depends on the steps before: no replay at the teacher's states
         pipe.guide = method.guide
         fit = first_step_fit(pipe, row.steps) if method.first_step_fit else None
         errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt,
@@ -362,9 +366,8 @@ def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, 
     scale = 1.0 if method.mode == "none" else w
     for batch in (1, 8):
         def call(batch=batch):
-            return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, mode=method.mode, output_type="np",
-                        guidance_interval=guidance_interval, cfg_first_steps=method.cfg_first_steps,
-                        first_step_fit=first_step_fit(pipe, steps) if method.first_step_fit else None)
+            return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, output_type="np",
+                        guidance_interval=guidance_interval, **sampling_kwargs(pipe, method, steps, prompts))
         seconds = median_seconds(call, repeats=3, warmup=1) / batch
         if batch == 1:
             row.seconds_per_image_b1 = seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ FIDELITY_SUBSET = 64  # images whose per-step model outputs are compared with th
 FIRST_STEP_FIT = " + fit"  # suffix of a guide's row sampled with a FirstStepFit (--first-step-fit)
 NO_NEGATIVE = " (no neg)"  # suffix of a guide's row sampled without the negative prompts, beside its row with them
 CFG_FIRST = " + cfg {}"  # suffix of a guide's row that runs CFG for its first {} steps (--cfg-first-steps)
+CARRY = "cfg + carry {}"  # the row of CFG in full for {} steps, then its correction carried (--correction-carry)
+CARRY_FIT_PROMPTS = 16  # prompts CorrectionCarry.fit samples CFG on, once per evaluation and step count
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Method:
     negative_prompt: bool = False  # samples with the evaluation's negative prompts (--negative-prompts)
     cfg_first_steps: int = 0  # a guide: the first steps run CFG (the pipeline's cfg_first_steps)
     first_step_fit: bool = False  # a guide: the first step runs CFG in one pass, its unconditional pass from a FirstStepFit
+    carry_full_steps: int = 0  # mode "carry": CFG's two passes for these first steps, then its correction carried (CorrectionCarry)
 
     def runs_at(self, steps: int) -> bool:
         return self.step_counts is None or steps in self.step_counts
@@ -53,8 +57,8 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
     images the UNet and the guide processed, teacher calls for the comparison left out (steps at w = 1 skip the guide)."""
     pipe.guide = method.guide
     counter, errors, images = UNetCallCounter(pipe.unet), [], []
-    with counter.paused():  # a one-off calibration, not a cost per image
-        fit = first_step_fit(pipe, steps) if method.first_step_fit else None
+    with counter.paused():  # one-off calibrations, not a cost per image
+        sampling = sampling_kwargs(pipe, method, steps, prompts)
     guide_counter = UNetCallCounter(method.guide) if method.guide is not None else None
 
     def compare(batch_negative: Conditioning):
@@ -78,8 +82,7 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
                 hook = compare(batch_negative)
             own_negative = pipeline_kwargs(batch_negative) if method.negative_prompt and batch_negative is not None else {}
             output = pipe(batch, guidance_scale=1.0 if method.mode == "none" else w, num_inference_steps=steps,
-                          generator=generators, mode=method.mode, on_model_output=hook, guidance_interval=guidance_interval,
-                          cfg_first_steps=method.cfg_first_steps, first_step_fit=fit, **own_negative)
+                          generator=generators, on_model_output=hook, guidance_interval=guidance_interval, **sampling, **own_negative)
             images += output.images
     finally:
         counter.close()
@@ -87,6 +90,23 @@ def sample(pipe: PlugAndPlayPipeline, method: Method, prompts: list[str], steps:
             guide_counter.close()
     mse = float(np.mean(errors)) if errors else (0.0 if method.mode == "cfg" and negative is not None else None)
     return images, mse, (counter.images, guide_counter.images if guide_counter is not None else 0)
+
+
+def sampling_kwargs(pipe, method: Method, steps: int, prompts: list[str]) -> dict:
+    """The pipeline arguments that make `method`: its pipeline mode, and the calibrations it samples with."""
+    return dict(mode="cfg" if method.mode == "carry" else method.mode, cfg_first_steps=method.cfg_first_steps,
+                first_step_fit=first_step_fit(pipe, steps) if method.first_step_fit else None,
+                correction_carry=correction_carry(pipe, steps, method.carry_full_steps, prompts) if method.mode == "carry" else None)
+
+
+def correction_carry(pipe, steps: int, full_steps: int, prompts: list[str]):
+    """The CorrectionCarry of this pipeline's UNet at `steps` steps, fitted once per evaluation on the first prompts."""
+    carries = _CARRIES.setdefault(pipe.unet, {})
+    if steps not in carries:
+        from ..carry import CorrectionCarry
+
+        carries[steps] = CorrectionCarry.fit(pipe, prompts[:CARRY_FIT_PROMPTS], num_inference_steps=steps)
+    return dataclasses.replace(carries[steps], full_steps=full_steps)
 
 
 def first_step_fit(pipe, steps: int):
@@ -101,3 +121,4 @@ def first_step_fit(pipe, steps: int):
 
 
 _FITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> {steps: fit}; gone with the UNet
+_CARRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> {steps: CorrectionCarry}
