@@ -104,3 +104,9 @@ def test_bad_fit_arguments_are_one_line_errors(tiny_components, kwargs, match):
     pipe = _pipe(tiny_components, guide=False)
     with pytest.raises(ValueError, match=match):
         CorrectionCarry.fit(pipe, **(dict(prompts=["a red circle"], num_inference_steps=2) | kwargs))
+
+
+def test_a_carry_at_guidance_scale_1_is_the_unguided_model(tiny_components):
+    pipe = _pipe(tiny_components, guide=False)
+    np.testing.assert_allclose(_run(pipe, guidance_scale=1.0, mode="cfg", correction_carry=_carry(pipe)),
+                               _run(pipe, guidance_scale=1.0, mode="none"), atol=1e-6)

@@ -14,9 +14,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 from .guide import GuideModel, per_sample
-from .schedules import GuidanceScale, guidance_schedule
 from .carry import CorrectionCarry
 from .first_step import FirstStepFit
+from .schedules import GuidanceScale, guidance_schedule
 from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred
 
 MODES = ("guide", "cfg", "none")
@@ -369,7 +369,7 @@ def check_correction_carry(correction_carry: CorrectionCarry | None, mode: str) 
         return
     if not isinstance(correction_carry, CorrectionCarry):
         raise ValueError(f"correction_carry must be a pnpguide.CorrectionCarry (CorrectionCarry.fit(pipe, prompts)), got {type(correction_carry).__name__}")
-    if mode != "cfg":
+    if mode == "guide":  # ("none", w = 1: there is no correction to carry, and nothing to refuse)
         raise ValueError(f"correction_carry carries CFG's own correction on: use it with mode='cfg', not {mode!r}")
 
 
