@@ -1,6 +1,8 @@
 """An output-space guide for the experiment: a small network that reads x_t, the UNet's conditional output (and
 optionally its last decoder features), t and the prompt, and predicts CFG's correction d = cond - uncond, so that
 one UNet pass gives cond + (w - 1) * d_hat. Zero-initialised output: untrained, it is the unguided UNet."""
+import math, time
+
 import torch
 from torch import nn
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -46,3 +48,20 @@ class OutputGuide:
         inputs = torch.cat([x, cond] + ([self.feat] if self.reads_features else []), 1)
         w = w.view(-1, 1, 1, 1) if torch.is_tensor(w) else w
         return cond + (w - 1) * self.net(inputs, torch.as_tensor(t), e)
+
+
+def train(net, batch_loss, steps, lr, minutes=1e9):
+    """The experiments' loop: AdamW, 100 warm-up steps then a cosine, gradients clipped at 1, a log line every 100
+    steps, stopped after `minutes`. batch_loss() -> the loss of a freshly drawn batch. Returns the steps taken."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1, (k + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+    start, log, step = time.time(), [], -1
+    for step in range(steps):
+        loss = batch_loss()
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0); opt.step(); sched.step()
+        log.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step} loss {sum(log[-100:]) / len(log[-100:]):.4f} ({time.time() - start:.0f} s)", flush=True)
+        if (time.time() - start) / 60 > minutes:
+            print(f"stopped at step {step} after {minutes} min", flush=True); break
+    return step + 1

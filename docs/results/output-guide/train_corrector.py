@@ -1,10 +1,10 @@
 """Train the corrector on the teacher states of make_states.py (no backprop through the UNet: the UNet's
 outputs are data here), with the per-timestep normalised loss, then score it with the fidelity harness."""
-import argparse, json, math, sys, time, torch
+import argparse, json, sys, torch
 from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE)); sys.path.insert(0, str(HERE.parent / "fidelity-diagnosis"))
-from corrector import Corrector, OutputGuide
+from corrector import Corrector, OutputGuide, train
 
 p = argparse.ArgumentParser()
 p.add_argument("--states", nargs="+", default=["/tmp/outguide/states-0.pt"])
@@ -26,20 +26,16 @@ ts = t.unique(); gap = {int(s): d[t == s].pow(2).mean() for s in ts}
 norm = torch.stack([gap[int(s)] for s in t])
 net = Corrector(in_channels=8 + (64 if a.features else 0), width=a.width)
 print(f"corrector params {sum(q.numel() for q in net.parameters()):,}", flush=True)
-opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1, (k + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(k, a.steps) / a.steps)))
-start, log = time.time(), []
-for step in range(a.steps):
+
+
+def batch_loss():
     b = torch.randint(0, len(x), (a.batch,))
     inputs = torch.cat([x[b], cond[b]] + ([feat[b].float()] if a.features else []), 1)
     pred = net(inputs, t[b], emb[idx[b]])
-    loss = ((pred - d[b]).pow(2).mean((1, 2, 3)) / norm[b]).mean()
-    opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0); opt.step(); sched.step()
-    log.append(loss.item())
-    if step % 100 == 0 or step == a.steps - 1:
-        print(f"step {step} loss {sum(log[-100:]) / len(log[-100:]):.4f} ({time.time() - start:.0f} s)", flush=True)
-    if (time.time() - start) / 60 > a.minutes:
-        print(f"stopped at step {step} after {a.minutes} min", flush=True); break
+    return ((pred - d[b]).pow(2).mean((1, 2, 3)) / norm[b]).mean()
+
+
+train(net, batch_loss, a.steps, a.lr, a.minutes)
 torch.save(net.state_dict(), a.out + ".pt")
 if a.eval:
     from harness import load_base, evaluate, summary

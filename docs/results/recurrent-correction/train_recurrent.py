@@ -5,11 +5,11 @@
 - closed loop on the harness's 48 held-out prompts: the network for steps 0-4 (reading its own previous
   estimate), then the correction carried (d_k = a_k d_{k-1}, a_k fitted as in carry.py): image gap closed.
 Usage: python train_recurrent.py --recurrent|--no-recurrent --out PREFIX"""
-import argparse, json, math, sys, time, torch
+import argparse, json, sys, time, torch
 from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "output-guide")); sys.path.insert(0, str(HERE.parent / "fidelity-diagnosis"))
-from corrector import Corrector
+from corrector import Corrector, train as train_loop
 
 p = argparse.ArgumentParser()
 p.add_argument("--states", default="/tmp/recur/states-0.pt")
@@ -35,25 +35,22 @@ def inputs(x, c, dp):
 
 
 net = Corrector(in_channels=12 if a.recurrent else 8, width=a.width)
-opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1, (k + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(k, a.steps) / a.steps)))
 rows = train.nonzero().flatten()
-start, log, step = time.time(), [], -1
-if a.load:
-    net.load_state_dict(torch.load(a.out + ".pt"))
-for step in range(0 if a.load else a.steps):
+
+
+def batch_loss():
     b = rows[torch.randint(0, len(rows), (a.batch,))]
     pred = net(inputs(x[b], cond[b], d_prev[b]), t[b], emb[idx[b]])
-    loss = ((pred - d[b]).pow(2).mean((1, 2, 3)) / norm[b]).mean()
-    opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0); opt.step(); sched.step()
-    log.append(loss.item())
-    if step % 100 == 0 or step == a.steps - 1:
-        print(f"step {step} loss {sum(log[-100:]) / len(log[-100:]):.4f} ({time.time() - start:.0f} s)", flush=True)
-    if (time.time() - start) / 60 > a.minutes:
-        print(f"stopped at step {step} after {a.minutes} min", flush=True); break
+    return ((pred - d[b]).pow(2).mean((1, 2, 3)) / norm[b]).mean()
+
+
+start = time.time()
+if a.load:
+    net.load_state_dict(torch.load(a.out + ".pt"))
+steps_taken = 0 if a.load else train_loop(net, batch_loss, a.steps, a.lr, a.minutes)
 torch.save(net.state_dict(), a.out + ".pt")
 net.eval()
-result = {"recurrent": a.recurrent, "steps_trained": step + 1, "minutes": round((time.time() - start) / 60, 1), "per_step_teacher_forced": {}}
+result = {"recurrent": a.recurrent, "steps_trained": steps_taken, "minutes": round((time.time() - start) / 60, 1), "per_step_teacher_forced": {}}
 with torch.no_grad():
     for s in sorted(t.unique().tolist(), reverse=True):
         m = held & (t == s)
