@@ -58,10 +58,10 @@ pnpguide --threads 2 distill --reads unet_output --source trajectories --traject
     --batch-size 64 --learning-rate 1e-3 --lr-warmup-steps 100 --max-steps 2000 --output-dir runs/output-guide
 python scripts/ship_guide.py runs/output-guide/guide "$ASSETS/guides/output"
 
-# 8. the output guide reading negative prompts: step 7's guide given the negative input and trained 722 more steps
-#    (stopped by --max-minutes 40 on 2 CPU threads; lr 5e-4, half the samples with a non-empty negative), on the
-#    same trajectories (hard-link runs/output-guide/trajectories into the new folder to reuse them)
+# 8. the output guide reading negative prompts: step 7's guide given the negative input and trained 1,500 more steps
+#    (~60 min on 2 CPU threads, run as 40 min then --resume latest; lr 5e-4, half the samples with a non-empty
+#    negative), on the same trajectories (hard-link runs/output-guide/trajectories into the new folder to reuse them)
 pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 1536 --loss-weighting timestep \
-    --batch-size 64 --learning-rate 5e-4 --lr-warmup-steps 50 --max-steps 1500 --max-minutes 40 --negatives \
+    --batch-size 64 --learning-rate 5e-4 --lr-warmup-steps 50 --max-steps 1500 --negatives \
     --init-guide runs/output-guide/guide --output-dir runs/output-neg
 python scripts/ship_guide.py runs/output-neg/guide "$ASSETS/guides/output-neg"
