@@ -12,8 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent / "fidelity-diagnosis"))
 from harness import load_base, ddim, noise, eval_prompts, decode, CACHE
 from safetensors.torch import load_file
-from pnpguide.embedded import shapes
 from pnpguide.loading import encode_captions, load_guide
+from carry_fit import fit_carry
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 pipe = load_base(); unet = pipe.unet
@@ -25,17 +25,6 @@ STEPS = 25
 def unet_pair(x_in, t, emb):
     u, c = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=torch.cat([empty.expand_as(emb), emb])).sample.chunk(2)
     return c, u
-
-
-@torch.no_grad()
-def fit_carry(w, n=64):
-    """a_k = <d_k, d_k-1> / |d_k-1|^2 over training captions' CFG trajectories at this w."""
-    emb = encode_captions(pipe, shapes.split_captions(n, split="train", seed=7))
-    s = ddim(pipe, STEPS); x = noise(n, 5000); ds = []
-    for t in s.timesteps:
-        x_in = s.scale_model_input(x, t); c, u = unet_pair(x_in, t, emb)
-        ds.append(c - u); x = s.step(u + w * (c - u), t, x).prev_sample
-    return [1.0] + [((ds[k] * ds[k - 1]).sum() / (ds[k - 1] ** 2).sum()).item() for k in range(1, STEPS)]
 
 
 @torch.no_grad()
@@ -62,7 +51,7 @@ cached = load_file(CACHE / f"eval-{base_name}-n48-s25-seed0.safetensors")
 sources = (sys.argv[2] if len(sys.argv) > 2 else "cfg,output").split(",")
 results = {}
 for w in (3.0, 5.0, 7.5):
-    a = fit_carry(w)
+    a = fit_carry(pipe, empty, w, steps=STEPS)
     ref, none = cached[f"cfg{w}"], cached["none"]
     base = ((none - ref) ** 2).mean().item()
     runs = [("cfg", 25), ("cfg", 1), ("cfg", 2), ("cfg", 3), ("cfg", 5), ("output", 25), ("output", 1), ("output", 3), ("output", 5), ("output", 8), ("output", 12)]

@@ -61,22 +61,11 @@ print("per step (teacher-forced, held-out):", result["per_step_teacher_forced"],
 # closed loop, on the harness
 from harness import load_base, ddim, noise, eval_prompts, decode, CACHE
 from safetensors.torch import load_file
-from pnpguide.embedded import shapes
+from carry_fit import fit_carry
 from pnpguide.loading import encode_captions
 pipe = load_base(); unet = pipe.unet
 empty = encode_captions(pipe, [""])
 K = len(gap)
-
-
-@torch.no_grad()
-def fit_carry(w, n=64):
-    e = encode_captions(pipe, shapes.split_captions(n, split="train", seed=7))
-    s = ddim(pipe, 25); z = noise(n, 5000); ds = []
-    for tt in s.timesteps:
-        z_in = s.scale_model_input(z, tt)
-        u, c = unet(torch.cat([z_in, z_in]), tt, encoder_hidden_states=torch.cat([empty.expand_as(e), e])).sample.chunk(2)
-        ds.append(c - u); z = s.step(u + w * (c - u), tt, z).prev_sample
-    return [1.0] + [((ds[k] * ds[k - 1]).sum() / (ds[k - 1] ** 2).sum()).item() for k in range(1, 25)]
 
 
 @torch.no_grad()
@@ -94,7 +83,7 @@ e = encode_captions(pipe, eval_prompts(48))
 cached = load_file(CACHE / "eval-embedded-n48-s25-seed0.safetensors")
 result["image_gap_closed"] = {}
 for w in (3.0, 5.0, 7.5):
-    img, ref, none = sample(e, w, fit_carry(w)), cached[f"cfg{w}"], cached["none"]
+    img, ref, none = sample(e, w, fit_carry(pipe, empty, w)), cached[f"cfg{w}"], cached["none"]
     result["image_gap_closed"][w] = round(1 - ((img - ref) ** 2).mean().item() / ((none - ref) ** 2).mean().item(), 3)
 print("image gap closed (steps 0-4 network, then carried):", result["image_gap_closed"], flush=True)
 json.dump(result, open(a.out + ".json", "w"), indent=1)
