@@ -1,4 +1,6 @@
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -38,6 +40,33 @@ def test_user_errors_are_one_line_messages_with_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("pnpguide generate: error:") and "does not exist" in err and "\n" not in err
+
+
+def _ctrl_c_that_torch_turns_into(error: Exception):
+    def handler(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0)  # let the handler run here, as inside a C call
+        except KeyboardInterrupt:
+            raise error  # as torch.tensor's "could not determine the shape of object type ..." does
+    return handler
+
+
+@pytest.mark.parametrize("error", [ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'"),
+                                   TypeError("an error that is not a user error")])
+def test_a_ctrl_c_that_c_code_turns_into_another_error_is_still_an_interruption(error, monkeypatch, capsys):
+    monkeypatch.setattr("pnpguide.cli.cmd_doctor", _ctrl_c_that_torch_turns_into(error))
+    assert main(["doctor"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "pnpguide doctor: interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back for the caller
+
+
+def test_without_a_ctrl_c_the_same_error_is_reported_as_an_error(monkeypatch, capsys):
+    def handler(args):
+        raise ValueError("could not determine the shape")
+    monkeypatch.setattr("pnpguide.cli.cmd_doctor", handler)
+    assert main(["doctor"]) == 2
+    assert capsys.readouterr().err.strip() == "pnpguide doctor: error: could not determine the shape"
 
 
 def test_bad_config_value_is_a_clear_error(capsys):

@@ -7,7 +7,9 @@ import dataclasses
 import inspect
 import re
 import shlex
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
@@ -471,6 +473,30 @@ def one_line_warnings(prefix: str) -> None:
     warnings.formatwarning = formatted
 
 
+class CtrlC:
+    """Remembers a Ctrl-C: C code (torch, safetensors) can turn the KeyboardInterrupt it raises into another error,
+    which must still be reported as an interruption, not as bad input."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __call__(self, signum, frame):
+        self.pressed = True
+        signal.default_int_handler(signum, frame)
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGINT)
+        watching = threading.current_thread() is threading.main_thread() and self.previous is signal.default_int_handler
+        if watching:  # an ignored SIGINT (a background job) or a caller's own handler stays as it is
+            signal.signal(signal.SIGINT, self)
+        self.watching = watching
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.watching:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -483,19 +509,32 @@ def main(argv: list[str] | None = None) -> int:
     _threads(args)
     quiet_libraries()
     one_line_warnings(f"pnpguide {args.command}")
+    with CtrlC() as ctrl_c:
+        return _run(args, ctrl_c)
+
+
+def _run(args, ctrl_c: CtrlC) -> int:
     try:
         return args.handler(args) or 0
-    except USER_ERRORS as error:
+    except KeyboardInterrupt:
         if args.debug:
+            raise
+        return _interrupted(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        if ctrl_c.pressed:  # whatever the Ctrl-C turned into on its way out
+            return _interrupted(args)
+        if not isinstance(error, USER_ERRORS):
             raise
         message = " ".join(str(error).split())  # one line, even for multi-line library messages
         print(f"pnpguide {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print(f"pnpguide {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+
+def _interrupted(args) -> int:
+    print(f"pnpguide {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
