@@ -1,10 +1,12 @@
 """CorrectionCarry: CFG in full for the first steps, then one UNet pass with CFG's last correction carried on."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from pnpguide import CorrectionCarry
+from pnpguide import CorrectionCarry, GuideModel, PlugAndPlayPipeline
 from test_pipeline import PROMPTS, _pipe, _run
 
 
@@ -82,7 +84,7 @@ def test_save_and_load_round_trip(tiny_components, tmp_path):
 
 @pytest.mark.parametrize("call, match", [
     (dict(num_inference_steps=6), "fitted for 4 model calls from t = 999, but sampling makes 6 from t = 999: fit it again"),
-    (dict(mode="guide"), "use it with mode='cfg', not 'guide'"),
+    (dict(mode="guide"), "carries an output guide's correction on, and this guide reads 'latent': use an output guide"),
     (dict(correction_carry="carry.json"), "must be a pnpguide.CorrectionCarry"),
 ])
 def test_a_carry_for_another_schedule_or_mode_is_a_one_line_error_before_the_prompt_is_encoded(tiny_components, call, match):
@@ -110,3 +112,49 @@ def test_a_carry_at_guidance_scale_1_is_the_unguided_model(tiny_components):
     pipe = _pipe(tiny_components, guide=False)
     np.testing.assert_allclose(_run(pipe, guidance_scale=1.0, mode="cfg", correction_carry=_carry(pipe)),
                                _run(pipe, guidance_scale=1.0, mode="none"), atol=1e-6)
+
+
+def _output_guide_pipe(components, trained_first_steps=None):
+    """A pipeline with an output guide whose weights stand in for training (non-zero: it changes the output)."""
+    guide = GuideModel.from_unet(components["unet"], "tiny", reads="unet_output")
+    torch.manual_seed(3)
+    for parameter in guide.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    guide.register_to_config(trained_first_steps=trained_first_steps)
+    pipe = PlugAndPlayPipeline(**components, guide=guide)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_in_guide_mode_an_output_guides_correction_is_carried_after_its_full_steps(tiny_components):
+    pipe = _output_guide_pipe(tiny_components)
+    carry = _carry(pipe, full_steps=2)
+    outputs, batches = [], []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    calls = []
+    guide_hook = pipe.guide.register_forward_hook(lambda *args: calls.append(1))
+    image = _run(pipe, guidance_scale=5.0, mode="guide", correction_carry=carry,
+                 on_model_output=lambda t, x, out, e, *rest: outputs.append((t, x, out, e)))
+    hook.remove(), guide_hook.remove()
+    assert batches == [2, 2, 2, 2] and len(calls) == 2  # one UNet pass per step, the guide at the first two only
+    with torch.no_grad():
+        cond = [pipe.unet(x, t, encoder_hidden_states=e).sample for t, x, out, e in outputs]
+        guided = [pipe.mode_noise_pred("guide", x, t, e, None, 5.0) for t, x, out, e in outputs[:2]]
+    for k in (0, 1):
+        torch.testing.assert_close(outputs[k][2], guided[k])
+    correction = (outputs[1][2] - cond[1]) / 4.0
+    for k in (2, 3):
+        correction = correction * carry.factors[k]
+        torch.testing.assert_close(outputs[k][2], cond[k] + 4.0 * correction)
+    assert not np.allclose(image, _run(pipe, guidance_scale=5.0, mode="guide"), atol=1e-4)  # not the guide at every step
+
+
+def test_a_guide_distilled_on_the_first_steps_warns_without_a_carry_for_them(tiny_components):
+    pipe = _output_guide_pipe(tiny_components, trained_first_steps=2)
+    with pytest.warns(UserWarning, match="distilled on the first 2 steps of sampling only: pass correction_carry="):
+        _run(pipe, guidance_scale=5.0, mode="guide")
+    with pytest.warns(UserWarning, match="first 2 steps"):
+        _run(pipe, guidance_scale=5.0, mode="guide", correction_carry=_carry(pipe, full_steps=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(pipe, guidance_scale=5.0, mode="guide", correction_carry=_carry(pipe, full_steps=2))

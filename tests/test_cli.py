@@ -181,8 +181,28 @@ def test_generate_loads_a_saved_correction_carry_and_samples_in_one_pass_after_i
     assert calls == [2, 1, 1, 1] and (tmp_path / "x.png").exists()
 
 
+def test_generate_carries_an_output_guides_correction_after_its_full_steps(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch, capsys):
+    from pnpguide import CorrectionCarry, GuideModel
+    from pnpguide.loading import load_plug_and_play
+
+    pipe = load_plug_and_play(str(tiny_base_dir), None)
+    pipe.set_progress_bar_config(disable=True)
+    carry = CorrectionCarry.fit(pipe, ["a red circle", "a blue square"], full_steps=1, num_inference_steps=4).save(tmp_path / "carry.json")
+    flags = ["--base", str(tiny_base_dir), "--steps", "4", "--out", str(tmp_path / "x.png"), "--correction-carry", str(carry)]
+    monkeypatch.setattr("pnpguide.loading.load_plug_and_play", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    assert main(["generate", "--prompt", "a red circle", "--guide", str(tiny_guide_dir), *flags]) == 2
+    assert "correction_carry in guide mode carries an output guide's correction on, and this guide reads 'latent'" in capsys.readouterr().err
+    monkeypatch.undo()
+    GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output").save_pretrained(tmp_path / "output-guide")
+    unet_calls, guide_calls = [], []
+    monkeypatch.setattr(type(pipe.unet), "forward", lambda self, x, *a, _f=type(pipe.unet).forward, **k: unet_calls.append(x.shape[0]) or _f(self, x, *a, **k))
+    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, _f=GuideModel.forward, **k: guide_calls.append(1) or _f(self, *a, **k))
+    assert main(["generate", "--prompt", "a red circle", "--guide", str(tmp_path / "output-guide"), *flags]) == 0
+    assert unet_calls == [1, 1, 1, 1] and len(guide_calls) == 1 and (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--correction-carry", "carry.json"], "--correction-carry carries CFG's own correction on after its first steps: it needs --mode cfg"),
+    (["--correction-carry", "carry.json", "--mode", "none"], "--correction-carry carries CFG's or an output guide's correction on after its first steps: it needs --mode cfg or guide, not --mode none"),
     (["--correction-carry", "missing.json", "--mode", "cfg"], "missing.json is not a saved CorrectionCarry"),
     (["--w-schedule", "3,,5"], "argument --w-schedule: must be comma-separated numbers (one w per step) or linear:W0:W1, got '3,,5'"),
     (["--w-schedule", "3,5"], "guidance_scale has 2 values but sampling takes 4 steps"),

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from pnpguide.conditioning import encode_negative, encode_prompts
 from pnpguide.loading import load_pipeline
@@ -60,10 +61,25 @@ def test_distillation_trains_only_the_guide_and_saves_it(tiny_base_dir, prompt_f
     (dict(source="pictures"), "source must be one of"),
     (dict(size="medium"), "size must be one of"),
     (dict(max_steps=0), "max_steps must be >= 1"),
+    (dict(trajectory_first_steps=2), "use it with source 'trajectories', not 'shapes'"),
+    (dict(source="trajectories", trajectory_first_steps=26), r"between 1 and trajectory_steps \(25\), got 26"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
         GuidanceDistillConfig(**bad)
+
+
+def test_trajectory_first_steps_trains_on_those_states_only_and_says_so(tiny_base_dir, prompt_file, tmp_path, monkeypatch):
+    import pnpguide.distill_guidance as distill_guidance
+
+    seen = []
+    loss = distill_guidance.distillation_loss
+    monkeypatch.setattr(distill_guidance, "distillation_loss", lambda unet, guide, batch, *rest: seen.append(batch["timesteps"]) or loss(unet, guide, batch, *rest))
+    guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", trajectory_first_steps=2, max_steps=4))
+    schedule = DDIMScheduler.from_config(load_pipeline(tiny_base_dir).scheduler.config)  # the teacher's trajectories' scheduler
+    schedule.set_timesteps(4)
+    assert set(torch.cat(seen).tolist()) == set(schedule.timesteps[:2].tolist())  # both first steps, none of the later two
+    assert GuideModel.from_pretrained(tmp_path / "run" / "guide").config.trained_first_steps == guide.config.trained_first_steps == 2
 
 
 def test_empty_prompt_file_is_a_clear_error(tiny_base_dir, tmp_path):

@@ -359,10 +359,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--correction-carry", default=None, metavar="FILE",
-        help="--mode cfg: a CorrectionCarry saved as JSON (pnpguide.CorrectionCarry.fit(pipe, prompts).save(FILE), once "
+        help="a CorrectionCarry saved as JSON (pnpguide.CorrectionCarry.fit(pipe, prompts).save(FILE), once "
         "per model, scheduler and step count). CFG runs in full for its first steps, then one UNet pass per step with "
         "CFG's last correction carried on: with 5 of 25 steps in full, 0.88-0.93 of the way to CFG's image at 0.60 of "
-        "its UNet passes on the embedded model, no guide needed (docs/guides.md) (default: none)",
+        "its UNet passes on the embedded model, no guide needed. With --mode guide and an output guide distilled on the first "
+        "steps (--trajectory-first-steps), the guide runs those steps and its correction is carried on (docs/guides.md) (default: none)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")

@@ -26,7 +26,7 @@ from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, 
 from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel, text_encoder_signature
 from .loading import load_guide, load_pipeline
 from .negatives import NegativeSampler, check_negative_settings
-from .shards import Rows
+from .shards import Rows, first_states
 from .sources import SourceConfig, training_pools, training_resolution
 from .teacher import cfg_and_conditional, guided_noise_pred, output_guided
 from .run_folder import training_run
@@ -53,6 +53,7 @@ class GuidanceDistillConfig(SourceConfig):
     negatives: bool = False  # the guide reads the negative prompt: distil against CFG with a negative drawn per sample (another caption, an attribute of the prompt, a --negative-prompts line) or the empty one
     negative_prompts: str | None = None  # text or JSONL file of negative prompts to draw from as well (implies --negatives)
     negative_rate: float = 0.5  # with --negatives: the share of samples with a non-empty negative (the others: the empty prompt)
+    trajectory_first_steps: int | None = None  # source trajectories only: train on the first N states of each teacher run, for an output guide that samples those steps and then carries its correction on (pnpguide.CorrectionCarry) (default: every state)
     max_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -72,6 +73,7 @@ class GuidanceDistillConfig(SourceConfig):
         if self.width_divisor is not None and self.width_divisor < 1:
             raise ValueError(f"width_divisor must be >= 1, got {self.width_divisor}")
         check_guidance_range(self.w_min, self.w_max)
+        check_trajectory_first_steps(self)
         check_negative_settings(self.negative_prompts, self.negative_rate)
         self.negatives = self.negatives or self.negative_prompts is not None
 
@@ -79,6 +81,16 @@ class GuidanceDistillConfig(SourceConfig):
 def check_guidance_range(w_min: float, w_max: float) -> None:
     if not 1.0 <= w_min <= w_max <= 14.0:
         raise ValueError(f"need 1 <= w_min <= w_max <= 14, got w_min={w_min}, w_max={w_max}")
+
+
+def check_trajectory_first_steps(config: GuidanceDistillConfig) -> None:
+    steps = config.trajectory_first_steps
+    if steps is None:
+        return
+    if config.source != "trajectories":
+        raise ValueError(f"trajectory_first_steps selects states of the teacher's trajectories: use it with source 'trajectories', not {config.source!r}")
+    if not 1 <= steps <= config.trajectory_steps:
+        raise ValueError(f"trajectory_first_steps must be between 1 and trajectory_steps ({config.trajectory_steps}), got {steps}")
 
 
 def sample_guidance_scales(count: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
@@ -209,6 +221,8 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     pipe.to(accelerator.device)  # the text encoders run per batch; the VAE encodes image folders up front
     guide = _initial_guide(pipe, config)
     pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7)
+    if config.trajectory_first_steps is not None:
+        pools = [first_states(pools[0], config.trajectory_first_steps)]
     resolution = training_resolution(pipe, config)
     negative = encode_negative(pipe, accelerator.device, resolution)
     negatives = NegativeSampler.from_config(config) if config.negatives else None
@@ -238,7 +252,8 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
 
     guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}")
     guide = copy_ema_into(guide, ema).eval()
-    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
+    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_first_steps=config.trajectory_first_steps,
+                             trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
     if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
         guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)
     return guide

@@ -11,7 +11,7 @@ from .config_checks import read_json_object
 from .carry import CorrectionCarry
 from .devices import resolve_device, resolve_dtype
 from .first_step import FirstStepFit
-from .pipeline import check_image_size
+from .pipeline import check_guide_carries, check_image_size
 from .schedulers import check_scheduler_name, scheduler_from_name
 from .schedules import parse_w_schedule
 
@@ -37,7 +37,7 @@ class GenerateRequest:
     dtype: str = "float32"
     cfg_first_steps: int = 0  # guide mode: the first steps run CFG (two UNet passes), the rest the guide
     first_step_fit: bool = False  # guide mode: fit the first step's unconditional pass (FirstStepFit), then run that step as CFG in one pass
-    correction_carry: str | None = None  # cfg mode: a saved CorrectionCarry (JSON): CFG in full for its first steps, then one pass per step
+    correction_carry: str | None = None  # a saved CorrectionCarry (JSON): CFG (or an output guide) for its first steps, then one pass per step
 
 
 def check_request(request: GenerateRequest, base: str | Path | None, guide: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
@@ -53,9 +53,15 @@ def check_request(request: GenerateRequest, base: str | Path | None, guide: str 
         raise ValueError("--first-step-fit makes the first step CFG in one pass in --mode guide; it takes neither --cfg-first-steps "
                          "(that step would already be CFG) nor --negative-prompt (the fit stands in for the empty prompt)")
     if request.correction_carry is not None:
-        if request.mode != "cfg":
-            raise ValueError(f"--correction-carry carries CFG's own correction on after its first steps: it needs --mode cfg, not --mode {request.mode}")
+        if request.mode not in ("cfg", "guide"):
+            raise ValueError(f"--correction-carry carries CFG's or an output guide's correction on after its first steps: it needs "
+                             f"--mode cfg or guide, not --mode {request.mode}")
         CorrectionCarry.load(request.correction_carry)  # a bad file fails here, before the weights load
+        if request.mode == "guide":
+            from .loading import check_guide_dir, default_guide_dir
+
+            guide_dir = check_guide_dir(guide if guide is not None else default_guide_dir("tiny"))
+            check_guide_carries(read_json_object(guide_dir / "config.json").get("reads", "latent"))
     device = resolve_device(request.device)
     dtype = resolve_dtype(request.dtype, device)
     if request.scheduler is not None:

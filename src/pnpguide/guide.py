@@ -143,6 +143,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         trained_text_encoder: str | None = None,
         reads_negative: bool = False,
         unet_out_channels: int | None = None,  # an output guide's output (None: unet_in_channels)
+        trained_first_steps: int | None = None,  # trained on the first N steps of the teacher's runs only (then carried on)
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:

@@ -17,7 +17,7 @@ from .guide import GuideModel, per_sample
 from .carry import CorrectionCarry
 from .first_step import FirstStepFit
 from .schedules import GuidanceScale, guidance_schedule
-from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred
+from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred, output_guided
 
 MODES = ("guide", "cfg", "none")
 ModelOutputHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "dict | None"], None]
@@ -98,6 +98,8 @@ class GuidedSamplingMixin:
         if mode == "guide":
             self.warn_untrained(schedule[first_call_after(timesteps.tolist(), cfg_first_steps):], num_inference_steps)
         modes = step_modes(mode, timesteps.tolist(), schedule, cfg_first_steps, first_step_fit is not None)
+        if mode == "guide":
+            self.warn_first_steps_only(correction_carry)
         if correction_carry is not None:
             correction_carry.check_timesteps(timesteps.tolist())
             modes = carried_modes(modes, timesteps.tolist(), correction_carry.full_steps)
@@ -108,6 +110,15 @@ class GuidedSamplingMixin:
                               "which is far from the teacher it was distilled from: on the embedded model FID rose 1.4x at 16 "
                               "steps and 2.5x at 8 (docs/guides.md)")
         return scheduler, timesteps, schedule, modes
+
+    def warn_first_steps_only(self, correction_carry: CorrectionCarry | None) -> None:
+        """A guide distilled on the teacher's first steps only has not learnt the later ones: those should carry its
+        correction on."""
+        first_steps = getattr(self.guide.config, "trained_first_steps", None)
+        if first_steps and (correction_carry is None or correction_carry.full_steps > first_steps):
+            warnings.warn(f"this guide was distilled on the first {first_steps} steps of sampling only: pass correction_carry="
+                          f"CorrectionCarry.fit(pipe, prompts, full_steps={first_steps}) (--correction-carry FILE) to carry its "
+                          f"correction on after them")
 
     def mode_noise_pred(self, mode: str, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
                         negative_prompt_embeds: torch.Tensor | None, guidance_scale: float,
@@ -134,6 +145,15 @@ class GuidedSamplingMixin:
             raise ValueError("mode 'cfg' with added_cond_kwargs (SDXL) needs negative_added_cond_kwargs for the unconditional half")
         added = None if added_cond_kwargs is None else {k: torch.cat([negative_added_cond_kwargs[k], v]) for k, v in added_cond_kwargs.items()}
         return cfg_and_conditional(self.unet, sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added)
+
+    def output_guide_outputs(self, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None,
+                             guidance_scale: float, added_cond_kwargs: dict | None = None,
+                             negative_added_cond_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(an output guide's output, the conditional output) from its one UNet pass."""
+        cond = self.mode_noise_pred("none", sample, timestep, prompt_embeds, None, 1.0, added_cond_kwargs)
+        negative = negative_prompt_embeds if self.guide.config.reads_negative else None
+        timestep = per_sample(timestep, sample.shape[0], sample.device)
+        return output_guided(self.guide, cond, sample, timestep, prompt_embeds, guidance_scale, negative), cond
 
     def fitted_cfg_noise_pred(self, first_step_fit: FirstStepFit, sample: torch.Tensor, timestep, guidance_scale: float,
                               prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
@@ -163,8 +183,9 @@ class GuidedSamplingMixin:
             if mode == "fit":
                 noise_pred = self.fitted_cfg_noise_pred(first_step_fit, model_input, t, w, conditioning["prompt_embeds"],
                                                         conditioning.get("added_cond_kwargs"))
-            elif mode == "cfg" and correction_carry is not None:
-                noise_pred, cond = self.cfg_outputs(model_input, t, guidance_scale=w, **conditioning)
+            elif mode in ("cfg", "guide") and correction_carry is not None:
+                outputs = self.cfg_outputs if mode == "cfg" else self.output_guide_outputs
+                noise_pred, cond = outputs(model_input, t, guidance_scale=w, **conditioning)
                 correction = (noise_pred - cond) / (w - 1)
             elif mode == "carry":
                 noise_pred = self.mode_noise_pred("none", model_input, t, guidance_scale=1.0, **conditioning)
@@ -255,7 +276,10 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         takes no negative prompt.
         `correction_carry` (cfg mode, :class:`pnpguide.CorrectionCarry`): CFG's two passes for its first `full_steps`
         steps, then the conditional pass alone plus CFG's last correction carried on by the fitted factors, one UNet
-        pass per step: no guide, any checkpoint, and the negative prompt keeps its effect.
+        pass per step: no guide, any checkpoint, and the negative prompt keeps its effect. In guide mode, with an
+        output guide (one distilled on those first steps: `pnpguide distill --trajectory-first-steps`), the guide
+        runs the first `full_steps` steps and its correction is carried on after them: one UNet pass per step
+        throughout, and the guide only at those steps.
         `negative_prompt` works in "cfg" and, with a guide distilled on negative prompts (`guide.config.reads_negative`),
         in "guide"; an older guide was distilled against the empty prompt only and ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
         `on_model_output(t, model_input, model_output, prompt_embeds, added_cond_kwargs)` is called at every step (evaluation
@@ -269,7 +293,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
         check_first_step_fit(first_step_fit, mode, cfg_first_steps, (negative_prompt, negative_prompt_embeds))
-        check_correction_carry(correction_carry, mode)
+        check_correction_carry(correction_carry, mode, self.guide)
         self.check_guidance(num_inference_steps, mode, height, width, (negative_prompt, negative_prompt_embeds), cfg_first_steps)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
@@ -364,19 +388,27 @@ def check_first_step_fit(first_step_fit: FirstStepFit | None, mode: str, cfg_fir
                          "use cfg_first_steps=1 instead")
 
 
-def check_correction_carry(correction_carry: CorrectionCarry | None, mode: str) -> None:
+def check_correction_carry(correction_carry: CorrectionCarry | None, mode: str, guide: GuideModel | None) -> None:
     if correction_carry is None:
         return
     if not isinstance(correction_carry, CorrectionCarry):
         raise ValueError(f"correction_carry must be a pnpguide.CorrectionCarry (CorrectionCarry.fit(pipe, prompts)), got {type(correction_carry).__name__}")
-    if mode == "guide":  # ("none", w = 1: there is no correction to carry, and nothing to refuse)
-        raise ValueError(f"correction_carry carries CFG's own correction on: use it with mode='cfg', not {mode!r}")
+    if mode == "guide" and guide is not None:  # ("none", w = 1: there is no correction to carry, and nothing to refuse)
+        check_guide_carries(guide.config.reads)
+
+
+def check_guide_carries(reads: str) -> None:
+    """Only an output guide's step splits into the conditional output and a correction that can be carried on."""
+    if reads != "unet_output":
+        raise ValueError(f"correction_carry in guide mode carries an output guide's correction on, and this guide reads "
+                         f"{reads!r}: use an output guide (pnpguide distill --reads unet_output) or mode='cfg'")
 
 
 def carried_modes(modes: list[str], timesteps: list, full_steps: int) -> list[str]:
-    """After the first `full_steps` steps, CFG's calls become "carry" (one UNet pass, the correction carried on)."""
+    """After the first `full_steps` steps, CFG's and the guide's calls become "carry" (one UNet pass, the last
+    correction carried on)."""
     first_carried = first_call_after(timesteps, full_steps)
-    return [mode if i < first_carried or mode != "cfg" else "carry" for i, mode in enumerate(modes)]
+    return [mode if i < first_carried or mode not in ("cfg", "guide") else "carry" for i, mode in enumerate(modes)]
 
 
 def first_call_after(timesteps: list, steps: int) -> int:

@@ -91,7 +91,7 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         negatives = (negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds)
         check_first_step_fit(first_step_fit, mode, cfg_first_steps, negatives)
-        check_correction_carry(correction_carry, mode)
+        check_correction_carry(correction_carry, mode, self.guide)
         self.check_guidance(num_inference_steps, mode, height, width, negatives, cfg_first_steps)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device

@@ -74,6 +74,31 @@ class ShardPool:
         return Rows(stacked["latents"], prompts, stacked["timesteps"], stacked["guidance"])
 
 
+class SubsetPool:
+    """Some rows of another pool, in their order there (a trajectory pool's first steps)."""
+
+    def __init__(self, pool, index: torch.Tensor):
+        self.pool, self.index, self.prompts = pool, index, pool.prompts
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, index: torch.Tensor) -> Rows:
+        return self.pool.rows(self.index[index])
+
+
+def first_states(pool: ShardPool, steps: int) -> SubsetPool:
+    """The states of a trajectory pool at its `steps` highest timesteps: the first `steps` steps of each run."""
+    timesteps = torch.cat([_read(file, "timesteps") for file in pool.files])
+    kept = timesteps.unique().sort(descending=True).values[:steps]
+    return SubsetPool(pool, torch.isin(timesteps, kept).nonzero().flatten())
+
+
+def _read(file: Path, name: str) -> torch.Tensor:
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
 def shard_path(folder: Path, number: int) -> Path:
     return folder / f"shard-{number:05d}.safetensors"
 
