@@ -64,6 +64,19 @@ def test_tiny_guide_costs_at_most_half_a_percent_more_than_half_of_cfg_on_sd15()
     assert cost.ratio <= 0.505
 
 
+def test_a_full_output_guide_for_five_of_25_steps_then_carried_fits_the_tiny_budget_on_sd15():
+    """At every step the full output guide costs too much (ratio > 0.505); for the first five steps only, it does not."""
+    from pnpguide.evaluation.speed import parameter_count, step_cost
+
+    with torch.device("meta"):
+        sd15 = _sd15()
+        guide = GuideModel.from_unet(sd15, "full", reads="unet_output")
+        cost = step_cost(sd15, guide, tokens=77)
+    assert cost.ratio > 0.505 and cost.sampling_ratio(25, 25) == pytest.approx(cost.ratio)
+    assert cost.sampling_ratio(25, 5) <= 0.505
+    assert parameter_count(guide) <= 0.01 * parameter_count(sd15)
+
+
 def _sd15():
     return UNet2DConditionModel(**SD15)
 

@@ -71,6 +71,11 @@ class StepCost:
         """(UNet + guide) / (2 x UNet): the paper's headline compute saving."""
         return self.guided / self.cfg
 
+    def sampling_ratio(self, steps: int, guided_steps: int) -> float:
+        """A sampling run's FLOPs over CFG's when the guide runs at `guided_steps` of `steps` one-pass steps (an output
+        guide whose correction is carried on after its first steps): the guide's cost is spread over the run."""
+        return (steps * self.unet + guided_steps * self.guide) / (steps * self.cfg)
+
 
 @torch.no_grad()
 def step_cost(unet, guide, tokens: int | None = None, sample_size: int | None = None) -> StepCost:
