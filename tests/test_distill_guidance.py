@@ -75,10 +75,15 @@ def test_trajectory_first_steps_trains_on_those_states_only_and_says_so(tiny_bas
     seen = []
     loss = distill_guidance.distillation_loss
     monkeypatch.setattr(distill_guidance, "distillation_loss", lambda unet, guide, batch, *rest: seen.append(batch["timesteps"]) or loss(unet, guide, batch, *rest))
-    guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", trajectory_first_steps=2, max_steps=4))
+    table = distill_guidance.timestep_gap_table
+    bands = []
+    monkeypatch.setattr(distill_guidance, "timestep_gap_table", lambda *args: bands.append(args[-1]) or table(*args))
+    guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", trajectory_first_steps=2, max_steps=4,
+                                loss_weighting="timestep"))
     schedule = DDIMScheduler.from_config(load_pipeline(tiny_base_dir).scheduler.config)  # the teacher's trajectories' scheduler
     schedule.set_timesteps(4)
     assert set(torch.cat(seen).tolist()) == set(schedule.timesteps[:2].tolist())  # both first steps, none of the later two
+    assert bands == [1000]  # the loss weights each of the schedule's timesteps by its own mean gap
     assert GuideModel.from_pretrained(tmp_path / "run" / "guide").config.trained_first_steps == guide.config.trained_first_steps == 2
 
 
@@ -183,6 +188,9 @@ def test_timestep_weighting_divides_by_the_mean_gap_of_each_samples_band_of_t(ti
     assert table[0].item() == table[low].item() and table[last - 1].item() == table[last].item()  # nearest measured band
     expected = torch.stack([gap[0] / table[last], gap[1] / table[last], gap[2] / table[low]]).mean().item()
     assert loss == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad():  # one band per timestep (trajectory states): 990 and 980 apart
+        per_timestep = timestep_gap_table(pipe.unet, [batch], negative, 1000, buckets=1000)
+    assert per_timestep.at(torch.tensor([990, 980, 100])).tolist() == pytest.approx((gap + RELATIVE_LOSS_FLOOR).tolist(), rel=1e-5)
 
 
 def test_distill_with_timestep_weighting_trains_and_records_it(tiny_base_dir, prompt_file, tmp_path):

@@ -146,45 +146,46 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     return (error / (gap + RELATIVE_LOSS_FLOOR)).mean()
 
 
-def timestep_bucket(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """(B,) timesteps -> their band of t, 0 .. TIMESTEP_BUCKETS - 1."""
-    return (timesteps.long() * TIMESTEP_BUCKETS // num_train_timesteps).clamp(0, TIMESTEP_BUCKETS - 1).cpu()
+def timestep_bucket(timesteps: torch.Tensor, num_train_timesteps: int, buckets: int = TIMESTEP_BUCKETS) -> torch.Tensor:
+    """(B,) timesteps -> their band of t, 0 .. buckets - 1."""
+    return (timesteps.long() * buckets // num_train_timesteps).clamp(0, buckets - 1).cpu()
 
 
 @dataclass
 class TimestepGaps:
     """The mean CFG gap per band of t (plus RELATIVE_LOSS_FLOOR), which `weighting="timestep"` divides by."""
 
-    means: torch.Tensor  # (TIMESTEP_BUCKETS,)
+    means: torch.Tensor  # (buckets,)
     num_train_timesteps: int
 
     def at(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.means[timestep_bucket(timesteps, self.num_train_timesteps)]
+        return self.means[timestep_bucket(timesteps, self.num_train_timesteps, len(self.means))]
 
 
 @torch.no_grad()
-def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_train_timesteps: int) -> TimestepGaps:
-    """The mean CFG gap ||cfg - cond||^2 per band of t, measured on `batches`.
+def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_train_timesteps: int,
+                       buckets: int = TIMESTEP_BUCKETS) -> TimestepGaps:
+    """The mean CFG gap ||cfg - cond||^2 per band of t (`buckets` bands), measured on `batches`.
 
     Why: the gap at the first, pure-noise step is tens of times larger than at the others, so a plain MSE is spent
     there (docs/guides.md, "Where the error is"); dividing by the mean gap of a sample's own timestep gives every
     band the same weight, without the noise of dividing by each sample's own gap. The table is measured once,
     up front, on batches drawn from the run's seed, so a resumed run divides by the same numbers. A band with no
     sample takes the nearest measured band's mean."""
-    total, count = torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64), torch.zeros(TIMESTEP_BUCKETS, dtype=torch.float64)
+    total, count = torch.zeros(buckets, dtype=torch.float64), torch.zeros(buckets, dtype=torch.float64)
     for batch in batches:
         conditioning = batch["conditioning"]
         rows = batch.get("negative", negative).rows_for(len(conditioning))
         target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
                                                   rows.prompt_embeds, batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, rows))
         gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1).double().cpu()
-        buckets = timestep_bucket(batch["timesteps"], num_train_timesteps)
-        total.index_add_(0, buckets, gap)
-        count.index_add_(0, buckets, torch.ones_like(gap))
+        bands = timestep_bucket(batch["timesteps"], num_train_timesteps, buckets)
+        total.index_add_(0, bands, gap)
+        count.index_add_(0, bands, torch.ones_like(gap))
     measured = (count > 0).nonzero().flatten()
     if len(measured) == 0:
         raise ValueError("no training states to measure the CFG gap on")
-    nearest = measured[(torch.arange(TIMESTEP_BUCKETS)[:, None] - measured[None]).abs().argmin(1)]
+    nearest = measured[(torch.arange(buckets)[:, None] - measured[None]).abs().argmin(1)]
     return TimestepGaps((total[nearest] / count[nearest]).float() + RELATIVE_LOSS_FLOOR, num_train_timesteps)
 
 
@@ -244,7 +245,11 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     if config.loss_weighting == "timestep":  # batches no training step draws (negative indices), a generator of their own
         generator = torch.Generator().manual_seed(config.seed + 17)
         batches = [make_batch(-1 - i, generator) for i in range(GAP_TABLE_BATCHES)]
-        gap_table = timestep_gap_table(pipe.unet, batches, negative, pipe.scheduler.config.num_train_timesteps)
+        num_train_timesteps = pipe.scheduler.config.num_train_timesteps
+        # trajectory states sit at the schedule's few timesteps: one band each, or the first two of 25 steps (t = 999
+        # and 959, whose gaps differ 3.7x) would share a band and the second would be weighted as a third of the first
+        buckets = num_train_timesteps if config.source == "trajectories" else TIMESTEP_BUCKETS
+        gap_table = timestep_gap_table(pipe.unet, batches, negative, num_train_timesteps, buckets)
         gap_table.means = accelerator.reduce(gap_table.means.to(accelerator.device), "mean").cpu()  # the same weights on every rank
 
     def compute_loss(model, batch):
