@@ -140,6 +140,19 @@ def test_correction_carry_rows_run_cfg_for_their_full_steps_then_one_pass(eval_s
         EvalConfig(steps=[3, 8], correction_carry=[4])
 
 
+def test_an_output_guides_carry_rows_run_the_guide_for_their_full_steps_then_one_pass(eval_setup, tiny_components):
+    output = GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_output")
+    for p in output.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    output.save_pretrained(eval_setup / "output")
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained"), str(eval_setup / "output")], correction_carry=[1]))
+    carried, every_step = _row(result, "guide:output + carry 1"), _row(result, "guide:output")
+    assert (carried["unet_evals_per_image"], carried["guide_evals_per_image"]) == (3, 1)  # the guide at the first step only
+    assert (every_step["unet_evals_per_image"], every_step["guide_evals_per_image"]) == (3, 3)
+    assert carried["image_gap_closed"] != pytest.approx(every_step["image_gap_closed"]) and carried["step_gap_closed"] is None
+    assert not [r for r in result["rows"] if r["method"] == "guide:trained + carry 1"]  # only an output guide's correction can be carried
+
+
 def test_eval_refuses_a_malformed_guidance_interval():
     with pytest.raises(ValueError, match="guidance_interval must be two timesteps"):
         EvalConfig(guidance_interval=[800, 200])

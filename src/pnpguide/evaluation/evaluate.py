@@ -29,7 +29,7 @@ from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_
 from ..sources import read_prompt_file
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
-from .methods import CARRY, CFG_FIRST, FIRST_STEP_FIT, NO_NEGATIVE, Method, first_step_fit, sample, sampling_kwargs
+from .methods import CARRY, CFG_FIRST, FIRST_STEP_FIT, GUIDE_CARRY, NO_NEGATIVE, Method, first_step_fit, sample, sampling_kwargs
 from .negative_prompts import avoidance_rate, eval_negatives, measurable
 from .sampling import as_plug_and_play, mean_psnr
 from .speed import median_seconds, parameter_count, peak_memory_bytes, step_cost
@@ -83,7 +83,7 @@ class EvalConfig:
     guidance_interval: list[float] | None = None  # T_LOW T_HIGH: w only at timesteps inside, w = 1 elsewhere, for cfg and guides alike (default: every step)
     cfg_first_steps: list[int] = field(default_factory=list)  # K ...: each guide also in a row "+ cfg K" that runs CFG for the first K steps, then the guide (default: none)
     first_step_fit: bool = False  # each guide also in a row "+ fit": the first step as CFG in one pass, its unconditional pass from a FirstStepFit
-    correction_carry: list[int] = field(default_factory=list)  # K ...: with cfg, also a row "cfg + carry K" per K: CFG's two passes for the first K steps, then one pass per step with CFG's last correction carried on (pnpguide.CorrectionCarry, fitted on 16 of the prompts) (default: none)
+    correction_carry: list[int] = field(default_factory=list)  # K ...: with cfg, also a row "cfg + carry K" per K: CFG's two passes for the first K steps, then one pass per step with CFG's last correction carried on (pnpguide.CorrectionCarry, fitted on 16 of the prompts); with an output guide, also "guide:NAME + carry K": the guide for the first K steps, then its correction carried on (default: none)
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
@@ -138,6 +138,8 @@ def build_methods(config: EvalConfig) -> list[Method]:
             methods += [Method(f"guide:{name}{NO_NEGATIVE}", "guide", guide, counts)] if negatives else []
             methods += [Method(f"guide:{name}{CFG_FIRST.format(k)}", "guide", guide, counts, negatives, k) for k in config.cfg_first_steps]
             methods += [Method(f"guide:{name}{FIRST_STEP_FIT}", "guide", guide, counts, first_step_fit=True)] if config.first_step_fit else []
+            methods += [Method(f"guide:{name}{GUIDE_CARRY.format(k)}", "guide", guide, counts, negatives, carry_full_steps=k)
+                        for k in config.correction_carry] if guide.reads_unet_output else []
     return methods
 
 
@@ -318,7 +320,7 @@ def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, re
         if unguided is not None:
             per_seed["unguided_mse"].append(image_mse(unguided, cfg_images))
     trajectory = references.trajectories.get(key)
-    if trajectory is not None and method.mode != "carry":  # a carried step depends on the steps before: no replay at the teacher's states
+    if trajectory is not None and not method.carry_full_steps:  # a carried step depends on the steps before: no replay at the teacher's states
         pipe.guide = method.guide
         fit = first_step_fit(pipe, row.steps) if method.first_step_fit else None
         errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt,

@@ -24,6 +24,7 @@ FIRST_STEP_FIT = " + fit"  # suffix of a guide's row sampled with a FirstStepFit
 NO_NEGATIVE = " (no neg)"  # suffix of a guide's row sampled without the negative prompts, beside its row with them
 CFG_FIRST = " + cfg {}"  # suffix of a guide's row that runs CFG for its first {} steps (--cfg-first-steps)
 CARRY = "cfg + carry {}"  # the row of CFG in full for {} steps, then its correction carried (--correction-carry)
+GUIDE_CARRY = " + carry {}"  # suffix of an output guide's row that runs the guide for its first {} steps, then carries its correction
 CARRY_FIT_PROMPTS = 16  # prompts CorrectionCarry.fit samples CFG on, once per evaluation and step count
 
 
@@ -36,7 +37,7 @@ class Method:
     negative_prompt: bool = False  # samples with the evaluation's negative prompts (--negative-prompts)
     cfg_first_steps: int = 0  # a guide: the first steps run CFG (the pipeline's cfg_first_steps)
     first_step_fit: bool = False  # a guide: the first step runs CFG in one pass, its unconditional pass from a FirstStepFit
-    carry_full_steps: int = 0  # mode "carry": CFG's two passes for these first steps, then its correction carried (CorrectionCarry)
+    carry_full_steps: int = 0  # CFG (mode "carry") or an output guide for these first steps, then its correction carried (CorrectionCarry)
 
     def runs_at(self, steps: int) -> bool:
         return self.step_counts is None or steps in self.step_counts
@@ -96,7 +97,7 @@ def sampling_kwargs(pipe, method: Method, steps: int, prompts: list[str]) -> dic
     """The pipeline arguments that make `method`: its pipeline mode, and the calibrations it samples with."""
     return dict(mode="cfg" if method.mode == "carry" else method.mode, cfg_first_steps=method.cfg_first_steps,
                 first_step_fit=first_step_fit(pipe, steps) if method.first_step_fit else None,
-                correction_carry=correction_carry(pipe, steps, method.carry_full_steps, prompts) if method.mode == "carry" else None)
+                correction_carry=correction_carry(pipe, steps, method.carry_full_steps, prompts) if method.carry_full_steps else None)
 
 
 def correction_carry(pipe, steps: int, full_steps: int, prompts: list[str]):
