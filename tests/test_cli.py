@@ -10,7 +10,7 @@ from PIL import Image
 from pnpguide.cli import main
 
 
-@pytest.mark.parametrize("command", ["demo", "generate", "distill", "train-vae", "train-base", "finetune", "fidelity", "judge-accuracy"])
+@pytest.mark.parametrize("command", ["demo", "generate", "distill", "train-vae", "train-base", "finetune", "fidelity", "judge-accuracy", "fit-carry"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -199,6 +199,35 @@ def test_generate_carries_an_output_guides_correction_after_its_full_steps(tiny_
     monkeypatch.setattr(GuideModel, "forward", lambda self, *a, _f=GuideModel.forward, **k: guide_calls.append(1) or _f(self, *a, **k))
     assert main(["generate", "--prompt", "a red circle", "--guide", str(tmp_path / "output-guide"), *flags]) == 0
     assert unet_calls == [1, 1, 1, 1] and len(guide_calls) == 1 and (tmp_path / "x.png").exists()
+
+
+def test_fit_carry_writes_a_carry_that_generate_samples_with(tiny_base_dir, tmp_path, monkeypatch, capsys):
+    from pnpguide import CorrectionCarry
+
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    out = tmp_path / "carry.json"
+    assert main(["fit-carry", "--base", str(tiny_base_dir), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "4", "--full-steps", "2",
+                 "--scheduler", "ddim", "--out", str(out)]) == 0
+    carry = CorrectionCarry.load(out)
+    assert carry.full_steps == 2 and len(carry.factors) == 4 and f"written to {out}" in capsys.readouterr().out
+    flags = ["--base", str(tiny_base_dir), "--mode", "cfg", "--steps", "4", "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--correction-carry", str(out)]) == 0
+    assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "3", "--correction-carry", str(out)]) == 2
+    assert "fitted for 4 model calls" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--base", "BASE"], "fit-carry with --base needs --prompts FILE"),
+    (["--prompts", "missing.txt"], "missing.txt"),
+    (["--scheduler", "fast"], "fast"),
+])
+def test_fit_carry_errors_are_one_line_and_come_before_the_weights_load(tiny_base_dir, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr("pnpguide.loading.load_plug_and_play", lambda *args, **kwargs: pytest.fail("loaded the weights"))
+    flags = [str(tiny_base_dir) if flag == "BASE" else str(tmp_path / flag) if flag.endswith(".txt") else flag for flag in flags]
+    assert main(["fit-carry", *flags, "--out", str(tmp_path / "carry.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pnpguide fit-carry: error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "carry.json").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
