@@ -3,6 +3,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 from PIL import Image
@@ -199,6 +200,28 @@ def test_generate_carries_an_output_guides_correction_after_its_full_steps(tiny_
     monkeypatch.setattr(GuideModel, "forward", lambda self, *a, _f=GuideModel.forward, **k: guide_calls.append(1) or _f(self, *a, **k))
     assert main(["generate", "--prompt", "a red circle", "--guide", str(tmp_path / "output-guide"), *flags]) == 0
     assert unet_calls == [1, 1, 1, 1] and len(guide_calls) == 1 and (tmp_path / "x.png").exists()
+
+
+def test_generate_uses_the_carry_shipped_in_a_first_steps_guides_folder_when_it_fits(tiny_base_dir, tmp_path, monkeypatch):
+    from pnpguide import CorrectionCarry, GuideModel
+    from pnpguide.loading import load_plug_and_play
+
+    pipe = load_plug_and_play(str(tiny_base_dir), None)
+    pipe.set_progress_bar_config(disable=True)
+    guide = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output")
+    guide.register_to_config(trained_first_steps=1)
+    guide.save_pretrained(tmp_path / "first-steps")
+    CorrectionCarry.fit(pipe, ["a red circle"], full_steps=1, num_inference_steps=4).save(tmp_path / "first-steps" / "correction_carry.json")
+    guide_calls = []
+    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, _f=GuideModel.forward, **k: guide_calls.append(1) or _f(self, *a, **k))
+    flags = ["--base", str(tiny_base_dir), "--guide", str(tmp_path / "first-steps"), "--out", str(tmp_path / "x.png")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "4"]) == 0
+    assert len(guide_calls) == 1  # the guide at its first step, then carried
+    with pytest.warns(UserWarning, match="distilled on the first 1 steps of sampling only"):
+        assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "3"]) == 0  # fitted for 4 steps: not used
+    assert len(guide_calls) == 1 + 3
 
 
 def test_fit_carry_writes_a_carry_that_generate_samples_with(tiny_base_dir, tmp_path, monkeypatch, capsys):

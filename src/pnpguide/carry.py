@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 FIT_GUIDANCE_SCALE = 5.0  # the factors hardly depend on w: one fit serves the usual range
+GUIDE_CARRY_FILE = "correction_carry.json"  # in a guide's folder: the carry it was shipped with (a guide distilled on the first steps)
 
 
 @dataclass
@@ -71,9 +72,13 @@ class CorrectionCarry:
         factors = [1.0] + [numerator[k] / denominator[k] if denominator[k] > 0 else 1.0 for k in range(1, len(timesteps))]
         return cls(full_steps, timesteps, factors)
 
+    def fits(self, timesteps: list[float]) -> bool:
+        """Whether the factors were fitted for these model calls' timesteps (this scheduler and step count)."""
+        return [float(t) for t in timesteps] == [float(t) for t in self.timesteps]
+
     def check_timesteps(self, timesteps: list[float]) -> None:
         """One line naming both schedules when the factors were fitted for another scheduler or step count."""
-        if [float(t) for t in timesteps] != [float(t) for t in self.timesteps]:
+        if not self.fits(timesteps):
             raise ValueError(f"correction_carry was fitted for {len(self.timesteps)} model calls from t = {self.timesteps[0]:g}, but "
                              f"sampling makes {len(timesteps)} from t = {float(timesteps[0]):g}: fit it again with this "
                              "num_inference_steps and scheduler")

@@ -170,7 +170,7 @@ def cmd_distill_steps(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generate import GenerateRequest, check_request, generate
+    from .generate import GenerateRequest, check_request, generate, guide_carry
     from .loading import load_plug_and_play, warn_if_truncated
 
     request = GenerateRequest(
@@ -179,6 +179,7 @@ def cmd_generate(args) -> None:
         args.first_step_fit, args.correction_carry,
     )
     device, dtype = check_request(request, args.base, args.guide)  # before the slow part
+    request.guide_carry = guide_carry(args.guide)
     pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
     warn_if_truncated(pipe.tokenizer, [args.prompt])
     pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)

@@ -38,6 +38,7 @@ class GenerateRequest:
     cfg_first_steps: int = 0  # guide mode: the first steps run CFG (two UNet passes), the rest the guide
     first_step_fit: bool = False  # guide mode: fit the first step's unconditional pass (FirstStepFit), then run that step as CFG in one pass
     correction_carry: str | None = None  # a saved CorrectionCarry (JSON): CFG (or an output guide) for its first steps, then one pass per step
+    guide_carry: str | None = None  # the carry saved in the guide's folder: used when no correction_carry is given and it fits the schedule
 
 
 def check_request(request: GenerateRequest, base: str | Path | None, guide: str | Path | None = None) -> tuple[torch.device, torch.dtype]:
@@ -90,13 +91,37 @@ def generate(pipe, request: GenerateRequest) -> list[Path]:
         num_images_per_prompt=request.num_images, guidance_scale=w, num_inference_steps=steps, generator=generators,
         mode=request.mode, guidance_interval=request.guidance_interval, cfg_first_steps=request.cfg_first_steps,
         first_step_fit=first_step_fit,
-        correction_carry=CorrectionCarry.load(request.correction_carry) if request.correction_carry else None,
+        correction_carry=correction_carry(pipe, request, steps),
     ).images
     paths = output_paths(request.out, len(images))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths):
         image.save(path)
     return paths
+
+
+def correction_carry(pipe, request: GenerateRequest, steps: int) -> CorrectionCarry | None:
+    """--correction-carry's file; else, in guide mode, the carry shipped in the guide's folder when it was fitted for
+    this scheduler and step count (otherwise the pipeline warns that such a guide needs one)."""
+    if request.correction_carry:
+        return CorrectionCarry.load(request.correction_carry)
+    if request.mode != "guide" or request.guide_carry is None:
+        return None
+    shipped = CorrectionCarry.load(request.guide_carry)
+    scheduler = pipe.sampling_scheduler(steps, request.mode)
+    scheduler.set_timesteps(steps)
+    return shipped if shipped.fits(scheduler.timesteps.tolist()) else None
+
+
+def guide_carry(guide: str | Path | None) -> str | None:
+    """The carry file in a guide's folder (a guide name or path; None: the default tiny guide, which has none)."""
+    from .carry import GUIDE_CARRY_FILE
+    from .loading import check_guide_dir
+
+    if guide is None:
+        return None
+    path = check_guide_dir(guide) / GUIDE_CARRY_FILE
+    return str(path) if path.is_file() else None
 
 
 def output_paths(out: str | Path, count: int) -> list[Path]:

@@ -118,7 +118,7 @@ class GuidedSamplingMixin:
         if first_steps and (correction_carry is None or correction_carry.full_steps > first_steps):
             warnings.warn(f"this guide was distilled on the first {first_steps} steps of sampling only: pass correction_carry="
                           f"CorrectionCarry.fit(pipe, prompts, full_steps={first_steps}) (--correction-carry FILE) to carry its "
-                          f"correction on after them", stacklevel=4)  # the pipeline's caller
+                          f"correction on after them", stacklevel=5)  # the caller of the pipeline (its __call__ is wrapped by torch.no_grad)
 
     def mode_noise_pred(self, mode: str, sample: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
                         negative_prompt_embeds: torch.Tensor | None, guidance_scale: float,
