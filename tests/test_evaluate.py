@@ -153,6 +153,15 @@ def test_an_output_guides_carry_rows_run_the_guide_for_their_full_steps_then_one
     assert not [r for r in result["rows"] if r["method"] == "guide:trained + carry 1"]  # only an output guide's correction can be carried
 
 
+def test_a_guide_distilled_on_the_first_steps_is_evaluated_with_its_correction_carried_after_them(eval_setup, tiny_components):
+    first = GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_output")
+    first.register_to_config(trained_first_steps=2)
+    first.save_pretrained(eval_setup / "first")
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "first")]))
+    assert [r["method"] for r in result["rows"] if r["method"].startswith("guide:")] == ["guide:first + carry 2"]
+    assert _row(result, "guide:first + carry 2")["guide_evals_per_image"] == 2
+
+
 def test_eval_refuses_a_malformed_guidance_interval():
     with pytest.raises(ValueError, match="guidance_interval must be two timesteps"):
         EvalConfig(guidance_interval=[800, 200])

@@ -134,6 +134,10 @@ def build_methods(config: EvalConfig) -> list[Method]:
         for folder, name in zip(folders, _distinct_names(folders)):
             guide = load_guide(folder).eval().to(config.device, resolve_dtype(config.dtype, config.device))
             counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
+            first_steps = guide.config.trained_first_steps
+            if first_steps:  # distilled on the first steps only: sampled as it is meant to be, its correction carried after them
+                methods.append(Method(f"guide:{name}{GUIDE_CARRY.format(first_steps)}", "guide", guide, counts, negatives, carry_full_steps=first_steps))
+                continue
             methods.append(Method(f"guide:{name}", "guide", guide, counts, negatives))
             methods += [Method(f"guide:{name}{NO_NEGATIVE}", "guide", guide, counts)] if negatives else []
             methods += [Method(f"guide:{name}{CFG_FIRST.format(k)}", "guide", guide, counts, negatives, k) for k in config.cfg_first_steps]
