@@ -96,6 +96,7 @@ GUIDE_FIELDS = {
     "projection_class_embeddings_input_dim": optional(POSITIVE_INT),
     "trained_guidance_range": optional(GUIDANCE_RANGE),
     "trained_step_counts": optional(list_of(POSITIVE_INT)),
+    "trained_first_steps": optional(POSITIVE_INT),
     "trained_schedule": optional(OBJECT),
     "reads": one_of("latent", "unet_features", "unet_output"),
     "scale_by_guidance": BOOL,
