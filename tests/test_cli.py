@@ -53,9 +53,17 @@ def _ctrl_c_that_torch_turns_into(error: Exception):
     return handler
 
 
+@pytest.fixture
+def python_default_sigint():
+    """As in a terminal, whatever started pytest: a background job (nohup, CI runners) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("error", [ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'"),
                                    TypeError("an error that is not a user error")])
-def test_a_ctrl_c_that_c_code_turns_into_another_error_is_still_an_interruption(error, monkeypatch, capsys):
+def test_a_ctrl_c_that_c_code_turns_into_another_error_is_still_an_interruption(error, monkeypatch, capsys, python_default_sigint):
     monkeypatch.setattr("pnpguide.cli.cmd_doctor", _ctrl_c_that_torch_turns_into(error))
     assert main(["doctor"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "pnpguide doctor: interrupted"
