@@ -1,0 +1,56 @@
+"""Can the guide's later estimates average out the error that the carry repeats? Closed loop on the harness (48
+held-out prompts, 25 DDIM steps, vs diffusers' CFG images). Steps 0-4: the first-steps network (stop 23's, WEIGHTS)
+or the shipped output guide; then d_k = alpha * a_k * d_{k-1} + (1 - alpha) * g_k, g_k the shipped output guide's
+estimate at step k (alpha = 1: the carry alone; alpha = 0: the guide alone).
+Usage: python blend.py WEIGHTS|output OUT.json ALPHAS [threads]"""
+import json, sys, torch
+from pathlib import Path
+R = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
+from corrector import Corrector
+from harness import load_base, ddim, noise, eval_prompts, decode, CACHE
+from carry_fit import fit_carry
+from safetensors.torch import load_file
+from pnpguide import GuideModel
+from pnpguide.loading import encode_captions
+
+torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+alphas = [float(a) for a in sys.argv[3].split(",")]
+pipe = load_base(); unet = pipe.unet
+guide = GuideModel.from_pretrained("src/pnpguide/assets/guides/output").eval()
+net = None
+if sys.argv[1] != "output":
+    net = Corrector(in_channels=8, width=32); net.load_state_dict(torch.load(sys.argv[1])); net.eval()
+emb_all = encode_captions(pipe, eval_prompts(48) + [""]); emb, empty = emb_all[:-1], emb_all[-1:]
+cached = load_file(CACHE / "eval-embedded-n48-s25-seed0.safetensors")
+
+
+def guide_estimate(z_in, t, c, w):
+    tt = torch.full((len(z_in),), int(t))
+    return guide(z_in, tt, emb, torch.full((len(z_in),), w), unet_output=c).sample / (w - 1)
+
+
+@torch.no_grad()
+def sample(w, alpha, carry):
+    s = ddim(pipe, 25); z = noise(48, 0); dk = None
+    for k, t in enumerate(s.timesteps):
+        z_in = s.scale_model_input(z, t)
+        c = unet(z_in, t, encoder_hidden_states=emb).sample
+        if k < 5:
+            dk = net(torch.cat([z_in, c], 1), torch.as_tensor(t), emb) if net is not None else guide_estimate(z_in, t, c, w)
+        else:
+            dk = alpha * carry[k] * dk + (1 - alpha) * (guide_estimate(z_in, t, c, w) if alpha < 1 else 0)
+        z = s.step(c + (w - 1) * dk, t, z).prev_sample
+    return decode(pipe, z)
+
+
+result = {}
+for w in (3.0, 5.0, 7.5):
+    carry = fit_carry(pipe, empty, w)
+    ref, none = cached[f"cfg{w}"], cached["none"]
+    base = ((none - ref) ** 2).mean().item()
+    for alpha in alphas:
+        img = sample(w, alpha, carry)
+        result.setdefault(f"alpha {alpha}", {})[w] = round(1 - ((img - ref) ** 2).mean().item() / base, 3)
+        print(w, alpha, result[f"alpha {alpha}"][w], flush=True)
+json.dump(result, open(sys.argv[2], "w"), indent=1)
