@@ -8,11 +8,10 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector
-from harness import load_base, ddim, noise, eval_prompts, decode, CACHE
+from harness import load_base, ddim, noise, decode
 from carry_fit import fit_carry
-from safetensors.torch import load_file
+from closed_loop import WS, held_out_embeddings, image_gap
 from pnpguide import GuideModel
-from pnpguide.loading import encode_captions
 
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
 alphas = [float(a) for a in sys.argv[3].split(",")]
@@ -21,8 +20,7 @@ guide = GuideModel.from_pretrained("src/pnpguide/assets/guides/output").eval()
 net = None
 if sys.argv[1] != "output":
     net = Corrector(in_channels=8, width=32); net.load_state_dict(torch.load(sys.argv[1])); net.eval()
-emb_all = encode_captions(pipe, eval_prompts(48) + [""]); emb, empty = emb_all[:-1], emb_all[-1:]
-cached = load_file(CACHE / "eval-embedded-n48-s25-seed0.safetensors")
+emb, empty = held_out_embeddings(pipe)
 
 
 def guide_estimate(z_in, t, c, w):
@@ -45,12 +43,9 @@ def sample(w, alpha, carry):
 
 
 result = {}
-for w in (3.0, 5.0, 7.5):
+for w in WS:
     carry = fit_carry(pipe, empty, w)
-    ref, none = cached[f"cfg{w}"], cached["none"]
-    base = ((none - ref) ** 2).mean().item()
     for alpha in alphas:
-        img = sample(w, alpha, carry)
-        result.setdefault(f"alpha {alpha}", {})[w] = round(1 - ((img - ref) ** 2).mean().item() / base, 3)
+        result.setdefault(f"alpha {alpha}", {})[w] = image_gap(sample(w, alpha, carry), w)
         print(w, alpha, result[f"alpha {alpha}"][w], flush=True)
 json.dump(result, open(sys.argv[2], "w"), indent=1)

@@ -5,18 +5,15 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector
-from harness import load_base, ddim, noise, eval_prompts, decode, CACHE
-from carry_fit import fit_carry
-from safetensors.torch import load_file
-from pnpguide.loading import encode_captions
+from harness import load_base, ddim, noise, decode
+from closed_loop import carried_image_gaps, held_out_embeddings
 
 torch.set_num_threads(1)
 nets = []
 for path in sys.argv[1:3]:
     n = Corrector(in_channels=8, width=32); n.load_state_dict(torch.load(path)); nets.append(n.eval())
 pipe = load_base(); unet = pipe.unet
-e_all = encode_captions(pipe, eval_prompts(48) + [""]); e, empty = e_all[:-1], e_all[-1:]
-cached = load_file(CACHE / "eval-embedded-n48-s25-seed0.safetensors")
+e, empty = held_out_embeddings(pipe)
 
 
 @torch.no_grad()
@@ -30,9 +27,6 @@ def sample(w, carry):
     return decode(pipe, z)
 
 
-result = {"step0": sys.argv[1], "rest": sys.argv[2], "image_gap_closed": {}}
-for w in (3.0, 5.0, 7.5):
-    img, ref, none = sample(w, fit_carry(pipe, empty, w)), cached[f"cfg{w}"], cached["none"]
-    result["image_gap_closed"][w] = round(1 - ((img - ref) ** 2).mean().item() / ((none - ref) ** 2).mean().item(), 3)
+result = {"step0": sys.argv[1], "rest": sys.argv[2], "image_gap_closed": carried_image_gaps(pipe, empty, sample)}
 print(result, flush=True)
 json.dump(result, open(sys.argv[3], "w"), indent=1)

@@ -9,16 +9,14 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector
-from harness import load_base, ddim, noise, eval_prompts, decode, CACHE
+from harness import load_base, ddim, noise, decode
 from carry_fit import fit_carry
-from safetensors.torch import load_file
-from pnpguide.loading import encode_captions
+from closed_loop import WS, held_out_embeddings, image_gap
 
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 net = Corrector(in_channels=8, width=32); net.load_state_dict(torch.load(sys.argv[1])); net.eval()
 pipe = load_base(); unet = pipe.unet
-emb_all = encode_captions(pipe, eval_prompts(48) + [""]); emb, empty = emb_all[:-1], emb_all[-1:]
-cached = load_file(CACHE / "eval-embedded-n48-s25-seed0.safetensors")
+emb, empty = held_out_embeddings(pipe)
 
 
 def low(e, factor=4):
@@ -49,12 +47,9 @@ def sample(w, part, carry):
 
 
 result = {}
-for w in (3.0, 5.0, 7.5):
+for w in WS:
     carry = fit_carry(pipe, empty, w)
-    ref, none = cached[f"cfg{w}"], cached["none"]
-    base = ((none - ref) ** 2).mean().item()
     for name, part in PARTS.items():
-        img = sample(w, part, carry)
-        result.setdefault(name, {})[w] = round(1 - ((img - ref) ** 2).mean().item() / base, 3)
+        result.setdefault(name, {})[w] = image_gap(sample(w, part, carry), w)
         print(w, name, result[name][w], flush=True)
 json.dump(result, open(sys.argv[2], "w"), indent=1)

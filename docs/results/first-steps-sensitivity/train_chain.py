@@ -66,16 +66,14 @@ with torch.no_grad():
     result["per_step_own_estimates_heldout"] = [round(1 - (est[:, k] - d[b, k]).pow(2).sum().item() / d[b, k].pow(2).sum().item(), 3) for k in range(K)]
 print(result, flush=True)
 
-from harness import load_base, ddim, noise, eval_prompts, decode, CACHE
-from safetensors.torch import load_file
-from carry_fit import fit_carry
-from pnpguide.loading import encode_captions
+from harness import load_base, ddim, noise, decode
+from closed_loop import carried_image_gaps, held_out_embeddings
 pipe = load_base(); unet = pipe.unet
 rest = None
 if a.rest:
     rest = Corrector(in_channels=8, width=32); rest.load_state_dict(torch.load(a.rest)); rest.eval()
 last = 5 if rest is not None else K
-e_all = encode_captions(pipe, eval_prompts(48) + [""]); e, empty = e_all[:-1], e_all[-1:]
+e, empty = held_out_embeddings(pipe)
 
 
 @torch.no_grad()
@@ -94,10 +92,6 @@ def sample(w, carry):
     return decode(pipe, z)
 
 
-cached = load_file(CACHE / "eval-embedded-n48-s25-seed0.safetensors")
-result["image_gap_closed"] = {}
-for w in (3.0, 5.0, 7.5):
-    img, ref, none = sample(w, fit_carry(pipe, empty, w)), cached[f"cfg{w}"], cached["none"]
-    result["image_gap_closed"][w] = round(1 - ((img - ref) ** 2).mean().item() / ((none - ref) ** 2).mean().item(), 3)
+result["image_gap_closed"] = carried_image_gaps(pipe, empty, sample)
 print("image gap closed:", result["image_gap_closed"], flush=True)
 json.dump(result, open(a.out + ".json", "w"), indent=1)
