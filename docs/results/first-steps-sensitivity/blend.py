@@ -8,9 +8,9 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector
-from harness import load_base, ddim, noise, decode
+from harness import load_base
 from carry_fit import fit_carry
-from closed_loop import WS, held_out_embeddings, image_gap
+from closed_loop import WS, held_out_embeddings, image_gap, sample as closed_loop
 from pnpguide import GuideModel
 
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
@@ -28,18 +28,12 @@ def guide_estimate(z_in, t, c, w):
     return guide(z_in, tt, emb, torch.full((len(z_in),), w), unet_output=c).sample / (w - 1)
 
 
-@torch.no_grad()
 def sample(w, alpha, carry):
-    s = ddim(pipe, 25); z = noise(48, 0); dk = None
-    for k, t in enumerate(s.timesteps):
-        z_in = s.scale_model_input(z, t)
-        c = unet(z_in, t, encoder_hidden_states=emb).sample
+    def correction(k, x, t, c, d):
         if k < 5:
-            dk = net(torch.cat([z_in, c], 1), torch.as_tensor(t), emb) if net is not None else guide_estimate(z_in, t, c, w)
-        else:
-            dk = alpha * carry[k] * dk + (1 - alpha) * (guide_estimate(z_in, t, c, w) if alpha < 1 else 0)
-        z = s.step(c + (w - 1) * dk, t, z).prev_sample
-    return decode(pipe, z)
+            return net(torch.cat([x, c], 1), torch.as_tensor(t), emb) if net is not None else guide_estimate(x, t, c, w)
+        return alpha * carry[k] * d + (1 - alpha) * (guide_estimate(x, t, c, w) if alpha < 1 else 0)
+    return closed_loop(pipe, emb, w, correction)
 
 
 result = {}

@@ -5,8 +5,8 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector
-from harness import load_base, ddim, noise, decode
-from closed_loop import carried_image_gaps, held_out_embeddings
+from harness import load_base
+from closed_loop import carried_image_gaps, held_out_embeddings, sample as closed_loop
 
 torch.set_num_threads(1)
 nets = []
@@ -16,15 +16,10 @@ pipe = load_base(); unet = pipe.unet
 e, empty = held_out_embeddings(pipe)
 
 
-@torch.no_grad()
 def sample(w, carry):
-    s = ddim(pipe, 25); z = noise(48, 0); dk = None
-    for k, t in enumerate(s.timesteps):
-        z_in = s.scale_model_input(z, t)
-        c = unet(z_in, t, encoder_hidden_states=e).sample
-        dk = nets[min(k, 1)](torch.cat([z_in, c], 1), torch.as_tensor(t), e) if k < 5 else carry[k] * dk
-        z = s.step(c + (w - 1) * dk, t, z).prev_sample
-    return decode(pipe, z)
+    def correction(k, x, t, c, d):
+        return nets[min(k, 1)](torch.cat([x, c], 1), torch.as_tensor(t), e) if k < 5 else carry[k] * d
+    return closed_loop(pipe, e, w, correction)
 
 
 result = {"step0": sys.argv[1], "rest": sys.argv[2], "image_gap_closed": carried_image_gaps(pipe, empty, sample)}

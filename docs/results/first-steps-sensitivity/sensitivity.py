@@ -9,9 +9,9 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector
-from harness import load_base, ddim, noise, decode
+from harness import load_base
 from carry_fit import fit_carry
-from closed_loop import WS, held_out_embeddings, image_gap
+from closed_loop import WS, held_out_embeddings, image_gap, sample as closed_loop
 
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 net = Corrector(in_channels=8, width=32); net.load_state_dict(torch.load(sys.argv[1])); net.eval()
@@ -30,20 +30,13 @@ PARTS = {"none": lambda e, k: 0 * e, "all": lambda e, k: e,
          "spatial mean (per channel)": lambda e, k: e.mean((2, 3), keepdim=True).expand_as(e)}
 
 
-@torch.no_grad()
 def sample(w, part, carry):
-    s = ddim(pipe, 25); z = noise(48, 0); dk = None
-    for k, t in enumerate(s.timesteps):
-        z_in = s.scale_model_input(z, t)
-        if k < 5:
-            u, c = unet(torch.cat([z_in, z_in]), t, encoder_hidden_states=torch.cat([empty.expand_as(emb), emb])).sample.chunk(2)
-            d = c - u
-            dk = d + part(net(torch.cat([z_in, c], 1), torch.as_tensor(t), emb) - d, k)
-        else:
-            c = unet(z_in, t, encoder_hidden_states=emb).sample
-            dk = carry[k] * dk
-        z = s.step(c + (w - 1) * dk, t, z).prev_sample
-    return decode(pipe, z)
+    def correction(k, x, t, c, d):
+        if k >= 5:
+            return carry[k] * d
+        cfg = c - unet(x, t, encoder_hidden_states=empty.expand_as(emb)).sample  # CFG's own, at the state reached
+        return cfg + part(net(torch.cat([x, c], 1), torch.as_tensor(t), emb) - cfg, k)
+    return closed_loop(pipe, emb, w, correction)
 
 
 result = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector, train as train_loop
+from closed_loop import chains
 
 p = argparse.ArgumentParser()
 p.add_argument("--states", default="/tmp/recur/states-0.pt"); p.add_argument("--init", required=True)
@@ -22,9 +23,7 @@ p.add_argument("--rest", default=None, help="closed loop: weights of a (non-recu
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
 S = torch.load(a.states)
-order = torch.argsort(S["idx"] * 10000 - S["t"])  # per trajectory, steps in sampling order
-N = len(S["emb"]); K = len(order) // N
-chain = lambda v: v[order].view(N, K, *v.shape[1:])
+N, K, chain = chains(S)  # per trajectory, steps in sampling order
 x, t, cond, d = chain(S["x"]), chain(S["t"]), chain(S["cond"]), chain(S["cond"] - S["uncond"])
 emb = S["emb"]
 assert (chain(S["idx"]) == torch.arange(N).view(N, 1)).all()
@@ -66,8 +65,8 @@ with torch.no_grad():
     result["per_step_own_estimates_heldout"] = [round(1 - (est[:, k] - d[b, k]).pow(2).sum().item() / d[b, k].pow(2).sum().item(), 3) for k in range(K)]
 print(result, flush=True)
 
-from harness import load_base, ddim, noise, decode
-from closed_loop import carried_image_gaps, held_out_embeddings
+from harness import load_base
+from closed_loop import carried_image_gaps, held_out_embeddings, sample as closed_loop
 pipe = load_base(); unet = pipe.unet
 rest = None
 if a.rest:
@@ -76,20 +75,15 @@ last = 5 if rest is not None else K
 e, empty = held_out_embeddings(pipe)
 
 
-@torch.no_grad()
 def sample(w, carry):
-    s = ddim(pipe, 25); z = noise(48, 0); dk = torch.zeros_like(z)
-    for k, tt in enumerate(s.timesteps):
-        z_in = s.scale_model_input(z, tt)
-        c = unet(z_in, tt, encoder_hidden_states=e).sample
+    def correction(k, x, t, c, d):
         if k < K:
-            dk = net(torch.cat([z_in, c] + ([dk] if a.recurrent else []), 1), torch.as_tensor(tt), e)
-        elif k < last:
-            dk = rest(torch.cat([z_in, c], 1), torch.as_tensor(tt), e)
-        else:
-            dk = carry[k] * dk
-        z = s.step(c + (w - 1) * dk, tt, z).prev_sample
-    return decode(pipe, z)
+            previous = [torch.zeros_like(c) if d is None else d] if a.recurrent else []
+            return net(torch.cat([x, c] + previous, 1), torch.as_tensor(t), e)
+        if k < last:
+            return rest(torch.cat([x, c], 1), torch.as_tensor(t), e)
+        return carry[k] * d
+    return closed_loop(pipe, e, w, correction)
 
 
 result["image_gap_closed"] = carried_image_gaps(pipe, empty, sample)

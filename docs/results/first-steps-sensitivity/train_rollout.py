@@ -8,8 +8,8 @@ from pathlib import Path
 R = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(R / "output-guide")); sys.path.insert(0, str(R / "fidelity-diagnosis")); sys.path.insert(0, str(R / "recurrent-correction"))
 from corrector import Corrector, train as train_loop
-from harness import load_base, ddim, noise, decode
-from closed_loop import carried_image_gaps, held_out_embeddings
+from harness import load_base, ddim
+from closed_loop import carried_image_gaps, chains, held_out_embeddings, sample as closed_loop
 
 p = argparse.ArgumentParser()
 p.add_argument("--states", default="/tmp/recur/states-0.pt"); p.add_argument("--init", required=True)
@@ -20,9 +20,7 @@ p.add_argument("--out", required=True)
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(0)
 S = torch.load(a.states)
-order = torch.argsort(S["idx"] * 10000 - S["t"])
-N = len(S["emb"]); K = len(order) // N
-chain = lambda v: v[order].view(N, K, *v.shape[1:])
+N, K, chain = chains(S)
 x, w, cond, uncond = chain(S["x"]), chain(S["w"])[:, 0], chain(S["cond"]), chain(S["uncond"])
 emb = S["emb"]
 pipe = load_base(); unet = pipe.unet
@@ -82,14 +80,10 @@ print(result, flush=True)
 e, empty = held_out_embeddings(pipe)
 
 
-@torch.no_grad()
 def sample(w, carry):
-    s = ddim(pipe, 25); z = noise(48, 0); dk = None
-    for k, t in enumerate(s.timesteps):
-        c = unet(z, t, encoder_hidden_states=e).sample
-        dk = net(torch.cat([z, c], 1), torch.as_tensor(t), e) if k < K else carry[k] * dk
-        z = s.step(c + (w - 1) * dk, t, z).prev_sample
-    return decode(pipe, z)
+    def correction(k, x, t, c, d):
+        return net(torch.cat([x, c], 1), torch.as_tensor(t), e) if k < K else carry[k] * d
+    return closed_loop(pipe, e, w, correction)
 
 
 result["image_gap_closed"] = carried_image_gaps(pipe, empty, sample)
