@@ -6,7 +6,9 @@
 Everything runs on the meta device (shapes only, no memory, no arithmetic):
 - FLOPs per sample of one step: the CFG teacher (one UNet call at 2B, no grad), the student (UNet + guide) and
   its backward into the guide (the UNet is frozen: activation gradients only, no weight gradients), counted by
-  torch's FlopCounterMode with attention as plain matmuls;
+  torch's FlopCounterMode with attention as plain matmuls; and the same at a teacher trajectory state, which is
+  stored with the teacher's outputs (no teacher call; an output guide's student is the guide alone, on the
+  recorded conditional output);
 - activation memory per sample: the bytes autograd saves for that backward (attention as a fused GPU kernel
   keeps it: q, k, v, output, no score matrix), counted with saved-tensor hooks in fp32 (bf16 autocast stores most of them in half the bytes;
   allocator overhead, workspaces and transient peaks are not counted, so treat it as a lower bound);
@@ -22,7 +24,7 @@ from diffusers import UNet2DConditionModel
 
 from pnpguide.evaluation.speed import SD15, SDXL, count_flops, parameter_count, plain_attention
 from pnpguide.guide import GuideModel
-from pnpguide.teacher import cfg_noise_pred, guided_noise_pred
+from pnpguide.teacher import cfg_noise_pred, guided_noise_pred, output_guided
 
 SETUPS = {"sd15": (SD15, 512), "sdxl": (SDXL, 1024)}  # config, image side in pixels (latents are 1/8 of it)
 TOKENS = 77
@@ -81,15 +83,19 @@ def step_cost(config: dict, side: int, reads: str) -> dict:
             return cfg_noise_pred(unet, x["sample"], x["timestep"], x["embeds"], x["embeds"], 5.0, added_cond_kwargs=doubled)
 
     def student():
+        if guide.reads_unet_output:  # training passes the teacher's conditional output as the student's UNet call
+            return output_guided(guide, x["sample"].clone(), x["sample"], x["timestep"], x["embeds"], 5.0)
         return guided_noise_pred(unet, guide, x["sample"], x["timestep"], x["embeds"], 5.0, added_cond_kwargs=x["added"])
 
     def student_and_backward():
         student().float().pow(2).mean().backward()
 
     with plain_attention(unet, guide):  # FlopCounterMode counts SDPA as 0 on some backends
-        flops = count_flops(teacher) + count_flops(student_and_backward)
+        student_flops = count_flops(student_and_backward)
+        flops = count_flops(teacher) + student_flops
     activations = saved_bytes(student)
-    return {"unet_params": parameter_count(unet), "guide_params": parameter_count(guide), "flops": flops, "activations": activations}
+    return {"unet_params": parameter_count(unet), "guide_params": parameter_count(guide), "flops": flops,
+            "recorded_flops": student_flops, "activations": activations}
 
 
 def main() -> None:
@@ -97,16 +103,18 @@ def main() -> None:
     parser.add_argument("--tflops", type=float, default=100.0, help="assumed sustained TFLOP/s of one GPU (default: 100)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per GPU per step, for the per-step columns (default: 32)")
     args = parser.parse_args()
-    print(f"| base | image | guide reads | UNet params | guide params | TFLOPs / sample | s / step at batch {args.batch_size} "
-          f"({args.tflops:g} TFLOP/s, estimate) | saved activations GiB / sample (fp32) | at batch {args.batch_size} |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| base | image | guide reads | UNet params | guide params | TFLOPs / sample | at a recorded teacher state | "
+          f"s / step at batch {args.batch_size} ({args.tflops:g} TFLOP/s, estimate) | at a recorded state | "
+          f"saved activations GiB / sample (fp32) | at batch {args.batch_size} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (config, side) in SETUPS.items():
-        for reads in ("latent", "unet_features"):
+        for reads in ("latent", "unet_features", "unet_output"):
             cost = step_cost(config, side, reads)
-            seconds = cost["flops"] * args.batch_size / (args.tflops * 1e12)
+            seconds = [flops * args.batch_size / (args.tflops * 1e12) for flops in (cost["flops"], cost["recorded_flops"])]
             per_sample = cost["activations"] / GIB
             print(f"| {name} | {side} px | {reads} | {cost['unet_params'] / 1e6:.1f}M | {cost['guide_params'] / 1e6:.2f}M | "
-                  f"{cost['flops'] / 1e12:.2f} | {seconds:.2f} | {per_sample:.2f} | {per_sample * args.batch_size:.1f} |", flush=True)
+                  f"{cost['flops'] / 1e12:.3f} | {cost['recorded_flops'] / 1e12:.3f} | {seconds[0]:.2f} | {seconds[1]:.3f} | "
+                  f"{per_sample:.3f} | {per_sample * args.batch_size:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from safetensors.torch import load_file
 
 from pnpguide.conditioning import encode_negative, encode_prompts
 from pnpguide.loading import load_pipeline
 from pnpguide.distill_guidance import (
-    RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, timestep_bucket, timestep_gap_table, train_guide,
+    RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, teacher_targets, timestep_bucket, timestep_gap_table,
+    train_guide,
 )
 from pnpguide.guide import GuideModel
 from pnpguide.sources import teacher_trajectories
@@ -44,6 +46,51 @@ def test_distillation_brings_the_guided_unet_closer_to_the_teacher(tiny_base_dir
     assert after < 0.7 * before
 
 
+def test_teacher_states_carry_the_teachers_outputs_there(tiny_base_dir, prompt_file, tmp_path):
+    """The outputs recorded with each trajectory state are what the teacher computes at that state, so training on
+    them needs no teacher call."""
+    config = _config(tiny_base_dir, prompt_file, tmp_path)
+    pipe = load_pipeline(tiny_base_dir)
+    batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
+    recorded = teacher_targets(pipe.unet, batch, negative)
+    computed = teacher_targets(pipe.unet, {k: v for k, v in batch.items() if k not in ("unconditional", "conditional")}, negative)
+    assert batch["conditional"] is not None and batch["conditional"].abs().sum() > 0
+    for a, b in zip(recorded, computed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_an_output_guide_trains_on_teacher_states_without_calling_the_teacher(tiny_base_dir, prompt_file, tmp_path, monkeypatch):
+    import pnpguide.distill_guidance as distill_guidance
+
+    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", max_steps=3, loss_weighting="timestep")
+    train_guide(config)  # writes the trajectories (the teacher runs there)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was called at a recorded state")
+
+    monkeypatch.setattr(distill_guidance, "cfg_and_conditional", no_teacher)
+    train_guide(GuidanceDistillConfig(**(vars(config) | dict(max_steps=6, resume="latest"))))  # the shards are reused
+    with pytest.raises(AssertionError, match="teacher was called"):  # a drawn negative is not the recorded empty one
+        train_guide(GuidanceDistillConfig(**(vars(config) | dict(output_dir=str(tmp_path / "neg"), negatives=True, negative_rate=1.0))))
+
+
+def test_an_output_guides_loss_is_in_units_of_cond_minus_uncond(tiny_base_dir, prompt_file, tmp_path):
+    """An output guide predicts cond - uncond, which does not depend on w: the same prediction error weighs the
+    same at any w (in output space it grows with (w - 1)^2), and a latent guide's loss stays in output space."""
+    config = _config(tiny_base_dir, prompt_file, tmp_path)
+    pipe = load_pipeline(tiny_base_dir)
+    batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
+    output_guide = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output")  # untrained: predicts 0, error |d|^2 (w - 1)^2
+    latent_guide = GuideModel.from_unet(pipe.unet, "tiny")
+    losses = {}
+    for w in (2.0, 8.0):
+        at_w = batch | {"guidance_scale": torch.full_like(batch["guidance_scale"], w)}
+        with torch.no_grad():
+            losses[w] = [distillation_loss(pipe.unet, guide, at_w, negative).item() for guide in (output_guide, latent_guide)]
+    assert losses[2.0][0] == pytest.approx(losses[8.0][0], rel=1e-4)
+    assert losses[8.0][1] == pytest.approx(49 * losses[2.0][1], rel=1e-3)
+
+
 def test_distillation_trains_only_the_guide_and_saves_it(tiny_base_dir, prompt_file, tmp_path):
     config = _config(tiny_base_dir, prompt_file, tmp_path, max_steps=3)
     before = {k: v.clone() for k, v in load_pipeline(tiny_base_dir).unet.state_dict().items()}
@@ -77,13 +124,17 @@ def test_trajectory_first_steps_trains_on_those_states_only_and_says_so(tiny_bas
     monkeypatch.setattr(distill_guidance, "distillation_loss", lambda unet, guide, batch, *rest: seen.append(batch["timesteps"]) or loss(unet, guide, batch, *rest))
     table = distill_guidance.timestep_gap_table
     bands = []
-    monkeypatch.setattr(distill_guidance, "timestep_gap_table", lambda *args: bands.append(args[-1]) or table(*args))
+    monkeypatch.setattr(distill_guidance, "timestep_gap_table", lambda *args, **kwargs: bands.append((args[4], kwargs)) or table(*args, **kwargs))
     guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", trajectory_first_steps=2, max_steps=4,
                                 loss_weighting="timestep"))
     schedule = DDIMScheduler.from_config(load_pipeline(tiny_base_dir).scheduler.config)  # the teacher's trajectories' scheduler
     schedule.set_timesteps(4)
     assert set(torch.cat(seen).tolist()) == set(schedule.timesteps[:2].tolist())  # both first steps, none of the later two
-    assert bands == [1000]  # the loss weights each of the schedule's timesteps by its own mean gap
+    # the loss weights each of the schedule's timesteps by its own mean gap, in the output guide's unit (cond - uncond)
+    assert bands == [(1000, {"per_unit_guidance": True})]
+    shards = sorted((tmp_path / "run" / "trajectories").glob("shard-*.safetensors"))
+    rows = sum(load_file(shard)["timesteps"].numel() for shard in shards)
+    assert rows == 2 * _config(tiny_base_dir, prompt_file, tmp_path).trajectories  # the teacher stopped after the two steps
     assert GuideModel.from_pretrained(tmp_path / "run" / "guide").config.trained_first_steps == guide.config.trained_first_steps == 2
 
 

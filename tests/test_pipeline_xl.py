@@ -191,3 +191,20 @@ def test_a_correction_carry_runs_sdxl_in_one_unet_pass_after_its_full_steps(sdxl
     assert batches == [4, 2, 2]
     assert not np.allclose(carried, _run(pipe, guidance_scale=5.0, mode="cfg", height=64, width=96), atol=1e-4)
     assert not np.allclose(carried, _run(pipe, guidance_scale=1.0, height=64, width=96), atol=1e-4)
+
+
+def test_an_output_guides_correction_is_carried_on_sdxl_after_its_full_steps(sdxl):
+    from pnpguide import CorrectionCarry
+
+    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output")))
+    carry = CorrectionCarry.fit(pipe, ["a cat", "a red car"], full_steps=1, num_inference_steps=3, height=64, width=96)
+    batches, guide_calls = [], []
+    hooks = [pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0])),
+             pipe.guide.register_forward_hook(lambda *args: guide_calls.append(1))]
+    carried = _run(pipe, guidance_scale=5.0, height=64, width=96, correction_carry=carry)
+    for hook in hooks:
+        hook.remove()
+    assert batches == [2, 2, 2] and len(guide_calls) == 1  # one UNet pass a step; the guide at the first step only
+    every_step = _run(pipe, guidance_scale=5.0, height=64, width=96)
+    assert not np.allclose(carried, every_step, atol=1e-4)  # the later steps carry the correction, not the guide's
+    assert not np.allclose(carried, _run(pipe, guidance_scale=1.0, height=64, width=96), atol=1e-4)

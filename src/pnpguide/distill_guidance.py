@@ -20,19 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_negatives, encode_prompts
 from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel, text_encoder_signature
 from .loading import load_guide, load_pipeline
 from .negatives import NegativeSampler, check_negative_settings
-from .shards import Rows, first_states
+from .shards import Rows
 from .sources import SourceConfig, training_pools, training_resolution
-from .teacher import cfg_and_conditional, guided_noise_pred, output_guided
+from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred, output_guided
 from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
 
 RELATIVE_LOSS_FLOOR = 1e-3  # added to each gap, so a sample whose prompt barely changes the output cannot dominate
+PER_UNIT_GUIDANCE_FLOOR = 1e-2  # (w - 1)^2 is at least this when an output guide's error is divided by it (w near 1: no correction to learn)
 LOSS_WEIGHTINGS = ("none", "relative", "timestep")
 TIMESTEP_BUCKETS = 20  # "timestep" weighting: the mean CFG gap is measured in this many equal bands of t
 GAP_TABLE_BATCHES = 8  # batches the teacher runs on, before training, to measure those means
@@ -53,7 +53,7 @@ class GuidanceDistillConfig(SourceConfig):
     negatives: bool = False  # the guide reads the negative prompt: distil against CFG with a negative drawn per sample (another caption, an attribute of the prompt, a --negative-prompts line) or the empty one
     negative_prompts: str | None = None  # text or JSONL file of negative prompts to draw from as well (implies --negatives)
     negative_rate: float = 0.5  # with --negatives: the share of samples with a non-empty negative (the others: the empty prompt)
-    trajectory_first_steps: int | None = None  # source trajectories only: train on the first N states of each teacher run, for an output guide that samples those steps and then carries its correction on (pnpguide.CorrectionCarry) (default: every state)
+    trajectory_first_steps: int | None = None  # source trajectories only: train on the first N states of each teacher run (the teacher stops there), for an output guide that samples those steps and then carries its correction on (pnpguide.CorrectionCarry) (default: every state)
     max_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -111,14 +111,39 @@ def _noisy_batch(rows: Rows, scheduler, config: GuidanceDistillConfig, generator
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows.latents),), generator=generator)
         sample = scheduler.add_noise(rows.latents, torch.randn(rows.latents.shape, generator=generator), timesteps)
         w = sample_guidance_scales(len(rows.latents), config.w_min, config.w_max, generator)
-    else:
+    else:  # a teacher state, with the teacher's outputs there
         sample, timesteps, w = rows.latents, rows.timesteps, rows.guidance
+        return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts,
+                "unconditional": rows.unconditional, "conditional": rows.conditional}
     return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts}
+
+
+def teacher_targets(unet, batch: dict, negative: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CFG output, conditional output) at the batch's states: the outputs recorded with teacher states when every
+    row has them and the batch draws no negatives of its own (the recorded unconditional pass is the empty
+    prompt's); else one teacher call."""
+    conditioning = batch["conditioning"]
+    if batch.get("conditional") is not None and "negative" not in batch:
+        return cfg_combine(batch["unconditional"], batch["conditional"], batch["guidance_scale"]), batch["conditional"]
+    rows = batch.get("negative", negative).rows_for(len(conditioning))
+    return cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, rows.prompt_embeds,
+                               batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, rows))
+
+
+def squared_error(a: torch.Tensor, b: torch.Tensor, guidance_scale: torch.Tensor, per_unit_guidance: bool) -> torch.Tensor:
+    """Per-sample mean squared error; with `per_unit_guidance`, divided by (w - 1)^2: an output guide's error in
+    units of CFG's term cond - uncond, which does not depend on w, so a w = 2 sample teaches that term with the same
+    weight as a w = 9 one (in output space it would weigh 1/49 of it)."""
+    error = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    if not per_unit_guidance:
+        return error
+    return error / (guidance_scale.to(error.device).float() - 1).pow(2).clamp_min(PER_UNIT_GUIDANCE_FLOOR)
 
 
 def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weighting: str = "none",
                       gap_table: "TimestepGaps | None" = None) -> torch.Tensor:
-    """MSE between the guided student's and the CFG teacher's output at the same (x_t, t, c, w); with
+    """MSE between the guided student's and the CFG teacher's output at the same (x_t, t, c, w) (an output guide's
+    divided by (w - 1)^2: in units of CFG's term cond - uncond, see :func:`squared_error`); with
     `weighting="relative"`, each sample's squared error over its own gap ||cfg - cond||^2 (mean over samples);
     with `weighting="timestep"`, over the mean gap at its timestep (`gap_table`, from :func:`timestep_gap_table`).
 
@@ -126,23 +151,22 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     `negative` (B rows, :func:`encode_negatives`); negative: the one-row unconditional conditioning (:func:`encode_negative`)
     for batches without."""
     conditioning = batch["conditioning"]
-    negative = batch.get("negative", negative).rows_for(len(conditioning))
-    negative_embeds = negative.prompt_embeds
+    negative_embeds = batch.get("negative", negative).rows_for(len(conditioning)).prompt_embeds
     with torch.no_grad():
-        target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, negative_embeds,
-                                                  batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, negative))
-    if getattr(guide, "module", guide).reads_unet_output:  # the teacher's conditional half is the student's UNet call
+        target, conditional = teacher_targets(unet, batch, negative)
+    output_guide = getattr(guide, "module", guide).reads_unet_output
+    if output_guide:  # the teacher's conditional output is the student's UNet call
         prediction = output_guided(guide, conditional, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
                                    batch["guidance_scale"], negative_embeds)
     else:
         prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, batch["guidance_scale"],
                                        conditioning.added_cond_kwargs(), negative_prompt_embeds=negative_embeds)
+    error = squared_error(prediction, target, batch["guidance_scale"], output_guide)
     if weighting == "none":
-        return F.mse_loss(prediction.float(), target.float())
-    error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        return error.mean()
     if weighting == "timestep":
         return (error / gap_table.at(batch["timesteps"]).to(error.device)).mean()
-    gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1)
+    gap = squared_error(conditional, target, batch["guidance_scale"], output_guide)
     return (error / (gap + RELATIVE_LOSS_FLOOR)).mean()
 
 
@@ -164,8 +188,9 @@ class TimestepGaps:
 
 @torch.no_grad()
 def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_train_timesteps: int,
-                       buckets: int = TIMESTEP_BUCKETS) -> TimestepGaps:
-    """The mean CFG gap ||cfg - cond||^2 per band of t (`buckets` bands), measured on `batches`.
+                       buckets: int = TIMESTEP_BUCKETS, per_unit_guidance: bool = False) -> TimestepGaps:
+    """The mean CFG gap ||cfg - cond||^2 per band of t (`buckets` bands), measured on `batches`; with
+    `per_unit_guidance` (an output guide), of ||cond - uncond||^2, the unit its loss is measured in (:func:`squared_error`).
 
     Why: the gap at the first, pure-noise step is tens of times larger than at the others, so a plain MSE is spent
     there (docs/guides.md, "Where the error is"); dividing by the mean gap of a sample's own timestep gives every
@@ -174,11 +199,8 @@ def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_tr
     sample takes the nearest measured band's mean."""
     total, count = torch.zeros(buckets, dtype=torch.float64), torch.zeros(buckets, dtype=torch.float64)
     for batch in batches:
-        conditioning = batch["conditioning"]
-        rows = batch.get("negative", negative).rows_for(len(conditioning))
-        target, conditional = cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
-                                                  rows.prompt_embeds, batch["guidance_scale"], cfg_added_cond_kwargs(conditioning, rows))
-        gap = (conditional.float() - target.float()).pow(2).flatten(1).mean(1).double().cpu()
+        target, conditional = teacher_targets(unet, batch, negative)
+        gap = squared_error(conditional, target, batch["guidance_scale"], per_unit_guidance).double().cpu()
         bands = timestep_bucket(batch["timesteps"], num_train_timesteps, buckets)
         total.index_add_(0, bands, gap)
         count.index_add_(0, bands, torch.ones_like(gap))
@@ -221,9 +243,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     freeze(pipe)
     pipe.to(accelerator.device)  # the text encoders run per batch; the VAE encodes image folders up front
     guide = _initial_guide(pipe, config)
-    pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7)
-    if config.trajectory_first_steps is not None:
-        pools = [first_states(pools[0], config.trajectory_first_steps)]
+    pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7, first_steps=config.trajectory_first_steps)
     resolution = training_resolution(pipe, config)
     negative = encode_negative(pipe, accelerator.device, resolution)
     negatives = NegativeSampler.from_config(config) if config.negatives else None
@@ -235,6 +255,8 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
             rows = shard_rows(len(pool), size, batch_index, config.seed, rank, world_size)
             parts.append(_noisy_batch(pool.rows(rows), pipe.scheduler, config, generator))  # drawn on the CPU: the same batch on any device
         batch = {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in ("sample", "timesteps", "guidance_scale")}
+        if all(part.get("conditional") is not None for part in parts):  # teacher states only: their outputs came with them
+            batch |= {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in ("unconditional", "conditional")}
         prompts = [prompt for part in parts for prompt in part["prompts"]]
         batch["conditioning"] = encode_prompts(pipe, prompts, accelerator.device, resolution)
         if negatives is not None:
@@ -249,7 +271,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
         # trajectory states sit at the schedule's few timesteps: one band each, or the first two of 25 steps (t = 999
         # and 959, whose gaps differ 3.7x) would share a band and the second would be weighted as a third of the first
         buckets = num_train_timesteps if config.source == "trajectories" else TIMESTEP_BUCKETS
-        gap_table = timestep_gap_table(pipe.unet, batches, negative, num_train_timesteps, buckets)
+        gap_table = timestep_gap_table(pipe.unet, batches, negative, num_train_timesteps, buckets, per_unit_guidance=guide.reads_unet_output)
         gap_table.means = accelerator.reduce(gap_table.means.to(accelerator.device), "mean").cpu()  # the same weights on every rank
 
     def compute_loss(model, batch):

@@ -2,7 +2,7 @@
 
 A pool is `folder/shard-00000.safetensors, ...` plus `folder/index.json` (each shard's file and row count).
 Each shard holds `latents` (rows, C, h, w) and `prompt_ids` (rows,), and optionally `timesteps` and
-`guidance` (rows,). Training reads only the rows of its batch (`safe_open(...).get_slice`), so memory does
+`guidance` (rows,) and the teacher's `unconditional` and `conditional` outputs at each state (rows, C, h, w). Training reads only the rows of its batch (`safe_open(...).get_slice`), so memory does
 not grow with the number of prompts, trajectories or images; a shard whose file exists with the same
 `fingerprint` (its settings, in the safetensors metadata) is never computed again.
 """
@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX = "index.json"
-FIELDS = ("latents", "prompt_ids", "timesteps", "guidance")
+FIELDS = ("latents", "prompt_ids", "timesteps", "guidance", "unconditional", "conditional")
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Rows:
     prompts: list[str]  # N prompts, encoded per batch
     timesteps: torch.Tensor | None = None  # (N,)
     guidance: torch.Tensor | None = None  # (N,) the w each trajectory was sampled with
+    unconditional: torch.Tensor | None = None  # (N, C, h, w) the teacher's outputs at the states, recorded with them
+    conditional: torch.Tensor | None = None
 
 
 class TensorPool:
@@ -71,32 +73,7 @@ class ShardPool:
                         parts[name][position] = tensor[row : row + 1]
         stacked = {name: torch.cat(values) if values[0] is not None else None for name, values in parts.items()}
         prompts = [self.prompts[i] for i in stacked["prompt_ids"].tolist()]
-        return Rows(stacked["latents"], prompts, stacked["timesteps"], stacked["guidance"])
-
-
-class SubsetPool:
-    """Some rows of another pool, in their order there (a trajectory pool's first steps)."""
-
-    def __init__(self, pool, index: torch.Tensor):
-        self.pool, self.index, self.prompts = pool, index, pool.prompts
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def rows(self, index: torch.Tensor) -> Rows:
-        return self.pool.rows(self.index[index])
-
-
-def first_states(pool: ShardPool, steps: int) -> SubsetPool:
-    """The states of a trajectory pool at its `steps` highest timesteps: the first `steps` steps of each run."""
-    timesteps = torch.cat([_read(file, "timesteps") for file in pool.files])
-    kept = timesteps.unique().sort(descending=True).values[:steps]
-    return SubsetPool(pool, torch.isin(timesteps, kept).nonzero().flatten())
-
-
-def _read(file: Path, name: str) -> torch.Tensor:
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_tensor(name)
+        return Rows(stacked["latents"], prompts, stacked["timesteps"], stacked["guidance"], stacked["unconditional"], stacked["conditional"])
 
 
 def shard_path(folder: Path, number: int) -> Path:

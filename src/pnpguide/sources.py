@@ -169,14 +169,15 @@ def training_resolution(pipe, config: SourceConfig) -> int:
     return config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_seed: int) -> list:
+def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_seed: int, first_steps: int | None = None) -> list:
     """The pools `config.source` trains on: one, or for `mix` the data and trajectories over its captions.
 
-    record: "states" (stage 1: every x_t of each trajectory) or "samples" (stage 2: the final latents)."""
+    record: "states" (stage 1: every x_t of each trajectory, or its `first_steps` first ones) or "samples" (stage 2:
+    the final latents)."""
     output = Path(config.output_dir)
     if config.source == "trajectories":
         prompts = read_prompt_file(config.prompts) if config.prompts else shapes_captions(config.num_samples, config.seed + 7)
-        return [teacher_trajectories(pipe, prompts, output / "trajectories", config, accelerator, record)]
+        return [teacher_trajectories(pipe, prompts, output / "trajectories", config, accelerator, record, first_steps)]
     if config.images is not None:
         data = image_pool(pipe, read_image_folder(config.images), output / "image-latents", training_resolution(pipe, config), accelerator)
     else:
@@ -214,11 +215,15 @@ def _digest(texts: list[str]) -> str:
 
 
 @torch.no_grad()
-def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceConfig, accelerator, record: str = "states"):
+def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceConfig, accelerator, record: str = "states",
+                         first_steps: int | None = None):
     """Run the CFG teacher (DDIM, `config.trajectory_steps` steps) from noise for random prompts and
     w ~ U[w_min, w_max]; write shards of `TRAJECTORIES_PER_SHARD` runs to `folder`; return their pool.
 
-    record="states" keeps every x_t with its t and w (stage 1 learns at the states sampling visits).
+    record="states" keeps every x_t with its t and w (stage 1 learns at the states sampling visits), and the
+    teacher's unconditional and conditional outputs there, which the teacher computed anyway: training at a
+    recorded state then needs no teacher call (an output guide, no UNet call at all). With `first_steps`, each run
+    stops after that many steps (a guide for the first steps, its correction carried on after them).
     record="samples" keeps only the final latents, which stage 2 uses as synthetic data and noises onto
     the student's timesteps: progressive distillation (Salimans & Ho 2022) trains on noised data at the
     student's grid, not on teacher states, which lie on the teacher's finer grid; and one latent per run is
@@ -229,7 +234,7 @@ def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceC
     from .conditioning import cfg_added_cond_kwargs, encode_negative, encode_prompts
     from .loading import warn_if_truncated
     from .shards import ShardPool, write_shards
-    from .teacher import cfg_noise_pred
+    from .teacher import cfg_combine, unconditional_and_conditional
 
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(config.trajectory_steps)
@@ -240,6 +245,11 @@ def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceC
     warn_if_truncated(pipe.tokenizer, prompts)
     fingerprint = {"record": record, "prompts": _digest(prompts), "trajectories": str(config.trajectories), "seed": str(config.seed),
                    "steps": str(config.trajectory_steps), "guidance": f"{config.w_min},{config.w_max}", "shape": str(shape)}
+    timesteps = scheduler.timesteps
+    if record == "states":
+        fingerprint["outputs"] = "unconditional,conditional"  # shards written before outputs were recorded are made again
+        if first_steps is not None:
+            timesteps, fingerprint["first_steps"] = timesteps[:first_steps], str(first_steps)
 
     def make_shard(number: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(hash((config.seed + 11, number)) & SEED_MASK)  # on the CPU: the same on any device
@@ -249,17 +259,19 @@ def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceC
         x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
         conditioning = encode_prompts(pipe, [prompts[i] for i in prompt_ids.tolist()], device, resolution)
         added = cfg_added_cond_kwargs(conditioning, negative)
-        states = []
-        for t in scheduler.timesteps:
-            states.append(x.cpu())
-            output = cfg_noise_pred(pipe.unet, scheduler.scale_model_input(x, t), t, conditioning.prompt_embeds,
-                                    negative.expand(n).prompt_embeds, w, added)
-            x = scheduler.step(output, t, x).prev_sample
+        states, unconditional, conditional = [], [], []
+        for t in timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            noise_uncond, noise_cond = unconditional_and_conditional(pipe.unet, model_input, t, conditioning.prompt_embeds,
+                                                                     negative.expand(n).prompt_embeds, added)
+            for recorded, value in ((states, model_input), (unconditional, noise_uncond), (conditional, noise_cond)):
+                recorded.append(value.cpu())
+            x = scheduler.step(cfg_combine(noise_uncond, noise_cond, w), t, x).prev_sample
         if record == "samples":
             return {"latents": x.cpu(), "prompt_ids": prompt_ids, "guidance": w}
-        steps = len(scheduler.timesteps)  # rows are step-major: (steps * n, C, h, w)
-        timesteps = scheduler.timesteps.repeat_interleave(n)
-        return {"latents": torch.cat(states), "prompt_ids": prompt_ids.repeat(steps), "timesteps": timesteps, "guidance": w.repeat(steps)}
+        steps = len(timesteps)  # rows are step-major: (steps * n, C, h, w)
+        return {"latents": torch.cat(states), "prompt_ids": prompt_ids.repeat(steps), "timesteps": timesteps.repeat_interleave(n),
+                "guidance": w.repeat(steps), "unconditional": torch.cat(unconditional), "conditional": torch.cat(conditional)}
 
     count = -(-config.trajectories // TRAJECTORIES_PER_SHARD)
     return ShardPool(write_shards(folder, count, make_shard, fingerprint, accelerator), prompts)

@@ -61,6 +61,22 @@ def cfg_and_conditional(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CFG output, conditional output) from the teacher's one 2B call: the distance between the two is the
     gap the guide has to close, which the relative distillation loss divides by."""
+    noise_uncond, noise_cond = unconditional_and_conditional(unet, sample, timestep, prompt_embeds, negative_prompt_embeds,
+                                                             added_cond_kwargs, cross_attention_kwargs)
+    return cfg_combine(noise_uncond, noise_cond, guidance_scale), noise_cond
+
+
+def unconditional_and_conditional(
+    unet,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | int,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    added_cond_kwargs: dict | None = None,
+    cross_attention_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's two outputs from one 2B call [uncond; cond], before they are combined: what teacher
+    trajectories record with each state, so that training at that state needs no teacher call of its own."""
     timestep = _batched(timestep, sample.shape[0], sample.device)
     output = unet(
         torch.cat([sample, sample]),
@@ -70,8 +86,7 @@ def cfg_and_conditional(
         cross_attention_kwargs=cross_attention_kwargs,
         return_dict=False,
     )[0]
-    noise_uncond, noise_cond = output.chunk(2)
-    return cfg_combine(noise_uncond, noise_cond, guidance_scale), noise_cond
+    return tuple(output.chunk(2))
 
 
 def guided_noise_pred(
