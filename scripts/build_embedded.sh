@@ -53,7 +53,10 @@ python scripts/ship_guide.py runs/gpu/L2/guide-16 "$ASSETS/guides/tiny-16step"
 python scripts/ship_guide.py runs/gpu/L2/guide-8 "$ASSETS/guides/tiny-8step"
 
 # 7. the output guide (reads x_t and the UNet's conditional output, predicts cond - uncond): CFG teacher trajectories
-#    (1,536 runs, ~24 min), then 2,000 steps of batch 64 with the per-timestep loss (~40 min), on 2 CPU threads
+#    (1,536 runs, ~24 min), then 2,000 steps of batch 64 with the per-timestep loss (~40 min), on 2 CPU threads.
+#    Steps 7 and 8 ran before stop 26, when the teacher was called at every training step and an output guide's loss
+#    was in output space (weighted by (w - 1)^2); the same commands now train faster, in units of cond - uncond, and
+#    give another guide than the shipped one.
 pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 1536 --loss-weighting timestep \
     --batch-size 64 --learning-rate 1e-3 --lr-warmup-steps 100 --max-steps 2000 --output-dir runs/output-guide
 python scripts/ship_guide.py runs/output-guide/guide "$ASSETS/guides/output"
@@ -65,3 +68,15 @@ pnpguide --threads 2 distill --reads unet_output --source trajectories --traject
     --batch-size 64 --learning-rate 5e-4 --lr-warmup-steps 50 --max-steps 1500 --negatives \
     --init-guide runs/output-guide/guide --output-dir runs/output-neg
 python scripts/ship_guide.py runs/output-neg/guide "$ASSETS/guides/output-neg"
+
+# 9. the output guide for the first 5 steps, shipped with its correction carry (stop 26): step 4 of
+#    docs/results/first-steps-guide/command.txt (1,478 steps, 42 min), then 8,192 trajectories' first 5 steps stored
+#    with the teacher's outputs (~10 min) and 9,000 more steps of batch 64 (68 min), on 2 CPU threads. The first
+#    command ran in stop 24, before the loss was counted in units of cond - uncond.
+pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 1536 --loss-weighting timestep \
+    --batch-size 64 --trajectory-first-steps 5 --learning-rate 1e-3 --max-steps 1500 --lr-warmup-steps 100 --output-dir runs/output-tiny-first5
+pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 8192 --trajectory-first-steps 5 \
+    --loss-weighting timestep --batch-size 64 --learning-rate 1e-3 --lr-warmup-steps 50 --max-steps 9000 \
+    --init-guide runs/output-tiny-first5/guide --output-dir runs/output-first5-v2
+python scripts/ship_guide.py runs/output-first5-v2/guide "$ASSETS/guides/output-first5"
+pnpguide --threads 1 fit-carry --full-steps 5 --steps 25 --out "$ASSETS/guides/output-first5/correction_carry.json"
