@@ -113,9 +113,8 @@ def _noisy_batch(rows: Rows, scheduler, config: GuidanceDistillConfig, generator
         w = sample_guidance_scales(len(rows.latents), config.w_min, config.w_max, generator)
     else:  # a teacher state, with the teacher's outputs there
         sample, timesteps, w = rows.latents, rows.timesteps, rows.guidance
-        return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts,
-                "unconditional": rows.unconditional, "conditional": rows.conditional}
-    return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts}
+    return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts,
+            "unconditional": rows.unconditional, "conditional": rows.conditional}  # data rows: None
 
 
 def teacher_targets(unet, batch: dict, negative: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,9 +253,9 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
         for pool, size in zip(pools, _split(config.batch_size, len(pools))):
             rows = shard_rows(len(pool), size, batch_index, config.seed, rank, world_size)
             parts.append(_noisy_batch(pool.rows(rows), pipe.scheduler, config, generator))  # drawn on the CPU: the same batch on any device
-        batch = {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in ("sample", "timesteps", "guidance_scale")}
-        if all(part.get("conditional") is not None for part in parts):  # teacher states only: their outputs came with them
-            batch |= {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in ("unconditional", "conditional")}
+        stored = all(part["conditional"] is not None for part in parts)  # teacher states only: their outputs came with them
+        names = ("sample", "timesteps", "guidance_scale") + (("unconditional", "conditional") if stored else ())
+        batch = {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in names}
         prompts = [prompt for part in parts for prompt in part["prompts"]]
         batch["conditioning"] = encode_prompts(pipe, prompts, accelerator.device, resolution)
         if negatives is not None:

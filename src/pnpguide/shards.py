@@ -2,8 +2,9 @@
 
 A pool is `folder/shard-00000.safetensors, ...` plus `folder/index.json` (each shard's file and row count).
 Each shard holds `latents` (rows, C, h, w) and `prompt_ids` (rows,), and optionally `timesteps` and
-`guidance` (rows,) and the teacher's `unconditional` and `conditional` outputs at each state (rows, C, h, w). Training reads only the rows of its batch (`safe_open(...).get_slice`), so memory does
-not grow with the number of prompts, trajectories or images; a shard whose file exists with the same
+`guidance` (rows,) and the teacher's `unconditional` and `conditional` outputs at each state (rows, C, h, w).
+Training reads only the rows of its batch (`safe_open(...).get_slice`), so memory does not grow with the number of
+prompts, trajectories or images; a shard whose file exists with the same
 `fingerprint` (its settings, in the safetensors metadata) is never computed again.
 """
 

@@ -264,8 +264,9 @@ def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceC
             model_input = scheduler.scale_model_input(x, t)
             noise_uncond, noise_cond = unconditional_and_conditional(pipe.unet, model_input, t, conditioning.prompt_embeds,
                                                                      negative.expand(n).prompt_embeds, added)
-            for recorded, value in ((states, model_input), (unconditional, noise_uncond), (conditional, noise_cond)):
-                recorded.append(value.cpu())
+            if record == "states":  # stage 2 keeps only the final latents: no copies of the steps
+                for recorded, value in ((states, model_input), (unconditional, noise_uncond), (conditional, noise_cond)):
+                    recorded.append(value.cpu())
             x = scheduler.step(cfg_combine(noise_uncond, noise_cond, w), t, x).prev_sample
         if record == "samples":
             return {"latents": x.cpu(), "prompt_ids": prompt_ids, "guidance": w}
