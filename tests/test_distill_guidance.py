@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -6,12 +8,13 @@ from safetensors.torch import load_file
 from pnpguide.conditioning import encode_negative, encode_prompts
 from pnpguide.loading import load_pipeline
 from pnpguide.distill_guidance import (
-    RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, teacher_targets, timestep_bucket, timestep_gap_table,
-    train_guide,
+    RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, squared_error, teacher_targets, timestep_bucket,
+    timestep_gap_table, train_guide,
 )
 from pnpguide.guide import GuideModel
 from pnpguide.sources import teacher_trajectories
-from pnpguide.teacher import cfg_and_conditional
+from pnpguide.shards import ShardPool
+from pnpguide.teacher import cfg_and_conditional, cfg_combine, output_guided
 from pnpguide.training import make_accelerator, shard_rows
 
 
@@ -110,6 +113,8 @@ def test_distillation_trains_only_the_guide_and_saves_it(tiny_base_dir, prompt_f
     (dict(max_steps=0), "max_steps must be >= 1"),
     (dict(trajectory_first_steps=2), "use it with source 'trajectories', not 'shapes'"),
     (dict(source="trajectories", trajectory_first_steps=26), r"between 1 and trajectory_steps \(25\), got 26"),
+    (dict(validation_trajectories=8), "use it with source 'trajectories', not 'shapes'"),
+    (dict(source="trajectories", validation_trajectories=0), "whole number of teacher runs >= 1, got 0"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -136,6 +141,31 @@ def test_trajectory_first_steps_trains_on_those_states_only_and_says_so(tiny_bas
     rows = sum(load_file(shard)["timesteps"].numel() for shard in shards)
     assert rows == 2 * _config(tiny_base_dir, prompt_file, tmp_path).trajectories  # the teacher stopped after the two steps
     assert GuideModel.from_pretrained(tmp_path / "run" / "guide").config.trained_first_steps == guide.config.trained_first_steps == 2
+
+
+def test_validation_trajectories_are_held_out_and_their_loss_is_logged_at_each_checkpoint(tiny_base_dir, prompt_file, tmp_path):
+    """Held-out teacher runs (other noise) are scored before training and at every checkpoint; with EMA the figure
+    is the EMA weights', the ones saved: the last one equals the saved guide's loss over every held-out state."""
+    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", trajectory_first_steps=2, max_steps=4,
+                     checkpointing_steps=2, log_every=1, validation_trajectories=3, use_ema=True)
+    guide = train_guide(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    validation = [(row["step"], row["validation_loss"]) for row in rows if "validation_loss" in row]
+    assert [step for step, _ in validation] == [0, 2, 4] and all("loss" not in row for row in rows if "validation_loss" in row)
+
+    pipe = load_pipeline(tiny_base_dir)
+    held_out = ShardPool(tmp_path / "run" / "validation-trajectories", prompt_file.read_text().splitlines())
+    states = held_out.rows(torch.arange(len(held_out)))
+    assert len(held_out) == 3 * 2  # three runs, their first two states
+    trained = load_file(next((tmp_path / "run" / "trajectories").glob("shard-*.safetensors")))["latents"]
+    assert not any(torch.equal(state, row) for state in states.latents for row in trained)  # none is a training state
+    embeds = encode_prompts(pipe, states.prompts, "cpu", 16).prompt_embeds
+    with torch.no_grad():
+        guided = output_guided(guide, states.conditional, states.latents, states.timesteps, embeds, states.guidance)
+    target = cfg_combine(states.unconditional, states.conditional, states.guidance)
+    expected = squared_error(guided, target, states.guidance, per_unit_guidance=True).mean().item()
+    assert validation[-1][1] == pytest.approx(expected, rel=1e-4)
+    assert validation[0][1] != pytest.approx(expected, rel=1e-3)  # the untrained guide's figure came first
 
 
 def test_empty_prompt_file_is_a_clear_error(tiny_base_dir, tmp_path):

@@ -72,7 +72,7 @@ def test_other_runs_into_a_used_folder_are_refused_and_leave_it_byte_identical(t
             assert main(distill_flags(tiny_base_dir, prompt_file, run, **flags)) == 2
             line = _last_error_line(capsys)
             assert line.startswith("pnpguide distill: error:") and message in line
-        assert "seed 0 -> 1; only max_steps, max_minutes, checkpointing_steps, checkpoints_total_limit, log_every may change" in line
+        assert "seed 0 -> 1; only max_steps, max_minutes, checkpointing_steps, checkpoints_total_limit, log_every, validation_trajectories may change" in line
     assert _digests(run) == first_run
 
 

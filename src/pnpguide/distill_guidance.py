@@ -26,7 +26,7 @@ from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel, text_encoder_signature
 from .loading import load_guide, load_pipeline
 from .negatives import NegativeSampler, check_negative_settings
 from .shards import Rows
-from .sources import SourceConfig, training_pools, training_resolution
+from .sources import SourceConfig, training_pools, training_resolution, validation_pool
 from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred, output_guided
 from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
@@ -54,6 +54,7 @@ class GuidanceDistillConfig(SourceConfig):
     negative_prompts: str | None = None  # text or JSONL file of negative prompts to draw from as well (implies --negatives)
     negative_rate: float = 0.5  # with --negatives: the share of samples with a non-empty negative (the others: the empty prompt)
     trajectory_first_steps: int | None = None  # source trajectories only: train on the first N states of each teacher run (the teacher stops there), for an output guide that samples those steps and then carries its correction on (pnpguide.CorrectionCarry) (default: every state)
+    validation_trajectories: int | None = None  # source trajectories only: this many teacher runs (the same prompts, other noise) held out of training; the loss on their states goes to log.jsonl at every checkpoint, beside the training loss, to show whether more --trajectories would help (default: none)
     max_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -74,6 +75,7 @@ class GuidanceDistillConfig(SourceConfig):
             raise ValueError(f"width_divisor must be >= 1, got {self.width_divisor}")
         check_guidance_range(self.w_min, self.w_max)
         check_trajectory_first_steps(self)
+        check_validation_trajectories(self)
         check_negative_settings(self.negative_prompts, self.negative_rate)
         self.negatives = self.negatives or self.negative_prompts is not None
 
@@ -91,6 +93,16 @@ def check_trajectory_first_steps(config: GuidanceDistillConfig) -> None:
         raise ValueError(f"trajectory_first_steps selects states of the teacher's trajectories: use it with source 'trajectories', not {config.source!r}")
     if not 1 <= steps <= config.trajectory_steps:
         raise ValueError(f"trajectory_first_steps must be between 1 and trajectory_steps ({config.trajectory_steps}), got {steps}")
+
+
+def check_validation_trajectories(config: GuidanceDistillConfig) -> None:
+    runs = config.validation_trajectories
+    if runs is None:
+        return
+    if config.source != "trajectories":
+        raise ValueError(f"validation_trajectories holds out teacher runs: use it with source 'trajectories', not {config.source!r}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"validation_trajectories must be a whole number of teacher runs >= 1, got {runs!r}")
 
 
 def sample_guidance_scales(count: int, w_min: float, w_max: float, generator: torch.Generator) -> torch.Tensor:
@@ -253,6 +265,9 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
         for pool, size in zip(pools, _split(config.batch_size, len(pools))):
             rows = shard_rows(len(pool), size, batch_index, config.seed, rank, world_size)
             parts.append(_noisy_batch(pool.rows(rows), pipe.scheduler, config, generator))  # drawn on the CPU: the same batch on any device
+        return collate(parts, generator)
+
+    def collate(parts: list[dict], generator) -> dict:
         stored = all(part["conditional"] is not None for part in parts)  # teacher states only: their outputs came with them
         names = ("sample", "timesteps", "guidance_scale") + (("unconditional", "conditional") if stored else ())
         batch = {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in names}
@@ -276,7 +291,21 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     def compute_loss(model, batch):
         return distillation_loss(pipe.unet, model, batch, negative, config.loss_weighting, gap_table)
 
-    guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}")
+    validate = None
+    if config.validation_trajectories is not None:
+        held_out = validation_pool(pipe, config, accelerator, config.validation_trajectories, config.trajectory_first_steps)
+
+        def validate(model) -> float:
+            """The loss over every held-out state, with the same negatives drawn at each checkpoint."""
+            total = 0.0
+            for start in range(0, len(held_out), config.batch_size):
+                generator = torch.Generator().manual_seed(config.seed + start)
+                rows = held_out.rows(torch.arange(start, min(start + config.batch_size, len(held_out))))
+                batch = collate([_noisy_batch(rows, pipe.scheduler, config, generator)], generator)
+                total += compute_loss(model, batch).item() * len(rows.latents)
+            return total / len(held_out)
+
+    guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}", validate=validate)
     guide = copy_ema_into(guide, ema).eval()
     guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_first_steps=config.trajectory_first_steps,
                              trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".pnpguide.lock"
 RUN_CONTROL = ("output_dir", "resume", "overwrite")  # how a run is started, not what it trains
-RESUMABLE_CHANGES = ("max_steps", "max_minutes", "checkpointing_steps", "checkpoints_total_limit", "log_every")  # a resumed run may change these
+RESUMABLE_CHANGES = ("max_steps", "max_minutes", "checkpointing_steps", "checkpoints_total_limit", "log_every", "validation_trajectories")  # a resumed run may change these (none changes what it trains)
 TAKEOVER_ATTEMPTS = 20
 
 
@@ -199,7 +199,7 @@ def check_folder_owner(config, folder: Path) -> None:
     if differences:
         raise OutputFolderError(
             f"cannot resume the run in {folder} with other settings: {', '.join(differences)}; "
-            f"only {', '.join(RESUMABLE_CHANGES)} may change when resuming"
+            f"only {', '.join(n for n in RESUMABLE_CHANGES if hasattr(config, n))} may change when resuming"
         )
 
 

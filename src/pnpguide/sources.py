@@ -16,6 +16,7 @@ ranks, resumed shard by shard and streamed a batch at a time (:mod:`pnpguide.sha
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ METADATA = "metadata.jsonl"
 TRAJECTORIES_PER_SHARD = 64  # also the teacher's sampling batch
 IMAGES_PER_SHARD = 64
 SEED_MASK = 0x7FFF_FFFF_FFFF
+VALIDATION_SEED = 1_000_003  # validation runs draw from seed + this: no shard of theirs repeats a training run's draws
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -176,8 +178,7 @@ def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_
     the final latents)."""
     output = Path(config.output_dir)
     if config.source == "trajectories":
-        prompts = read_prompt_file(config.prompts) if config.prompts else shapes_captions(config.num_samples, config.seed + 7)
-        return [teacher_trajectories(pipe, prompts, output / "trajectories", config, accelerator, record, first_steps)]
+        return [teacher_trajectories(pipe, trajectory_prompts(config), output / "trajectories", config, accelerator, record, first_steps)]
     if config.images is not None:
         data = image_pool(pipe, read_image_folder(config.images), output / "image-latents", training_resolution(pipe, config), accelerator)
     else:
@@ -185,6 +186,20 @@ def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_
     if config.source != "mix":
         return [data]
     return [data, teacher_trajectories(pipe, data.prompts, output / "trajectories", config, accelerator, record)]
+
+
+def validation_pool(pipe, config: SourceConfig, accelerator, runs: int, first_steps: int | None = None):
+    """`runs` teacher runs held out of training (source "trajectories"): the same prompts and w range as the training
+    runs, other noise and draws (seed + VALIDATION_SEED), in `output_dir/validation-trajectories`. A guide's loss on
+    their states against its loss on the ones it trains at tells whether more trajectories would help."""
+    held_out = dataclasses.replace(config, trajectories=runs, seed=config.seed + VALIDATION_SEED)
+    folder = Path(config.output_dir) / "validation-trajectories"
+    return teacher_trajectories(pipe, trajectory_prompts(config), folder, held_out, accelerator, "states", first_steps)
+
+
+def trajectory_prompts(config: SourceConfig) -> list[str]:
+    """The prompts teacher runs draw from: --prompts, or on the embedded model its shapes captions."""
+    return read_prompt_file(config.prompts) if config.prompts else shapes_captions(config.num_samples, config.seed + 7)
 
 
 def shapes_captions(num_samples: int, seed: int) -> list[str]:

@@ -177,12 +177,15 @@ def run_training(
     compute_loss: Callable[[torch.nn.Module, dict], torch.Tensor],
     accelerator: Accelerator | None = None,
     description: str = "training",
+    validate: Callable[[torch.nn.Module], float] | None = None,
 ) -> tuple[torch.nn.Module, EMAModel | None]:
     """Train `model`'s parameters that require grad; return the unwrapped model and its EMA.
 
     `make_batch(step, generator)` builds the batch for an optimizer step; `compute_loss(model, batch)`
     returns a scalar loss. The loop checkpoints with `accelerator.save_state`, resumes from
     `config.resume`, clips gradients and stops with :class:`NonFiniteLossError` on NaN/inf.
+    `validate(model)`, if given, returns a held-out loss: logged before the first step and at every checkpoint
+    (of the EMA weights with `use_ema`, the ones that are saved), on the main process.
     """
     accelerator = accelerator or make_accelerator(config)
     output_dir = Path(config.output_dir)
@@ -214,6 +217,15 @@ def run_training(
     log_path = output_dir / "log.jsonl"
     progress = tqdm(total=config.max_steps, initial=step, desc=description, disable=not accelerator.is_local_main_process)
     started = time.time()
+
+    def log_validation() -> None:
+        if validate is not None and accelerator.is_main_process:
+            loss = _validation_loss(validate, accelerator.unwrap_model(model), params, ema)
+            _append_log(log_path, step, time.time() - started, validation_loss=loss)
+            progress.write(f"step {step}: validation loss {loss:.4f}")
+
+    if step == 0:
+        log_validation()
     try:  # closed before an error or Ctrl-C is reported, not redrawn after it at exit
         while step < config.max_steps:
             for micro in range(config.gradient_accumulation_steps):
@@ -240,9 +252,10 @@ def run_training(
             progress.set_postfix(loss=f"{loss.item():.4f}")
             out_of_time = step < config.max_steps and _out_of_time(accelerator, started, config.max_minutes)
             if accelerator.is_main_process and (step % config.log_every == 0 or step == config.max_steps or out_of_time):
-                _append_log(log_path, step, loss.item(), lr_scheduler.get_last_lr()[0], time.time() - started)
+                _append_log(log_path, step, time.time() - started, loss=loss.item(), lr=lr_scheduler.get_last_lr()[0])
             if step % config.checkpointing_steps == 0 or step == config.max_steps or out_of_time:
                 _save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
+                log_validation()
             if out_of_time:
                 accelerator.print(f"stopped at step {step} of {config.max_steps}: --max-minutes {config.max_minutes} reached")
                 break
@@ -269,10 +282,26 @@ def _out_of_time(accelerator: Accelerator, started: float, max_minutes: float | 
     return bool(broadcast(spent).item())
 
 
-def _append_log(path: Path, step: int, loss: float, lr: float, elapsed: float) -> None:
+def _validation_loss(validate: Callable[[torch.nn.Module], float], model: torch.nn.Module, params: list, ema: EMAModel | None) -> float:
+    """validate(model) in eval mode without gradients, with the EMA's weights swapped in when there is one."""
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    model.eval()
+    try:
+        with torch.no_grad():
+            return validate(model)
+    finally:
+        model.train()
+        if ema is not None:
+            ema.restore(params)
+
+
+def _append_log(path: Path, step: int, elapsed: float, **figures: float) -> None:
+    """One line of log.jsonl: a training step's loss and lr, or a held-out figure (validation_loss)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "elapsed_s": round(elapsed, 1)}) + "\n")
+        f.write(json.dumps({"step": step} | figures | {"elapsed_s": round(elapsed, 1)}) + "\n")
 
 
 def copy_ema_into(model: torch.nn.Module, ema: EMAModel | None) -> torch.nn.Module:
