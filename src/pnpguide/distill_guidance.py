@@ -291,21 +291,22 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     def compute_loss(model, batch):
         return distillation_loss(pipe.unet, model, batch, negative, config.loss_weighting, gap_table)
 
-    validate = None
+    held_out = None
     if config.validation_trajectories is not None:
         held_out = validation_pool(pipe, config, accelerator, config.validation_trajectories, config.trajectory_first_steps)
 
-        def validate(model) -> float:
-            """The loss over every held-out state, with the same negatives drawn at each checkpoint."""
-            total = 0.0
-            for start in range(0, len(held_out), config.batch_size):
-                generator = torch.Generator().manual_seed(config.seed + start)
-                rows = held_out.rows(torch.arange(start, min(start + config.batch_size, len(held_out))))
-                batch = collate([_noisy_batch(rows, pipe.scheduler, config, generator)], generator)
-                total += compute_loss(model, batch).item() * len(rows.latents)
-            return total / len(held_out)
+    def validate(model) -> float:
+        """The loss over every held-out state, with the same negatives drawn at each checkpoint."""
+        total = 0.0
+        for start in range(0, len(held_out), config.batch_size):
+            generator = torch.Generator().manual_seed(config.seed + start)
+            rows = held_out.rows(torch.arange(start, min(start + config.batch_size, len(held_out))))
+            batch = collate([_noisy_batch(rows, pipe.scheduler, config, generator)], generator)
+            total += compute_loss(model, batch).item() * len(rows.latents)
+        return total / len(held_out)
 
-    guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}", validate=validate)
+    guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}",
+                              validate=validate if held_out is not None else None)
     guide = copy_ema_into(guide, ema).eval()
     guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_first_steps=config.trajectory_first_steps,
                              trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
