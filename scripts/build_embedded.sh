@@ -78,5 +78,10 @@ pnpguide --threads 2 distill --reads unet_output --source trajectories --traject
 pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 8192 --trajectory-first-steps 5 \
     --loss-weighting timestep --batch-size 64 --learning-rate 1e-3 --lr-warmup-steps 50 --max-steps 9000 \
     --init-guide runs/output-tiny-first5/guide --output-dir runs/output-first5-v2
-python scripts/ship_guide.py runs/output-first5-v2/guide "$ASSETS/guides/output-first5"
+#    Stop 27: 32,768 trajectories (their first 128 shards are the 8,192 above: shard n depends on the seed and n, not
+#    on the count) and 7,500 more steps at lr 5e-4 from that guide, 320 held-out runs scored at every checkpoint (57 min).
+pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 32768 --trajectory-first-steps 5 \
+    --loss-weighting timestep --batch-size 64 --learning-rate 5e-4 --lr-warmup-steps 50 --max-steps 7500 \
+    --init-guide runs/output-first5-v2/guide --validation-trajectories 320 --output-dir runs/output-first5-32k
+python scripts/ship_guide.py runs/output-first5-32k/guide "$ASSETS/guides/output-first5"
 pnpguide --threads 1 fit-carry --full-steps 5 --steps 25 --out "$ASSETS/guides/output-first5/correction_carry.json"
