@@ -74,8 +74,7 @@ class GuidanceDistillConfig(SourceConfig):
         if self.width_divisor is not None and self.width_divisor < 1:
             raise ValueError(f"width_divisor must be >= 1, got {self.width_divisor}")
         check_guidance_range(self.w_min, self.w_max)
-        check_trajectory_first_steps(self)
-        check_validation_trajectories(self)
+        check_trajectory_options(self)
         check_negative_settings(self.negative_prompts, self.negative_rate)
         self.negatives = self.negatives or self.negative_prompts is not None
 
@@ -85,23 +84,15 @@ def check_guidance_range(w_min: float, w_max: float) -> None:
         raise ValueError(f"need 1 <= w_min <= w_max <= 14, got w_min={w_min}, w_max={w_max}")
 
 
-def check_trajectory_first_steps(config: GuidanceDistillConfig) -> None:
-    steps = config.trajectory_first_steps
-    if steps is None:
-        return
-    if config.source != "trajectories":
-        raise ValueError(f"trajectory_first_steps selects states of the teacher's trajectories: use it with source 'trajectories', not {config.source!r}")
-    if not 1 <= steps <= config.trajectory_steps:
+def check_trajectory_options(config: GuidanceDistillConfig) -> None:
+    """trajectory_first_steps and validation_trajectories act on teacher runs: source 'trajectories' only."""
+    for name, what in (("trajectory_first_steps", "selects states of the teacher's trajectories"), ("validation_trajectories", "holds out teacher runs")):
+        if getattr(config, name) is not None and config.source != "trajectories":
+            raise ValueError(f"{name} {what}: use it with source 'trajectories', not {config.source!r}")
+    steps, runs = config.trajectory_first_steps, config.validation_trajectories
+    if steps is not None and not 1 <= steps <= config.trajectory_steps:
         raise ValueError(f"trajectory_first_steps must be between 1 and trajectory_steps ({config.trajectory_steps}), got {steps}")
-
-
-def check_validation_trajectories(config: GuidanceDistillConfig) -> None:
-    runs = config.validation_trajectories
-    if runs is None:
-        return
-    if config.source != "trajectories":
-        raise ValueError(f"validation_trajectories holds out teacher runs: use it with source 'trajectories', not {config.source!r}")
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+    if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
         raise ValueError(f"validation_trajectories must be a whole number of teacher runs >= 1, got {runs!r}")
 
 
