@@ -92,7 +92,7 @@ def check_trajectory_options(config: GuidanceDistillConfig) -> None:
     steps, runs = config.trajectory_first_steps, config.validation_trajectories
     if steps is not None and not 1 <= steps <= config.trajectory_steps:
         raise ValueError(f"trajectory_first_steps must be between 1 and trajectory_steps ({config.trajectory_steps}), got {steps}")
-    if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
+    if runs is not None and runs < 1:  # its type is checked with every field's (check_field_types)
         raise ValueError(f"validation_trajectories must be a whole number of teacher runs >= 1, got {runs!r}")
 
 
@@ -284,7 +284,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
 
     held_out = None
     if config.validation_trajectories is not None:
-        held_out = validation_pool(pipe, config, accelerator, config.validation_trajectories, config.trajectory_first_steps)
+        held_out = validation_pool(pipe, pools[0].prompts, config, accelerator, config.validation_trajectories, config.trajectory_first_steps)
 
     def validate(model) -> float:
         """The loss over every held-out state, with the same negatives drawn at each checkpoint."""

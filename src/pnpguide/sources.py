@@ -178,7 +178,8 @@ def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_
     the final latents)."""
     output = Path(config.output_dir)
     if config.source == "trajectories":
-        return [teacher_trajectories(pipe, trajectory_prompts(config), output / "trajectories", config, accelerator, record, first_steps)]
+        prompts = read_prompt_file(config.prompts) if config.prompts else shapes_captions(config.num_samples, config.seed + 7)
+        return [teacher_trajectories(pipe, prompts, output / "trajectories", config, accelerator, record, first_steps)]
     if config.images is not None:
         data = image_pool(pipe, read_image_folder(config.images), output / "image-latents", training_resolution(pipe, config), accelerator)
     else:
@@ -188,18 +189,13 @@ def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_
     return [data, teacher_trajectories(pipe, data.prompts, output / "trajectories", config, accelerator, record)]
 
 
-def validation_pool(pipe, config: SourceConfig, accelerator, runs: int, first_steps: int | None = None):
-    """`runs` teacher runs held out of training (source "trajectories"): the same prompts and w range as the training
-    runs, other noise and draws (seed + VALIDATION_SEED), in `output_dir/validation-trajectories`. A guide's loss on
+def validation_pool(pipe, prompts: list[str], config: SourceConfig, accelerator, runs: int, first_steps: int | None = None):
+    """`runs` teacher runs held out of training (source "trajectories"): the training pool's `prompts` and w range,
+    other noise and draws (seed + VALIDATION_SEED), in `output_dir/validation-trajectories`. A guide's loss on
     their states against its loss on the ones it trains at tells whether more trajectories would help."""
     held_out = dataclasses.replace(config, trajectories=runs, seed=config.seed + VALIDATION_SEED)
     folder = Path(config.output_dir) / "validation-trajectories"
-    return teacher_trajectories(pipe, trajectory_prompts(config), folder, held_out, accelerator, "states", first_steps)
-
-
-def trajectory_prompts(config: SourceConfig) -> list[str]:
-    """The prompts teacher runs draw from: --prompts, or on the embedded model its shapes captions."""
-    return read_prompt_file(config.prompts) if config.prompts else shapes_captions(config.num_samples, config.seed + 7)
+    return teacher_trajectories(pipe, prompts, folder, held_out, accelerator, "states", first_steps)
 
 
 def shapes_captions(num_samples: int, seed: int) -> list[str]:
