@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
+from conftest import randomised
 from pnpguide.conditioning import encode_negative, encode_prompts
 from pnpguide.loading import load_pipeline
 from pnpguide.distill_guidance import (
@@ -14,7 +15,7 @@ from pnpguide.distill_guidance import (
 from pnpguide.guide import GuideModel
 from pnpguide.sources import teacher_trajectories
 from pnpguide.shards import ShardPool
-from pnpguide.teacher import cfg_and_conditional, cfg_combine, output_guided
+from pnpguide.teacher import cfg_and_conditional, cfg_combine, guided_noise_pred, output_guided
 from pnpguide.training import make_accelerator, shard_rows
 
 
@@ -115,6 +116,8 @@ def test_distillation_trains_only_the_guide_and_saves_it(tiny_base_dir, prompt_f
     (dict(source="trajectories", trajectory_first_steps=26), r"between 1 and trajectory_steps \(25\), got 26"),
     (dict(validation_trajectories=8), "use it with source 'trajectories', not 'shapes'"),
     (dict(source="trajectories", validation_trajectories=0), "whole number of teacher runs >= 1, got 0"),
+    (dict(widen=2), "give --init-guide and a factor >= 2"),
+    (dict(widen=1, init_guide="runs/guide"), "give --init-guide and a factor >= 2"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -183,6 +186,27 @@ def test_init_guide_continues_from_a_trained_guide(tiny_base_dir, prompt_file, t
     guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "start"), max_steps=1, learning_rate=1e-9))
     for (name, a), b in zip(guide.state_dict().items(), start.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_widen_trains_a_wider_copy_of_the_init_guide(tiny_base_dir, prompt_file, tmp_path):
+    """At a learning rate too small to move it, the widened guide still computes what the narrow one did."""
+    pipe = load_pipeline(tiny_base_dir)
+    start = randomised(GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output"))
+    start.save_pretrained(tmp_path / "start")
+    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", init_guide=str(tmp_path / "start"), widen=2, max_steps=1, learning_rate=1e-9)
+    guide = train_guide(config)
+    assert guide.config.block_out_channels[0] == 2 * start.config.block_out_channels[0]
+    assert GuideModel.from_pretrained(tmp_path / "run" / "guide").config.block_out_channels == guide.config.block_out_channels
+    batch, _ = _held_out_batch(pipe, prompt_file, config, tmp_path)
+    with torch.no_grad():
+        narrow, wide = (guided_noise_pred(pipe.unet, g, batch["sample"], batch["timesteps"], batch["conditioning"].prompt_embeds, batch["guidance_scale"]) for g in (start, guide))
+    torch.testing.assert_close(wide, narrow, atol=1e-4, rtol=1e-4)
+
+
+def test_widening_a_guide_that_does_not_read_the_unets_output_is_a_clear_error(tiny_base_dir, prompt_file, tmp_path):
+    GuideModel.from_unet(load_pipeline(tiny_base_dir).unet, "tiny").save_pretrained(tmp_path / "start")
+    with pytest.raises(ValueError, match="only an output guide .* can be widened; this one reads 'latent'"):
+        train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "start"), widen=2))
 
 
 def test_init_guide_for_another_unet_is_a_clear_error(tiny_base_dir, prompt_file, tmp_path):

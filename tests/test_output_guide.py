@@ -114,3 +114,26 @@ def test_the_shipped_output_guide_brings_the_embedded_models_output_most_of_the_
         guided = guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5)
     gap_closed = 1 - (guided - cfg).pow(2).mean() / (plain - cfg).pow(2).mean()
     assert gap_closed > 0.7, f"closed {gap_closed:.3f} of the first step's gap"
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_a_widened_output_guide_computes_what_the_narrow_one_did_and_its_copies_part_in_training(unet, factor, tmp_path):
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    wide = guide.widened(factor, torch.Generator().manual_seed(0))
+    width = guide.config.block_out_channels[0]
+    assert wide.config.block_out_channels[0] == factor * width and wide.output_head.conv_in.out_channels == factor * width
+    wide.save_pretrained(tmp_path / "wide")  # a widened guide is an ordinary guide, described by its config
+    wide = GuideModel.from_pretrained(tmp_path / "wide")
+    sample, t, embeds = guide_inputs()
+    torch.testing.assert_close(guided_noise_pred(unet, wide, sample, t, embeds, 4.0), guided_noise_pred(unet, guide, sample, t, embeds, 4.0),
+                               atol=1e-5, rtol=1e-4)
+    copies = lambda: wide.output_head.conv_in.weight.detach().clone().unflatten(0, (factor, width))  # noqa: E731
+    assert all(torch.equal(copies()[0], copy) for copy in copies()[1:])
+    guided_noise_pred(unet, wide, sample, t, embeds, 4.0).square().mean().backward()
+    torch.optim.SGD(wide.parameters(), lr=0.1).step()
+    assert not any(torch.allclose(copies()[0], copy) for copy in copies()[1:])
+
+
+def test_only_an_output_guide_is_widened(unet):
+    with pytest.raises(ValueError, match="only an output guide"):
+        GuideModel.from_unet(unet, reads="unet_features").widened(2)

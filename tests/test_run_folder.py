@@ -225,3 +225,17 @@ def test_an_interrupted_run_says_so_releases_its_lock_and_resumes(tiny_base_dir,
     assert not (run / LOCK_NAME).exists()
     resumed = subprocess.run(command + ["--resume", "latest"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_run_saved_before_an_option_existed_resumes_and_a_changed_option_still_blocks(tmp_path):
+    """A field the stored config.json lacks (added in a later version, off by default) is no difference; a set one is."""
+    from pnpguide.distill_guidance import GuidanceDistillConfig
+    from pnpguide.run_folder import OutputFolderError, check_folder_owner, config_as_json
+
+    config = GuidanceDistillConfig(output_dir=str(tmp_path), resume="latest")
+    older = {name: value for name, value in config_as_json(config).items() if name != "widen"}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    check_folder_owner(config, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(older | {"widen": 2}))
+    with pytest.raises(OutputFolderError, match=r"widen 2 -> None"):
+        check_folder_owner(config, tmp_path)

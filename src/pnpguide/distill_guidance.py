@@ -47,6 +47,7 @@ class GuidanceDistillConfig(SourceConfig):
     scale_by_guidance: bool = False  # multiply the guide's residuals by (w - 1), so w = 1 is exactly the unguided UNet
     width_divisor: int | None = None  # tiny guides only: how much narrower than the UNet (default: 8 for latent, 16 for unet_features)
     init_guide: str | None = None  # start from this trained guide (train it further) instead of a new one
+    widen: int | None = None  # with --init-guide (an output guide): train it this many times as wide, starting from the function it computes (GuideModel.widened) (default: as wide as it is)
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention, at most 14)
     loss_weighting: str = "none"  # "none" (plain MSE), "relative" (each sample's error over its own CFG gap) or "timestep" (over the mean gap at its t)
@@ -73,6 +74,8 @@ class GuidanceDistillConfig(SourceConfig):
             raise ValueError(f"source='mix' takes half of each batch from each pool: batch_size must be >= 2, got {self.batch_size}")
         if self.width_divisor is not None and self.width_divisor < 1:
             raise ValueError(f"width_divisor must be >= 1, got {self.width_divisor}")
+        if self.widen is not None and (self.widen < 2 or self.init_guide is None):
+            raise ValueError(f"widen grows a trained guide: give --init-guide and a factor >= 2, got widen={self.widen} and init_guide={self.init_guide!r}")
         check_guidance_range(self.w_min, self.w_max)
         check_trajectory_options(self)
         check_negative_settings(self.negative_prompts, self.negative_rate)
@@ -222,6 +225,8 @@ def _initial_guide(pipe, config: GuidanceDistillConfig) -> GuideModel:
             guide = guide.with_negative_input()
         elif guide.config.reads_negative:
             raise ValueError(f"the guide in {config.init_guide} reads negative prompts: train it further with --negatives")
+        if config.widen is not None:
+            guide = guide.widened(config.widen, torch.Generator().manual_seed(config.seed))
         return guide.train().requires_grad_(True)
     torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
     return GuideModel.from_unet(pipe.unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance,

@@ -311,6 +311,24 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
         return guide.to(device=self.device, dtype=self.dtype)
 
+    def widened(self, factor: int, generator: torch.Generator | None = None) -> "GuideModel":
+        """This output guide with `factor` times the channels, computing the same function (Net2Net, Chen et al.
+        2016), so that a trained guide can grow instead of starting over: each channel is copied `factor` times, the
+        weights reading copies split what the original read among them (at random, so the copies can part in
+        training), and the norms keep four channels a group, whose statistics copies leave unchanged."""
+        if not self.reads_unet_output:
+            raise ValueError(f"only an output guide (reads 'unet_output') can be widened; this one reads {self.config.reads!r}")
+        if factor < 1:
+            raise ValueError(f"factor must be a whole number >= 1, got {factor}")
+        if self.config.freq_shift != 0:  # the narrow embedding's frequencies are then not among the wide one's
+            raise ValueError(f"a guide with freq_shift={self.config.freq_shift} cannot be widened exactly (its timestep frequencies change with width)")
+        config = {key: value for key, value in self.config.items() if key != "_use_default_values"}
+        wide = type(self).from_config({**config, "block_out_channels": [c * factor for c in self.config.block_out_channels],
+                                       "norm_num_groups": self.config.norm_num_groups * factor})
+        narrow = self.state_dict()
+        wide.load_state_dict({name: _widened(name, narrow[name].float(), value.shape, generator) for name, value in wide.state_dict().items()})
+        return wide.to(self.device) if self.dtype == wide.dtype else wide.to(device=self.device, dtype=self.dtype)
+
     def check_compatible(self, unet) -> None:
         """Raise ValueError naming the first architecture value in which `unet` differs from the guide's."""
         problem = unet_mismatch(self.config, unet.config)
@@ -548,6 +566,44 @@ def skip_levels(num_blocks: int, layers_per_block: int) -> list[int]:
     for i in range(num_blocks):
         levels += [i] * layers_per_block + ([i + 1] if i < num_blocks - 1 else [])
     return levels
+
+
+# GuideModel.widened: tensors whose widened dimension is two blocks side by side, each copied on its own
+CHUNKED_OUTPUTS = ("ff.net.0.proj.",)  # GEGLU's projection: [hidden, gate] along its outputs
+CHUNKED_INPUTS = ("output_head.merge.weight",)  # [upsampled, full-resolution features] along its inputs
+SINUSOID_INPUT = "time_embedding.linear_1.weight"  # reads Timesteps(width): [cos, sin] of width / 2 frequencies each
+
+
+def _widened(name: str, tensor: torch.Tensor, shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """One parameter of `GuideModel.widened`: along dimension 0 (what it computes) channels are copied; along
+    dimension 1 (what it reads) each original weight is split among the copies of its input, in random shares."""
+    if tensor.ndim > 0 and shape[0] != tensor.shape[0]:
+        tensor = tensor[_copy_index(tensor.shape[0], shape[0], 2 if any(key in name for key in CHUNKED_OUTPUTS) else 1)]
+    if tensor.ndim < 2 or shape[1] == tensor.shape[1]:
+        return tensor
+    if name.endswith(SINUSOID_INPUT):
+        return _sinusoid_columns(tensor, shape[1])
+    index = _copy_index(tensor.shape[1], shape[1], 2 if name in CHUNKED_INPUTS else 1)
+    shares = 0.5 + torch.rand((tensor.shape[0], shape[1], *tensor.shape[2:]), generator=generator)
+    totals = torch.zeros_like(tensor).index_add_(1, index, shares)
+    return tensor[:, index] * shares / totals[:, index]
+
+
+def _copy_index(narrow: int, wide: int, chunks: int) -> torch.Tensor:
+    """For each of `wide` channels, the one of `narrow` it copies; `chunks` blocks side by side are widened each."""
+    wide_chunk, narrow_chunk = wide // chunks, narrow // chunks
+    channel = torch.arange(wide)
+    return channel // wide_chunk * narrow_chunk + channel % wide_chunk % narrow_chunk
+
+
+def _sinusoid_columns(weight: torch.Tensor, wide: int) -> torch.Tensor:
+    """A wider Timesteps embedding has every frequency of the narrow one at every `factor`-th place (frequency i of n/2
+    is i / (n/2) along the same log scale), so those columns take the old weights and the new frequencies start at zero."""
+    half, wide_half = weight.shape[1] // 2, wide // 2
+    columns = torch.arange(half) * (wide_half // half)
+    out = weight.new_zeros(weight.shape[0], wide)
+    out[:, columns], out[:, wide_half + columns] = weight[:, :half], weight[:, half:]
+    return out
 
 
 def per_sample(value: torch.Tensor | float | int, batch: int, device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -171,11 +171,11 @@ def _stored_config(folder: Path) -> dict | None:
 
 
 def _differences(stored: dict, ours: dict, shown: int = 6) -> list[str]:
-    """`field old -> new` for the settings that must match, a few of them (another command's run differs in many)."""
-    absent = "(absent)"
+    """`field old -> new` for the settings that must match, a few of them (another command's run differs in many). A
+    field the stored run lacks counts as None: options added since then (off by default) do not block its resume."""
     ignored = RUN_CONTROL + RESUMABLE_CHANGES
-    names = [n for n in {**stored, **ours} if n not in ignored and stored.get(n, absent) != ours.get(n, absent)]
-    found = [f"{n} {stored.get(n, absent)!r} -> {ours.get(n, absent)!r}" for n in names[:shown]]
+    names = [n for n in {**stored, **ours} if n not in ignored and stored.get(n) != ours.get(n)]
+    found = [f"{n} {stored.get(n)!r} -> {ours.get(n)!r}" for n in names[:shown]]
     return found + ([f"and {len(names) - shown} more"] if len(names) > shown else [])
 
 
