@@ -83,5 +83,9 @@ pnpguide --threads 2 distill --reads unet_output --source trajectories --traject
 pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 32768 --trajectory-first-steps 5 \
     --loss-weighting timestep --batch-size 64 --learning-rate 5e-4 --lr-warmup-steps 50 --max-steps 7500 \
     --init-guide runs/output-first5-v2/guide --validation-trajectories 320 --output-dir runs/output-first5-32k
-python scripts/ship_guide.py runs/output-first5-32k/guide "$ASSETS/guides/output-first5"
+#    Stop 28: 32,768 fresh trajectories (seed 1) and 9,000 more steps at lr 3e-4 from that guide (62 min on 1 thread).
+pnpguide --threads 1 distill --reads unet_output --source trajectories --trajectories 32768 --trajectory-first-steps 5 \
+    --loss-weighting timestep --batch-size 64 --learning-rate 3e-4 --lr-warmup-steps 50 --max-steps 9000 --seed 1 \
+    --init-guide runs/output-first5-32k/guide --validation-trajectories 320 --output-dir runs/first5-s1-c32b
+python scripts/ship_guide.py runs/first5-s1-c32b/guide "$ASSETS/guides/output-first5"
 pnpguide --threads 1 fit-carry --full-steps 5 --steps 25 --out "$ASSETS/guides/output-first5/correction_carry.json"

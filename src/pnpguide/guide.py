@@ -315,7 +315,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         """This output guide with `factor` times the channels, computing the same function (Net2Net, Chen et al.
         2016), so that a trained guide can grow instead of starting over: each channel is copied `factor` times, the
         weights reading copies split what the original read among them (at random, so the copies can part in
-        training), and the norms keep four channels a group, whose statistics copies leave unchanged."""
+        training), and the group norms keep as many channels a group, whose statistics copies leave unchanged."""
         if not self.reads_unet_output:
             raise ValueError(f"only an output guide (reads 'unet_output') can be widened; this one reads {self.config.reads!r}")
         if factor < 1:
