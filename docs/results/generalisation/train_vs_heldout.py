@@ -2,7 +2,7 @@
 captions, or fresh states on held-out captions (attribute combinations the base never saw in training).
 Per step k, the share of the step's gap closed, 1 - sum |guide - cfg|^2 / sum |cond - cfg|^2, each row's error in
 units of cond - uncond (divided by (w - 1)^2), w ~ U[2, 9] as in training.
-Usage: python train_vs_heldout.py GUIDE RUN_TRAJECTORIES OUT.json [runs_per_set] [threads]"""
+Usage: python train_vs_heldout.py GUIDE RUN_TRAJECTORIES OUT.json [runs_per_set] [threads] [the run's --seed, default 0]"""
 import json, sys, tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,7 +50,8 @@ def per_step_closed(pool, count: int) -> list[float]:
     return [round(1 - e.item() / g.item(), 3) for e, g in zip(error, gap)]
 
 
-train_prompts = shapes_captions(20000, 7)  # the captions `distill` trains on (its default --num-samples and seed)
+run_seed = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+train_prompts = shapes_captions(20000, run_seed + 7)  # the captions `distill` trains on (its default --num-samples; seed + 7)
 stored = ShardPool(trajectories, train_prompts)
 results = {
     "trained-on states": per_step_closed(stored, runs * STEPS),  # whole shards (64 runs each)
