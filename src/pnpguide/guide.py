@@ -302,10 +302,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         (zero), so a positive-only guide can be trained further on negatives instead of from scratch."""
         if self.config.reads_negative:
             return self
-        # without `_use_default_values`: diffusers would reset the fields it lists, reads_negative among them for a
-        # guide saved before the field existed
-        config = {key: value for key, value in self.config.items() if key != "_use_default_values"}
-        guide = type(self).from_config({**config, "reads_negative": True})
+        guide = self._rebuilt(reads_negative=True)
         missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
         if missing != ["negative_segment"] or unexpected:
             raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
@@ -322,12 +319,17 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError(f"factor must be a whole number >= 1, got {factor}")
         if self.config.freq_shift != 0:  # the narrow embedding's frequencies are then not among the wide one's
             raise ValueError(f"a guide with freq_shift={self.config.freq_shift} cannot be widened exactly (its timestep frequencies change with width)")
-        config = {key: value for key, value in self.config.items() if key != "_use_default_values"}
-        wide = type(self).from_config({**config, "block_out_channels": [c * factor for c in self.config.block_out_channels],
-                                       "norm_num_groups": self.config.norm_num_groups * factor})
+        wide = self._rebuilt(block_out_channels=[c * factor for c in self.config.block_out_channels], norm_num_groups=self.config.norm_num_groups * factor)
         narrow = self.state_dict()
         wide.load_state_dict({name: _widened(name, narrow[name].float(), value.shape, generator) for name, value in wide.state_dict().items()})
         return wide.to(self.device) if self.dtype == wide.dtype else wide.to(device=self.device, dtype=self.dtype)
+
+    def _rebuilt(self, **changes) -> "GuideModel":
+        """A new, untrained guide of this one's architecture with `changes` to its config. Without
+        `_use_default_values`: diffusers would reset the fields it lists, reads_negative among them for a guide saved
+        before the field existed."""
+        config = {key: value for key, value in self.config.items() if key != "_use_default_values"}
+        return type(self).from_config({**config, **changes})
 
     def check_compatible(self, unet) -> None:
         """Raise ValueError naming the first architecture value in which `unet` differs from the guide's."""

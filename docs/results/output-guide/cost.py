@@ -2,8 +2,8 @@
 on SD1.5 / SDXL UNets built from their published configs on the meta device. Output: cost.txt.
 With an argument K (stop 24): also the ratio over a 25-step run whose guide runs only at its first K steps, the
 correction carried on after them (../first-steps-guide/cost.txt).
-With K and widening factors F... (stop 28): the tiny guide widened F times (GuideModel.widened's architecture, built from
-its config) instead of tiny and full (../wider-first-steps/cost.txt)."""
+With K and widening factors F... (stop 28): the tiny guide widened F times (GuideModel.widened) instead of tiny and full
+(../wider-first-steps/cost.txt)."""
 import sys
 import torch
 from diffusers import UNet2DConditionModel
@@ -20,9 +20,7 @@ def guides(unet):
     if not factors:
         return [(size, GuideModel.from_unet(unet, size, reads="unet_output")) for size in ("tiny", "full")]
     tiny = GuideModel.from_unet(unet, "tiny", reads="unet_output")
-    return [(f"{tiny.config.block_out_channels[0] * f} channels", GuideModel.from_config(
-        {**tiny.config, "block_out_channels": [c * f for c in tiny.config.block_out_channels], "norm_num_groups": tiny.config.norm_num_groups * f}))
-        for f in factors]
+    return [(f"{tiny.config.block_out_channels[0] * f} channels", tiny.widened(f)) for f in factors]
 
 
 for name, config in (("embedded", None), ("sd15", SD15), ("sdxl", SDXL)):
