@@ -142,6 +142,18 @@ def test_a_guide_that_reads_negatives_uses_the_negative_prompt_in_one_unet_call_
     assert np.abs(negated - _run(pipe, guidance_scale=6.0)).max() > 1e-3
 
 
+def test_an_output_guides_negative_head_acts_on_sdxl_only_where_there_is_a_negative(sdxl):
+    plain = _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output"))
+    headed = plain.with_negative_head()
+    torch.manual_seed(4)
+    for p in headed.negative_output_head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    without = _run(_pipe(sdxl, plain), guidance_scale=6.0)
+    pipe = _pipe(sdxl, headed)
+    np.testing.assert_array_equal(without, _run(pipe, guidance_scale=6.0))  # SDXL's empty negative (zeros): no head
+    assert np.abs(without - _run(pipe, guidance_scale=6.0, negative_prompt="a car")).max() > 1e-3
+
+
 def test_cfg_first_steps_use_sdxls_negative_conditioning_then_the_guide(sdxl):
     pipe = _pipe(sdxl, guide=_trained(GuideModel.from_unet(sdxl.unet, "tiny")))
     outputs = {}

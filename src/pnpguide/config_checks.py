@@ -102,6 +102,7 @@ GUIDE_FIELDS = {
     "scale_by_guidance": BOOL,
     "trained_text_encoder": optional(NAME),
     "reads_negative": BOOL,
+    "negative_head": BOOL,
 }
 GUIDE_PER_BLOCK = ("block_out_channels", "unet_block_out_channels", "down_block_types", "transformer_layers_per_block", "num_attention_heads")
 

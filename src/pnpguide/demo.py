@@ -41,7 +41,7 @@ def demo_rows(guide: GuideModel, steps: int, negatives: bool = False) -> list[De
     then each shipped step-distilled guide at its own step counts."""
     rows = [DemoRow("no guidance (w=1)", "none", steps), DemoRow("CFG teacher", "cfg", steps), DemoRow("guide", "guide", steps, guide)]
     if negatives:
-        ignored = "" if guide.config.reads_negative else " (ignored)"  # a guide distilled without negatives: the same images
+        ignored = "" if guide.reads_negative_prompt else " (ignored)"  # a guide distilled without negatives: the same images
         rows += [DemoRow("CFG teacher, negative", "cfg", steps, None, True), DemoRow(f"guide, negative{ignored}", "guide", steps, guide, True)]
     for folder in shipped_guide_dirs():
         distilled = load_guide(folder)

@@ -11,7 +11,10 @@ at the first, pure-noise step is tens of times larger than at the others and wou
 the loss (docs/guides.md, "Where the error is"); `loss_weighting="timestep"` divides it instead by the mean gap
 of its band of t, measured once before training (the per-timestep normalisation of that section). SDXL bases get their pooled text embeddings and size
 time ids through `added_cond_kwargs`, in the teacher's 2B call and the student's B call alike. With `negatives`, the
-guide also reads the negative prompt and the teacher is CFG with a negative drawn per sample (:mod:`pnpguide.negatives`).
+guide also reads the negative prompt and the teacher is CFG with a negative drawn per sample (:mod:`pnpguide.negatives`);
+teacher trajectories then draw one per run and sample CFG with it, so the guide learns at the states it meets with
+negative prompts, from the outputs recorded there. With `negative_head`, a trained output guide gets a second head
+for the negative prompt and only that head trains: without a negative the guide stays exactly what it was.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class GuidanceDistillConfig(SourceConfig):
     negatives: bool = False  # the guide reads the negative prompt: distil against CFG with a negative drawn per sample (another caption, an attribute of the prompt, a --negative-prompts line) or the empty one
     negative_prompts: str | None = None  # text or JSONL file of negative prompts to draw from as well (implies --negatives)
     negative_rate: float = 0.5  # with --negatives: the share of samples with a non-empty negative (the others: the empty prompt)
+    negative_head: bool = False  # with --init-guide (an output guide without negative input): add a second head that reads the negative prompt and train only it, so the guide without a negative is unchanged (implies --negatives)
     trajectory_first_steps: int | None = None  # source trajectories only: train on the first N states of each teacher run (the teacher stops there), for an output guide that samples those steps and then carries its correction on (pnpguide.CorrectionCarry) (default: every state)
     validation_trajectories: int | None = None  # source trajectories only: this many teacher runs (the same prompts, other noise) held out of training; the loss on their states goes to log.jsonl at every checkpoint, beside the training loss, to show whether more --trajectories would help (default: none)
     max_steps: int = 1500
@@ -79,7 +83,10 @@ class GuidanceDistillConfig(SourceConfig):
         check_guidance_range(self.w_min, self.w_max)
         check_trajectory_options(self)
         check_negative_settings(self.negative_prompts, self.negative_rate)
-        self.negatives = self.negatives or self.negative_prompts is not None
+        if self.negative_head and self.init_guide is None:
+            raise ValueError("negative_head adds a head for the negative prompt to a trained output guide: give --init-guide DIR "
+                             "(train one first with --reads unet_output)")
+        self.negatives = self.negatives or self.negative_prompts is not None or self.negative_head
 
 
 def check_guidance_range(w_min: float, w_max: float) -> None:
@@ -113,22 +120,23 @@ def freeze(pipe) -> None:
 
 
 def _noisy_batch(rows: Rows, scheduler, config: GuidanceDistillConfig, generator: torch.Generator) -> dict:
+    """One pool's part of a batch: x_t, t, w and the prompts, with the teacher's outputs and negatives where recorded."""
     if rows.timesteps is None:  # data: noise clean latents at a uniformly random timestep
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows.latents),), generator=generator)
         sample = scheduler.add_noise(rows.latents, torch.randn(rows.latents.shape, generator=generator), timesteps)
         w = sample_guidance_scales(len(rows.latents), config.w_min, config.w_max, generator)
     else:  # a teacher state, with the teacher's outputs there
         sample, timesteps, w = rows.latents, rows.timesteps, rows.guidance
-    return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts,
+    return {"sample": sample, "timesteps": timesteps, "guidance_scale": w, "prompts": rows.prompts, "negatives": rows.negatives,
             "unconditional": rows.unconditional, "conditional": rows.conditional}  # data rows: None
 
 
 def teacher_targets(unet, batch: dict, negative: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
     """(CFG output, conditional output) at the batch's states: the outputs recorded with teacher states when every
-    row has them and the batch draws no negatives of its own (the recorded unconditional pass is the empty
-    prompt's); else one teacher call."""
+    row has them and the batch's negatives are the ones recorded with them (or it has none: the recorded unconditional
+    pass is then the empty prompt's); else one teacher call."""
     conditioning = batch["conditioning"]
-    if batch.get("conditional") is not None and "negative" not in batch:
+    if batch.get("conditional") is not None and ("negative" not in batch or batch.get("recorded_negatives")):
         return cfg_combine(batch["unconditional"], batch["conditional"], batch["guidance_scale"]), batch["conditional"]
     rows = batch.get("negative", negative).rows_for(len(conditioning))
     return cfg_and_conditional(unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, rows.prompt_embeds,
@@ -157,15 +165,16 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     for batches without."""
     conditioning = batch["conditioning"]
     negative_embeds = batch.get("negative", negative).rows_for(len(conditioning)).prompt_embeds
+    negative_rows = batch.get("negative_rows")
     with torch.no_grad():
         target, conditional = teacher_targets(unet, batch, negative)
     output_guide = getattr(guide, "module", guide).reads_unet_output
     if output_guide:  # the teacher's conditional output is the student's UNet call
         prediction = output_guided(guide, conditional, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
-                                   batch["guidance_scale"], negative_embeds)
+                                   batch["guidance_scale"], negative_embeds, negative_rows)
     else:
         prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, batch["guidance_scale"],
-                                       conditioning.added_cond_kwargs(), negative_prompt_embeds=negative_embeds)
+                                       conditioning.added_cond_kwargs(), negative_prompt_embeds=negative_embeds, negative_rows=negative_rows)
     error = squared_error(prediction, target, batch["guidance_scale"], output_guide)
     if weighting == "none":
         return error.mean()
@@ -221,16 +230,27 @@ def _initial_guide(pipe, config: GuidanceDistillConfig) -> GuideModel:
         guide = load_guide(config.init_guide)
         guide.check_compatible(pipe.unet)
         guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-        if config.negatives:  # a positive-only guide learns to read negatives too, from where it stands
-            guide = guide.with_negative_input()
-        elif guide.config.reads_negative:
-            raise ValueError(f"the guide in {config.init_guide} reads negative prompts: train it further with --negatives")
         if config.widen is not None:
             guide = guide.widened(config.widen, torch.Generator().manual_seed(config.seed))
+        if config.negative_head:  # the trained guide stays as it is; only its new head for the negative prompt learns
+            return _with_trained_negative_head(guide, config.init_guide)
+        if config.negatives:  # a positive-only guide learns to read negatives too, from where it stands
+            guide = guide.with_negative_input()
+        elif guide.reads_negative_prompt:
+            raise ValueError(f"the guide in {config.init_guide} reads negative prompts: train it further with --negatives")
         return guide.train().requires_grad_(True)
     torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
     return GuideModel.from_unet(pipe.unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance,
                                 reads_negative=config.negatives)
+
+
+def _with_trained_negative_head(guide: GuideModel, init_guide: str) -> GuideModel:
+    if not guide.reads_unet_output or guide.config.reads_negative:
+        raise ValueError(f"--negative-head adds a head to an output guide without negative input; the guide in {init_guide} "
+                         f"reads {guide.config.reads!r}{' and reads_negative' if guide.config.reads_negative else ''}")
+    guide = guide.with_negative_head().train().requires_grad_(False)
+    guide.negative_output_head.requires_grad_(True)
+    return guide
 
 
 def _split(batch_size: int, parts: int) -> list[int]:
@@ -250,10 +270,11 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     freeze(pipe)
     pipe.to(accelerator.device)  # the text encoders run per batch; the VAE encodes image folders up front
     guide = _initial_guide(pipe, config)
-    pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7, first_steps=config.trajectory_first_steps)
+    negatives = NegativeSampler.from_config(config) if config.negatives else None
+    pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7, first_steps=config.trajectory_first_steps,
+                           negatives=negatives)
     resolution = training_resolution(pipe, config)
     negative = encode_negative(pipe, accelerator.device, resolution)
-    negatives = NegativeSampler.from_config(config) if config.negatives else None
 
     def make_batch(batch_index, generator):
         rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -269,8 +290,11 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
         batch = {name: torch.cat([part[name] for part in parts]).to(accelerator.device) for name in names}
         prompts = [prompt for part in parts for prompt in part["prompts"]]
         batch["conditioning"] = encode_prompts(pipe, prompts, accelerator.device, resolution)
-        if negatives is not None:
-            batch["negative"] = encode_negatives(pipe, negatives.draw(prompts, generator), negative, accelerator.device, resolution)
+        if negatives is not None:  # those the teacher's runs recorded, else drawn now (data rows: the teacher runs per batch)
+            drawn = [text for part in parts for text in (part["negatives"] or negatives.draw(part["prompts"], generator))]
+            batch["negative"] = encode_negatives(pipe, drawn, negative, accelerator.device, resolution)
+            batch["negative_rows"] = torch.tensor([bool(text) for text in drawn], device=accelerator.device)
+            batch["recorded_negatives"] = stored and all(part["negatives"] is not None for part in parts)
         return batch
 
     gap_table = None
@@ -289,7 +313,8 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
 
     held_out = None
     if config.validation_trajectories is not None:
-        held_out = validation_pool(pipe, pools[0].prompts, config, accelerator, config.validation_trajectories, config.trajectory_first_steps)
+        held_out = validation_pool(pipe, pools[0].prompts, config, accelerator, config.validation_trajectories, config.trajectory_first_steps,
+                                   negatives)
 
     def validate(model) -> float:
         """The loss over every held-out state, with the same negatives drawn at each checkpoint."""

@@ -168,7 +168,7 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}."""
     accelerator = make_accelerator(config)  # for the device and rank; each round's loop prepares its own (one model each)
     stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
-    if config.negative_prompts is not None and not stage1.config.reads_negative:
+    if config.negative_prompts is not None and not stage1.reads_negative_prompt:
         raise ValueError("--negative-prompts: this stage-1 guide does not read negative prompts (distill it with --negatives first)")
     pipe = load_pipeline(config.base)
     freeze(pipe)
@@ -176,7 +176,7 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     stage1.check_compatible(pipe.unet)
     stage1.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     stage1.to(accelerator.device)
-    negatives = NegativeSampler.from_config(config) if stage1.config.reads_negative else None
+    negatives = NegativeSampler.from_config(config) if stage1.reads_negative_prompt else None
     (pool,) = training_pools(pipe, config, accelerator, record="samples", shapes_seed=config.seed + 13)
     resolution = training_resolution(pipe, config)
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)  # students sample with DDIM, whatever the base ships

@@ -23,6 +23,12 @@ the correction grows with w as CFG's own `w * (cond - uncond)` term does.
 With `reads_negative`, the guide also reads the negative prompt, which CFG puts in place of the empty one: its
 cross-attention sees the prompt's tokens followed by the negative's, the latter plus a learned segment embedding
 so the two can be told apart. That costs one vector of parameters and a second set of keys and values.
+An output guide can instead have a `negative_head`: a second output network that cross-attends to the negative prompt
+alone and predicts what the negative changes in CFG's term. CFG with a negative n is `n + w * (cond - n)` =
+`cond + (w - 1) * ((cond - uncond) + (uncond - n))`: the prompt's head keeps predicting `cond - uncond` as it was
+trained to, and the negative head adds `uncond - n`, which is exactly zero for the empty negative. So the head is
+skipped where there is no negative (rows given as `negative_rows`), and the guide without a negative is the one it
+was made from, to the bit.
 """
 
 from __future__ import annotations
@@ -144,6 +150,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         reads_negative: bool = False,
         unet_out_channels: int | None = None,  # an output guide's output (None: unet_in_channels)
         trained_first_steps: int | None = None,  # trained on the first N steps of the teacher's runs only (then carried on)
+        negative_head: bool = False,  # an output guide's second head, reading the negative prompt (see the module)
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:
@@ -155,10 +162,16 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             self.negative_segment = nn.Parameter(torch.zeros(unet_cross_attention_dim))
         self.time_proj = Timesteps(width0, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(width0, time_embed_dim)
+        if negative_head and (reads != "unet_output" or reads_negative):
+            raise ValueError(f"negative_head is an output guide's second head (reads 'unet_output', without reads_negative); "
+                             f"this guide reads {reads!r}{' and reads_negative' if reads_negative else ''}")
         if reads == "unet_output":  # no w input: CFG's term cond - uncond does not depend on w
             out_channels = unet_out_channels or unet_in_channels
-            self.output_head = OutputHead(unet_in_channels + out_channels, out_channels, width0, time_embed_dim,
-                                          unet_cross_attention_dim, norm_num_groups, norm_eps)
+            head = lambda: OutputHead(unet_in_channels + out_channels, out_channels, width0, time_embed_dim,  # noqa: E731
+                                      unet_cross_attention_dim, norm_num_groups, norm_eps)
+            self.output_head = head()
+            if negative_head:
+                self.negative_output_head = head()
             return
         self.conv_in = nn.Conv2d(unet_in_channels, width0, kernel_size=3, padding=1)
         self.guidance_proj = Timesteps(guidance_embed_dim, flip_sin_to_cos, freq_shift)
@@ -308,6 +321,20 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
         return guide.to(device=self.device, dtype=self.dtype)
 
+    def with_negative_head(self) -> "GuideModel":
+        """This output guide plus a negative head (see the module) that starts as a copy of the prompt's head, its
+        zero output convolution left at zero: it reads x_t and the UNet's output as the trained head does from the start,
+        and the guide computes what it did until training moves that convolution."""
+        if self.config.negative_head:
+            return self
+        guide = self._rebuilt(negative_head=True)
+        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(not name.startswith("negative_output_head.") for name in missing):
+            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
+        guide.negative_output_head.load_state_dict(self.output_head.state_dict())
+        zero_module(guide.negative_output_head.conv_out)
+        return guide.to(device=self.device, dtype=self.dtype)
+
     def widened(self, factor: int, generator: torch.Generator | None = None) -> "GuideModel":
         """This output guide with `factor` times the channels, computing the same function (Net2Net, Chen et al.
         2016), so that a trained guide can grow instead of starting over: each channel is copied `factor` times, the
@@ -355,6 +382,11 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         return [conv.out_channels for conv in self.down_projections], self.mid_projection.out_channels
 
     @property
+    def reads_negative_prompt(self) -> bool:
+        """Whether the negative prompt changes what this guide does (`reads_negative` or a `negative_head`)."""
+        return bool(self.config.reads_negative or getattr(self.config, "negative_head", False))
+
+    @property
     def reads_unet_features(self) -> bool:
         return self.config.reads == "unet_features"
 
@@ -372,13 +404,15 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         unet_features: UNetFeatures | None = None,
         negative_encoder_hidden_states: torch.Tensor | None = None,
         unet_output: torch.Tensor | None = None,
+        negative_rows: torch.Tensor | None = None,
     ) -> GuideOutput | OutputCorrection:
         """sample: (batch, C, h, w) noisy latents; encoder_hidden_states: (batch, tokens, dim);
         timestep and guidance_scale: scalars or (batch,) tensors; `unet_features`: the frozen UNet's encoder
         features at this step, which a "unet_features" guide needs (see `teacher.guided_noise_pred`);
         `negative_encoder_hidden_states`: (batch, tokens', dim), the negative prompt's embeddings (the empty
         prompt's for none), which a guide with `reads_negative` needs and any other ignores; `unet_output`: the
-        UNet's conditional output at this step, which a "unet_output" guide reads.
+        UNet's conditional output at this step, which a "unet_output" guide reads. A `negative_head` reads the negative
+        embeddings where given (None: no negative), on the rows `negative_rows` marks ((batch,) bool; None: all).
         Returns :class:`GuideOutput`, or for a "unet_output" guide :class:`OutputCorrection`."""
         # 1. time and guidance-scale embeddings (the time embedding is cast to the sample's dtype: the
         #    sinusoidal projection is always fp32, and the MLP may run in fp16)
@@ -386,6 +420,8 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         timestep = per_sample(timestep, batch, sample.device)
         w = per_sample(guidance_scale, batch, sample.device, torch.float32)
         emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
+        if self.reads_unet_output and self.config.negative_head:
+            return self._correct_output(sample, unet_output, emb, encoder_hidden_states, w, negative_encoder_hidden_states, negative_rows)
         encoder_hidden_states = self._context(encoder_hidden_states, negative_encoder_hidden_states)
         if self.reads_unet_output:
             return self._correct_output(sample, unet_output, emb, encoder_hidden_states, w)
@@ -407,10 +443,17 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         negative_embeds = negative_embeds.expand(len(prompt_embeds), *negative_embeds.shape[1:])  # one row serves a batch
         return torch.cat([prompt_embeds, negative_embeds + self.negative_segment.to(negative_embeds.dtype)], dim=1)
 
-    def _correct_output(self, sample, unet_output, emb, encoder_hidden_states, w) -> OutputCorrection:
+    def _correct_output(self, sample, unet_output, emb, encoder_hidden_states, w, negative_embeds=None, negative_rows=None) -> OutputCorrection:
         if unet_output is None:
             raise ValueError("this guide reads the UNet's output: call it through pnpguide.guided_noise_pred (or pass unet_output)")
-        difference = self.output_head(torch.cat([sample, unet_output.to(sample.dtype)], dim=1), emb, encoder_hidden_states)
+        inputs = torch.cat([sample, unet_output.to(sample.dtype)], dim=1)
+        difference = self.output_head(inputs, emb, encoder_hidden_states)
+        if negative_embeds is not None and (negative_rows is None or bool(negative_rows.any())):
+            negative_embeds = negative_embeds.expand(len(sample), *negative_embeds.shape[1:])  # one row serves a batch
+            shift = self.negative_output_head(inputs, emb, negative_embeds.to(sample.dtype))  # uncond - n: CFG's term with the negative
+            if negative_rows is not None:
+                shift = shift * negative_rows.to(device=shift.device, dtype=shift.dtype).reshape(-1, 1, 1, 1)
+            difference = difference + shift
         return OutputCorrection(sample=difference * (w - 1).to(difference.dtype).reshape(-1, 1, 1, 1))
 
     def _read_features(self, features: UNetFeatures | None, emb, encoder_hidden_states) -> GuideOutput:

@@ -69,6 +69,13 @@ class NegativeSampler:
         return negatives
 
 
+    def table(self, prompts: list[str]) -> list[str]:
+        """Every negative `draw` can give for these prompts, "" first: what teacher runs recorded with negatives index
+        (`negative_ids`), so a shard stores numbers, not strings."""
+        spans = {span for prompt in prompts for span in attribute_spans(prompt)}
+        return [""] + sorted((set(prompts) | spans | set(self.file_prompts)) - {""})
+
+
 def _other_prompt(prompts: list[str], index: int) -> str:
     for offset in range(1, len(prompts)):
         other = prompts[(index + offset) % len(prompts)]

@@ -58,13 +58,13 @@ class GuidedSamplingMixin:
         check_cfg_first_steps(cfg_first_steps, num_inference_steps)
         if height is not None and width is not None:
             check_image_size(height, width, size_multiple(self.vae, self.unet))
-        if mode == "guide" and not self.guide.config.reads_negative and any(n is not None for n in negatives):
+        if mode == "guide" and not self.guide.reads_negative_prompt and any(n is not None for n in negatives):
             warn_negative_prompt_ignored(cfg_first_steps)
 
     def encodes_negative(self, mode: str, cfg_first_steps: int = 0) -> bool:
         """Whether this call needs the negative prompt's embeddings (the empty prompt's when none is given): for
         CFG's unconditional half (CFG steps in guide mode included), or for a guide that reads the negative prompt."""
-        return mode == "cfg" or (mode == "guide" and (cfg_first_steps > 0 or bool(self.guide.config.reads_negative)))
+        return mode == "cfg" or (mode == "guide" and (cfg_first_steps > 0 or self.guide.reads_negative_prompt))
 
     def warn_untrained(self, schedule: list[float], num_inference_steps: int) -> None:
         """Warn when the guide runs at a w or step count it was not trained for: it extrapolates there."""
@@ -128,9 +128,9 @@ class GuidedSamplingMixin:
         `added_cond_kwargs` (SDXL: text_embeds (B, dim), time_ids (B, 6)) and its negative have B rows each.
         A guide that reads the negative prompt gets `negative_prompt_embeds` too."""
         if mode == "guide":
-            negative = negative_prompt_embeds if self.guide.config.reads_negative else None
+            negative, rows = self.guide_negative(negative_prompt_embeds, sample)
             return guided_noise_pred(self.unet, self.guide, sample, timestep, prompt_embeds, guidance_scale, added_cond_kwargs,
-                                     negative_prompt_embeds=negative)
+                                     negative_prompt_embeds=negative, negative_rows=rows)
         if mode == "cfg":
             return self.cfg_outputs(sample, timestep, prompt_embeds, negative_prompt_embeds, guidance_scale, added_cond_kwargs,
                                     negative_added_cond_kwargs)[0]
@@ -151,9 +151,27 @@ class GuidedSamplingMixin:
                              negative_added_cond_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(an output guide's output, the conditional output) from its one UNet pass."""
         cond = self.mode_noise_pred("none", sample, timestep, prompt_embeds, None, 1.0, added_cond_kwargs)
-        negative = negative_prompt_embeds if self.guide.config.reads_negative else None
+        negative, rows = self.guide_negative(negative_prompt_embeds, sample)
         timestep = per_sample(timestep, sample.shape[0], sample.device)
-        return output_guided(self.guide, cond, sample, timestep, prompt_embeds, guidance_scale, negative), cond
+        return output_guided(self.guide, cond, sample, timestep, prompt_embeds, guidance_scale, negative, rows), cond
+
+    def guide_negative(self, negative_prompt_embeds: torch.Tensor | None, sample: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(what the guide reads of the negative prompt, which rows have one): nothing for a guide that ignores it; the
+        embeddings, the empty prompt's included, for one that reads them beside the prompt (`reads_negative`); for a
+        negative head, the embeddings and the rows whose negative is not the empty prompt's (the head is skipped on
+        the others, and altogether when no row has one). Worked out once per sampling call, not at every step."""
+        if negative_prompt_embeds is None or not self.guide.reads_negative_prompt:
+            return None, None
+        if not self.guide.config.negative_head:
+            return negative_prompt_embeds, None
+        cached = getattr(self, "_pnpguide_negative_rows", None)
+        if cached is None or cached[0] is not negative_prompt_embeds:
+            empty, _ = self.unconditional_inputs(sample.shape[-2] * self.vae_scale_factor, sample.shape[-1] * self.vae_scale_factor)
+            same = torch.isclose(negative_prompt_embeds.float(), empty.float().to(negative_prompt_embeds.device), rtol=1e-3, atol=1e-3)
+            rows = ~same.flatten(1).all(1)
+            cached = (negative_prompt_embeds, rows if bool(rows.any()) else None)
+            self._pnpguide_negative_rows = cached
+        return (None, None) if cached[1] is None else (negative_prompt_embeds, cached[1])
 
     def fitted_cfg_noise_pred(self, first_step_fit: FirstStepFit, sample: torch.Tensor, timestep, guidance_scale: float,
                               prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
@@ -280,8 +298,8 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         output guide (one distilled on those first steps: `pnpguide distill --trajectory-first-steps`), the guide
         runs the first `full_steps` steps and its correction is carried on after them: one UNet pass per step
         throughout, and the guide only at those steps.
-        `negative_prompt` works in "cfg" and, with a guide distilled on negative prompts (`guide.config.reads_negative`),
-        in "guide"; an older guide was distilled against the empty prompt only and ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
+        `negative_prompt` works in "cfg" and, with a guide distilled on negative prompts (`guide.reads_negative_prompt`:
+        `pnpguide distill --negatives` or `--negative-head`), in "guide"; an older guide was distilled against the empty prompt only and ignores it, with a warning. Height and width must be multiples of :func:`size_multiple`.
         `on_model_output(t, model_input, model_output, prompt_embeds, added_cond_kwargs)` is called at every step (evaluation
         uses it to compare a method with the teacher on the method's own trajectory).
         A step-distilled guide samples on its own DDIM schedule (see :meth:`sampling_scheduler`).

@@ -2,7 +2,9 @@
 
 A pool is `folder/shard-00000.safetensors, ...` plus `folder/index.json` (each shard's file and row count).
 Each shard holds `latents` (rows, C, h, w) and `prompt_ids` (rows,), and optionally `timesteps` and
-`guidance` (rows,) and the teacher's `unconditional` and `conditional` outputs at each state (rows, C, h, w).
+`guidance` (rows,), the teacher's `unconditional` and `conditional` outputs at each state (rows, C, h, w), and
+`negative_ids` (rows,): the negative prompt the teacher's run put in CFG's unconditional half (its pass is then the
+recorded `unconditional`).
 Training reads only the rows of its batch (`safe_open(...).get_slice`), so memory does not grow with the number of
 prompts, trajectories or images; a shard whose file exists with the same
 `fingerprint` (its settings, in the safetensors metadata) is never computed again.
@@ -21,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 INDEX = "index.json"
-FIELDS = ("latents", "prompt_ids", "timesteps", "guidance", "unconditional", "conditional")
+FIELDS = ("latents", "prompt_ids", "timesteps", "guidance", "unconditional", "conditional", "negative_ids")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Rows:
     guidance: torch.Tensor | None = None  # (N,) the w each trajectory was sampled with
     unconditional: torch.Tensor | None = None  # (N, C, h, w) the teacher's outputs at the states, recorded with them
     conditional: torch.Tensor | None = None
+    negatives: list[str] | None = None  # N negative prompts the teacher ran with ("" for none), when recorded
 
 
 class TensorPool:
@@ -50,10 +53,11 @@ class TensorPool:
 
 
 class ShardPool:
-    """Rows streamed from a folder of shards; `prompts` is the table their `prompt_ids` index."""
+    """Rows streamed from a folder of shards; `prompts` is the table their `prompt_ids` index, `negatives` the one
+    their `negative_ids` index (teacher runs with negative prompts)."""
 
-    def __init__(self, folder: str | Path, prompts: list[str]):
-        self.folder, self.prompts = Path(folder), prompts
+    def __init__(self, folder: str | Path, prompts: list[str], negatives: list[str] | None = None):
+        self.folder, self.prompts, self.negatives = Path(folder), prompts, negatives
         index = json.loads((self.folder / INDEX).read_text())
         self.files = [self.folder / shard["file"] for shard in index["shards"]]
         self.starts = torch.tensor([0] + [shard["rows"] for shard in index["shards"]]).cumsum(0)
@@ -74,7 +78,9 @@ class ShardPool:
                         parts[name][position] = tensor[row : row + 1]
         stacked = {name: torch.cat(values) if values[0] is not None else None for name, values in parts.items()}
         prompts = [self.prompts[i] for i in stacked["prompt_ids"].tolist()]
-        return Rows(stacked["latents"], prompts, stacked["timesteps"], stacked["guidance"], stacked["unconditional"], stacked["conditional"])
+        negatives = None if stacked["negative_ids"] is None else [self.negatives[i] for i in stacked["negative_ids"].tolist()]
+        return Rows(stacked["latents"], prompts, stacked["timesteps"], stacked["guidance"], stacked["unconditional"], stacked["conditional"],
+                    negatives)
 
 
 def shard_path(folder: Path, number: int) -> Path:

@@ -171,31 +171,33 @@ def training_resolution(pipe, config: SourceConfig) -> int:
     return config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_seed: int, first_steps: int | None = None) -> list:
+def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_seed: int, first_steps: int | None = None,
+                   negatives=None) -> list:
     """The pools `config.source` trains on: one, or for `mix` the data and trajectories over its captions.
 
     record: "states" (stage 1: every x_t of each trajectory, or its `first_steps` first ones) or "samples" (stage 2:
-    the final latents)."""
+    the final latents). `negatives` (a NegativeSampler): teacher runs draw a negative prompt each (see
+    :func:`teacher_trajectories`)."""
     output = Path(config.output_dir)
     if config.source == "trajectories":
         prompts = read_prompt_file(config.prompts) if config.prompts else shapes_captions(config.num_samples, config.seed + 7)
-        return [teacher_trajectories(pipe, prompts, output / "trajectories", config, accelerator, record, first_steps)]
+        return [teacher_trajectories(pipe, prompts, output / "trajectories", config, accelerator, record, first_steps, negatives)]
     if config.images is not None:
         data = image_pool(pipe, read_image_folder(config.images), output / "image-latents", training_resolution(pipe, config), accelerator)
     else:
         data = shapes_pool(pipe, config.num_samples, shapes_seed)
     if config.source != "mix":
         return [data]
-    return [data, teacher_trajectories(pipe, data.prompts, output / "trajectories", config, accelerator, record)]
+    return [data, teacher_trajectories(pipe, data.prompts, output / "trajectories", config, accelerator, record, negatives=negatives)]
 
 
-def validation_pool(pipe, prompts: list[str], config: SourceConfig, accelerator, runs: int, first_steps: int | None = None):
+def validation_pool(pipe, prompts: list[str], config: SourceConfig, accelerator, runs: int, first_steps: int | None = None, negatives=None):
     """`runs` teacher runs held out of training (source "trajectories"): the training pool's `prompts` and w range,
     other noise and draws (seed + VALIDATION_SEED), in `output_dir/validation-trajectories`. A guide's loss on
     their states against its loss on the ones it trains at tells whether more trajectories would help."""
     held_out = dataclasses.replace(config, trajectories=runs, seed=config.seed + VALIDATION_SEED)
     folder = Path(config.output_dir) / "validation-trajectories"
-    return teacher_trajectories(pipe, prompts, folder, held_out, accelerator, "states", first_steps)
+    return teacher_trajectories(pipe, prompts, folder, held_out, accelerator, "states", first_steps, negatives)
 
 
 def shapes_captions(num_samples: int, seed: int) -> list[str]:
@@ -227,13 +229,16 @@ def _digest(texts: list[str]) -> str:
 
 @torch.no_grad()
 def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceConfig, accelerator, record: str = "states",
-                         first_steps: int | None = None):
+                         first_steps: int | None = None, negatives=None):
     """Run the CFG teacher (DDIM, `config.trajectory_steps` steps) from noise for random prompts and
     w ~ U[w_min, w_max]; write shards of `TRAJECTORIES_PER_SHARD` runs to `folder`; return their pool.
 
     record="states" keeps every x_t with its t and w (stage 1 learns at the states sampling visits), and the
     teacher's unconditional and conditional outputs there, which the teacher computed anyway: training at a
-    recorded state then needs no teacher call (an output guide, no UNet call at all). With `first_steps`, each run
+    recorded state then needs no teacher call (an output guide, no UNet call at all). With `negatives` (a
+    NegativeSampler), each run draws a negative prompt and samples CFG with it in the unconditional half: the states
+    are those a guide meets with negative prompts, the recorded unconditional output is the negative's, and
+    `negative_ids` (into `negatives.table(prompts)`) says which. With `first_steps`, each run
     stops after that many steps (a guide for the first steps, its correction carried on after them).
     record="samples" keeps only the final latents, which stage 2 uses as synthetic data and noises onto
     the student's timesteps: progressive distillation (Salimans & Ho 2022) trains on noised data at the
@@ -242,7 +247,7 @@ def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceC
     """
     from diffusers import DDIMScheduler
 
-    from .conditioning import cfg_added_cond_kwargs, encode_negative, encode_prompts
+    from .conditioning import cfg_added_cond_kwargs, encode_negative, encode_negatives, encode_prompts
     from .loading import warn_if_truncated
     from .shards import ShardPool, write_shards
     from .teacher import cfg_combine, unconditional_and_conditional
@@ -257,6 +262,10 @@ def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceC
     fingerprint = {"record": record, "prompts": _digest(prompts), "trajectories": str(config.trajectories), "seed": str(config.seed),
                    "steps": str(config.trajectory_steps), "guidance": f"{config.w_min},{config.w_max}", "shape": str(shape)}
     timesteps = scheduler.timesteps
+    table = negatives.table(prompts) if negatives is not None else None
+    negative_id = {text: i for i, text in enumerate(table or ())}
+    if table is not None:  # no key without negatives: shards written before negatives could be recorded stay valid
+        fingerprint["negatives"] = f"{_digest(table)},{negatives.rate}"
     if record == "states":
         fingerprint["outputs"] = "unconditional,conditional"  # shards written before outputs were recorded are made again
         if first_steps is not None:
@@ -268,25 +277,32 @@ def teacher_trajectories(pipe, prompts: list[str], folder: Path, config: SourceC
         prompt_ids = torch.randint(len(prompts), (n,), generator=generator)
         w = config.w_min + (config.w_max - config.w_min) * torch.rand(n, generator=generator)
         x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
-        conditioning = encode_prompts(pipe, [prompts[i] for i in prompt_ids.tolist()], device, resolution)
-        added = cfg_added_cond_kwargs(conditioning, negative)
+        run_prompts = [prompts[i] for i in prompt_ids.tolist()]
+        conditioning = encode_prompts(pipe, run_prompts, device, resolution)
+        run_negative, negative_ids = negative.expand(n), None
+        if table is not None:  # drawn after the runs' prompts, w and noise: those are the same as without negatives
+            drawn = negatives.draw(run_prompts, generator)
+            run_negative = encode_negatives(pipe, drawn, negative, device, resolution)
+            negative_ids = torch.tensor([negative_id[text] for text in drawn])
+        added = cfg_added_cond_kwargs(conditioning, run_negative)
         states, unconditional, conditional = [], [], []
         for t in timesteps:
             model_input = scheduler.scale_model_input(x, t)
             noise_uncond, noise_cond = unconditional_and_conditional(pipe.unet, model_input, t, conditioning.prompt_embeds,
-                                                                     negative.expand(n).prompt_embeds, added)
+                                                                     run_negative.prompt_embeds, added)
             if record == "states":  # stage 2 keeps only the final latents: no copies of the steps
                 for recorded, value in ((states, model_input), (unconditional, noise_uncond), (conditional, noise_cond)):
                     recorded.append(value.cpu())
             x = scheduler.step(cfg_combine(noise_uncond, noise_cond, w), t, x).prev_sample
+        steps = 1 if record == "samples" else len(timesteps)  # rows are step-major: (steps * n, C, h, w)
+        recorded_negatives = {} if negative_ids is None else {"negative_ids": negative_ids.repeat(steps)}
         if record == "samples":
-            return {"latents": x.cpu(), "prompt_ids": prompt_ids, "guidance": w}
-        steps = len(timesteps)  # rows are step-major: (steps * n, C, h, w)
+            return {"latents": x.cpu(), "prompt_ids": prompt_ids, "guidance": w, **recorded_negatives}
         return {"latents": torch.cat(states), "prompt_ids": prompt_ids.repeat(steps), "timesteps": timesteps.repeat_interleave(n),
-                "guidance": w.repeat(steps), "unconditional": torch.cat(unconditional), "conditional": torch.cat(conditional)}
+                "guidance": w.repeat(steps), "unconditional": torch.cat(unconditional), "conditional": torch.cat(conditional), **recorded_negatives}
 
     count = -(-config.trajectories // TRAJECTORIES_PER_SHARD)
-    return ShardPool(write_shards(folder, count, make_shard, fingerprint, accelerator), prompts)
+    return ShardPool(write_shards(folder, count, make_shard, fingerprint, accelerator), prompts, table)
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:

@@ -99,6 +99,7 @@ def guided_noise_pred(
     added_cond_kwargs: dict | None = None,
     cross_attention_kwargs: dict | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
+    negative_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The student: one UNet call at batch B whose skip connections receive the guide's residuals, or (a guide
     that reads the UNet's output) whose output the guide then corrects.
@@ -106,13 +107,14 @@ def guided_noise_pred(
     A guide that reads the UNet's own features is called from inside that one call, once the UNet's encoder
     has run (see :class:`FeatureTap`); any other guide runs first and its residuals are passed
     through diffusers' ControlNet arguments. Both add the residuals at the same places.
-    `negative_prompt_embeds` (B or 1 rows) reach a guide that reads the negative prompt; the UNet never sees them."""
+    `negative_prompt_embeds` (B or 1 rows) reach a guide that reads the negative prompt; the UNet never sees them.
+    `negative_rows` ((B,) bool, None: all): the rows that have a negative prompt, for an output guide's negative head."""
     timestep = _batched(timestep, sample.shape[0], sample.device)
     unwrapped = getattr(guide, "module", guide)  # under data parallelism the guide arrives wrapped in DDP
     if unwrapped.reads_unet_output:
         output = unet(sample, timestep, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs,
                       cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
-        return output_guided(guide, output, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
+        return output_guided(guide, output, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds, negative_rows)
     if unwrapped.reads_unet_features:
         tap = feature_tap(unet)
         tap.start(guide, sample, timestep, prompt_embeds, guidance_scale, negative_prompt_embeds)
@@ -145,11 +147,13 @@ def guided_noise_pred(
 
 
 def output_guided(guide, conditional: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
-                  guidance_scale: torch.Tensor | float, negative_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                  guidance_scale: torch.Tensor | float, negative_prompt_embeds: torch.Tensor | None = None,
+                  negative_rows: torch.Tensor | None = None) -> torch.Tensor:
     """An output guide's step from the UNet's conditional output: `cond + (w - 1) * predicted (cond - uncond)`, CFG with
     the unconditional pass predicted. Training passes the conditional half of the teacher's own call here, so the
     student needs no UNet call of its own."""
-    correction = guide(sample, timestep, prompt_embeds, guidance_scale, unet_output=conditional, negative_encoder_hidden_states=negative_prompt_embeds)
+    correction = guide(sample, timestep, prompt_embeds, guidance_scale, unet_output=conditional, negative_encoder_hidden_states=negative_prompt_embeds,
+                       negative_rows=negative_rows)
     return conditional + correction.sample.to(conditional.dtype)
 
 

@@ -290,7 +290,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
 
 def _negatives_note(model: str, negatives: list[str], avoidable: bool, methods: list[Method]) -> str:
     """What the report's negative-prompt figures mean for this model, and which guides ignore the negatives."""
-    ignoring = [m.name for m in methods if m.guide is not None and m.negative_prompt and not m.guide.config.reads_negative]
+    ignoring = [m.name for m in methods if m.guide is not None and m.negative_prompt and not m.guide.reads_negative_prompt]
     text = (f"{model}: cfg and guide rows sample with each prompt's negative prompt, '{NO_NEGATIVE.strip()}' rows without; "
             "gap closed and output MSE are against CFG with the negative. ")
     text += (f"avoids negative: over the {measurable(negatives)} of {len(negatives)} images whose negative names a colour, shape or coloured shape. "

@@ -1,0 +1,176 @@
+"""An output guide's negative head (issue 15): a second head that reads the negative prompt, added to a trained guide
+and trained alone, so that without a negative the guide is exactly the one it was made from."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+
+from conftest import distill_flags, guide_inputs, randomised
+from pnpguide.distill_guidance import GuidanceDistillConfig
+from pnpguide.evaluation.speed import SD15, step_cost
+from pnpguide.guide import GuideModel
+from pnpguide.negatives import NegativeSampler
+from pnpguide.pipeline import PlugAndPlayPipeline
+from pnpguide.teacher import guided_noise_pred
+
+PROMPTS = ["a red circle on a black background", "a blue square above a green triangle on a white background"]
+
+
+def _with_trained_head(unet, seed=4):
+    """A randomised output guide with a negative head whose weights are random too (as if trained)."""
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output")).with_negative_head()
+    torch.manual_seed(seed)
+    for p in guide.negative_output_head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return guide
+
+
+def test_a_new_negative_head_changes_nothing_and_starts_from_the_prompts_head(unet):
+    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    headed = guide.with_negative_head()
+    sample, t, embeds = guide_inputs()
+    negative = torch.randn(2, 5, 32)
+    expected = guided_noise_pred(unet, guide, sample, t, embeds, 5.0)
+    assert torch.equal(expected, guided_noise_pred(unet, headed, sample, t, embeds, 5.0, negative_prompt_embeds=negative))
+    head, prompt_head = headed.negative_output_head.state_dict(), guide.output_head.state_dict()
+    assert all(torch.equal(head[name], value) for name, value in prompt_head.items() if not name.startswith("conv_out"))
+    assert not headed.negative_output_head.conv_out.weight.any()
+    assert headed.with_negative_head() is headed
+
+
+def test_the_head_acts_only_on_rows_with_a_negative(unet):
+    guide = _with_trained_head(unet)
+    plain = randomised(GuideModel.from_unet(unet, reads="unet_output"))  # the same prompt head, no negative head
+    sample, t, embeds = guide_inputs()
+    negative = torch.randn(2, 5, 32)
+    without = guided_noise_pred(unet, plain, sample, t, embeds, 5.0)
+    assert torch.equal(without, guided_noise_pred(unet, guide, sample, t, embeds, 5.0))  # no negative: the guide it was made from
+    both = guided_noise_pred(unet, guide, sample, t, embeds, 5.0, negative_prompt_embeds=negative)
+    assert (both - without).abs().amin(dim=(1, 2, 3)).gt(0).all()
+    rows = torch.tensor([False, True])
+    masked = guided_noise_pred(unet, guide, sample, t, embeds, 5.0, negative_prompt_embeds=negative, negative_rows=rows)
+    assert torch.equal(masked[0], without[0]) and torch.allclose(masked[1], both[1], atol=1e-6)
+    assert torch.equal(without, guided_noise_pred(unet, guide, sample, t, embeds, 5.0, negative_prompt_embeds=negative,
+                                                  negative_rows=torch.tensor([False, False])))
+
+
+def test_the_negatives_correction_has_cfgs_form_in_w(unet):
+    guide = _with_trained_head(unet)
+    sample, t, embeds = guide_inputs()
+    negative = torch.randn(2, 5, 32)
+    cond = unet(sample, t, embeds).sample
+    at = lambda w: guided_noise_pred(unet, guide, sample, t, embeds, w, negative_prompt_embeds=negative) - cond  # noqa: E731
+    torch.testing.assert_close(at(7.0), 3 * at(3.0), rtol=1e-4, atol=1e-6)
+
+
+def test_a_negative_head_saves_and_loads(unet, tmp_path):
+    guide = _with_trained_head(unet)
+    guide.save_pretrained(tmp_path / "guide")
+    loaded = GuideModel.from_pretrained(tmp_path / "guide")
+    assert loaded.config.negative_head and loaded.reads_negative_prompt
+    sample, t, embeds = guide_inputs()
+    negative = torch.randn(1, 5, 32)
+    torch.testing.assert_close(guided_noise_pred(unet, loaded, sample, t, embeds, 4.0, negative_prompt_embeds=negative),
+                               guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=negative))
+
+
+@pytest.mark.parametrize("kwargs", [dict(reads="latent"), dict(reads="unet_features"), dict(reads="unet_output", reads_negative=True)])
+def test_only_an_output_guide_without_negative_input_gets_a_negative_head(unet, kwargs):
+    with pytest.raises(ValueError, match="negative_head is an output guide's second head"):
+        GuideModel.from_unet(unet, **kwargs).with_negative_head()
+
+
+def test_a_negative_head_keeps_the_tiny_guide_in_budget_on_sd15():
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(**SD15)
+        plain = GuideModel.from_unet(sd15, "tiny", reads="unet_output")
+        headed = plain.with_negative_head()
+    assert sum(p.numel() for p in headed.parameters()) / sum(p.numel() for p in sd15.parameters()) <= 0.01
+    cost, plain_cost = step_cost(sd15, headed, tokens=77), step_cost(sd15, plain, tokens=77)
+    assert cost.guide > 1.9 * plain_cost.guide and cost.ratio <= 0.505  # the head is counted, once more the prompt head's cost
+
+
+# --- the pipeline ------------------------------------------------------------------------------------------------------
+
+def _run(pipe, **kwargs):
+    args = dict(prompt=PROMPTS, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0), guidance_scale=6.0)
+    return pipe(**(args | kwargs)).images
+
+
+def test_the_pipeline_applies_the_head_to_the_rows_that_have_a_negative(tiny_components):
+    unet = tiny_components["unet"]
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=_with_trained_head(unet))
+    pipe.set_progress_bar_config(disable=True)
+    plain = PlugAndPlayPipeline(**tiny_components, guide=randomised(GuideModel.from_unet(unet, reads="unet_output")))
+    plain.set_progress_bar_config(disable=True)
+    without = _run(plain)
+    np.testing.assert_array_equal(without, _run(pipe))  # no negative prompt: exactly the guide without the head
+    np.testing.assert_array_equal(without, _run(pipe, negative_prompt=["", ""]))
+    mixed = _run(pipe, negative_prompt=["", "blue square"])
+    np.testing.assert_array_equal(mixed[0], without[0])
+    assert np.abs(mixed[1] - without[1]).max() > 1e-3
+    _, embeds = pipe.encode_prompt(PROMPTS, "cpu", 1, True, ["", "blue square"])
+    np.testing.assert_array_equal(mixed, _run(pipe, negative_prompt_embeds=embeds))
+
+
+# --- training -----------------------------------------------------------------------------------------------------------
+
+def test_distill_negative_head_trains_the_head_alone_on_runs_recorded_with_negatives(tiny_base_dir, prompt_file, tmp_path):
+    from pnpguide.cli import main
+
+    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "a", reads="unet_output", max_steps=2)) == 0
+    flags = distill_flags(tiny_base_dir, prompt_file, tmp_path / "b", init_guide=tmp_path / "a" / "guide", negative_head=True,
+                          negative_rate=1.0, learning_rate=0.01, validation_trajectories=4)
+    assert main(flags) == 0
+    before, after = GuideModel.from_pretrained(tmp_path / "a" / "guide"), GuideModel.from_pretrained(tmp_path / "b" / "guide")
+    assert after.config.negative_head and after.negative_output_head.conv_out.weight.abs().sum() > 0  # the head trained
+    trained = after.state_dict()
+    assert all(torch.equal(value, trained[name]) for name, value in before.state_dict().items())  # nothing else moved
+    shards = sorted((tmp_path / "b" / "trajectories").glob("shard-*.safetensors"))
+    with safe_open(str(shards[0]), framework="pt") as f:
+        negative_ids = f.get_tensor("negative_ids")
+        assert "negatives" in f.metadata()
+    table = NegativeSampler(rate=1.0).table(prompt_file.read_text().splitlines())
+    assert all(table[i] for i in negative_ids.tolist())  # every run had a negative (rate 1)
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert any("validation_loss" in entry for entry in logged)
+
+
+def test_runs_recorded_with_a_negative_store_the_negatives_unconditional_pass(tiny_components, prompt_file, tmp_path):
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+
+    from pnpguide.conditioning import encode_prompts
+    from pnpguide.sources import teacher_trajectories
+
+    pipe = StableDiffusionPipeline(**tiny_components)
+    config = GuidanceDistillConfig(output_dir=str(tmp_path), prompts=str(prompt_file), trajectories=3, trajectory_steps=3, negative_rate=1.0,
+                                   base=None, source="trajectories")
+    sampler = NegativeSampler(rate=1.0)
+    pool = teacher_trajectories(pipe, PROMPTS, tmp_path / "t", config, Accelerator(cpu=True), "states", 2, sampler)
+    rows = pool.rows(torch.arange(len(pool)))
+    assert all(rows.negatives) and len(rows.negatives) == 6
+    negative = encode_prompts(pipe, rows.negatives[:1], "cpu", 16).prompt_embeds
+    expected = pipe.unet(rows.latents[:1], rows.timesteps[:1], encoder_hidden_states=negative).sample
+    torch.testing.assert_close(rows.unconditional[:1], expected, rtol=1e-4, atol=1e-5)
+    plain = teacher_trajectories(pipe, PROMPTS, tmp_path / "p", config, Accelerator(cpu=True), "states", 2)
+    assert plain.rows(torch.arange(2)).negatives is None
+    torch.testing.assert_close(plain.rows(torch.arange(1)).latents, rows.latents[:1])  # the same first state: runs draw the negative last
+
+
+def test_negative_head_needs_a_trained_guide():
+    with pytest.raises(ValueError, match="negative_head adds a head for the negative prompt to a trained output guide: give --init-guide"):
+        GuidanceDistillConfig(negative_head=True)
+    assert GuidanceDistillConfig(negative_head=True, init_guide="output-first5").negatives
+
+
+def test_negative_head_refuses_a_guide_that_is_not_an_output_guide(tiny_base_dir, prompt_file, tmp_path, capsys):
+    from pnpguide.cli import main
+
+    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "a", max_steps=1)) == 0
+    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "b", init_guide=tmp_path / "a" / "guide", negative_head=True)) != 0
+    assert "--negative-head adds a head to an output guide without negative input" in capsys.readouterr().err
