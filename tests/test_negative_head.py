@@ -174,3 +174,34 @@ def test_negative_head_refuses_a_guide_that_is_not_an_output_guide(tiny_base_dir
     assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "a", max_steps=1)) == 0
     assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "b", init_guide=tmp_path / "a" / "guide", negative_head=True)) != 0
     assert "--negative-head adds a head to an output guide without negative input" in capsys.readouterr().err
+
+
+def test_step_distillation_refuses_a_guide_with_a_negative_head(tiny_components, prompt_file, tmp_path):
+    from pnpguide.distill_steps import StepDistillConfig, distill_steps
+
+    GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_output").with_negative_head().save_pretrained(tmp_path / "guide")
+    config = StepDistillConfig(output_dir=str(tmp_path / "steps"), guide=str(tmp_path / "guide"), prompts=str(prompt_file), base=None,
+                               source="trajectories", teacher_steps=4, student_steps=2)
+    with pytest.raises(ValueError, match="step distillation of a guide with a negative head is not supported"):
+        distill_steps(config)
+
+
+def test_the_shipped_negative_head_brings_the_output_towards_cfg_with_the_negative_and_changes_nothing_without_one():
+    """Integration: `output-first5-neg` at its first step (t = 999), negatives naming an attribute of the prompt."""
+    from pnpguide.conditioning import encode_negative, encode_negatives, encode_prompts
+    from pnpguide.loading import load_guide, load_pipeline
+    from pnpguide.teacher import cfg_noise_pred
+
+    pipe, guide, plain = load_pipeline(None), load_guide("output-first5-neg"), load_guide("output-first5")
+    prompts = ["a red circle on a black background", "a blue triangle above a yellow square on a white background"] * 4
+    negatives = ["red", "circle", "blue", "yellow square"] * 2
+    conditioning = encode_prompts(pipe, prompts, "cpu", 64)
+    negative = encode_negatives(pipe, negatives, encode_negative(pipe, "cpu", 64), "cpu", 64)
+    sample = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cfg = cfg_noise_pred(pipe.unet, sample, 999, conditioning.prompt_embeds, negative.prompt_embeds, 7.5)
+        without = guided_noise_pred(pipe.unet, plain, sample, 999, conditioning.prompt_embeds, 7.5)
+        guided = guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5, negative_prompt_embeds=negative.prompt_embeds)
+        assert torch.equal(without, guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5))
+    gap_closed = 1 - (guided - cfg).pow(2).mean() / (without - cfg).pow(2).mean()  # of what the guide without the head leaves (0.965 when shipped)
+    assert gap_closed > 0.8, f"closed {gap_closed:.3f} of the negative's gap at the first step"

@@ -170,6 +170,9 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
     if config.negative_prompts is not None and not stage1.reads_negative_prompt:
         raise ValueError("--negative-prompts: this stage-1 guide does not read negative prompts (distill it with --negatives first)")
+    if getattr(stage1.config, "negative_head", False):  # its head is skipped on empty negatives, which these rounds do not track
+        raise ValueError("step distillation of a guide with a negative head is not supported: step-distil the guide without it, "
+                         "or use a guide distilled with --negatives")
     pipe = load_pipeline(config.base)
     freeze(pipe)
     pipe.to(accelerator.device)

@@ -3,7 +3,8 @@ on SD1.5 / SDXL UNets built from their published configs on the meta device. Out
 With an argument K (stop 24): also the ratio over a 25-step run whose guide runs only at its first K steps, the
 correction carried on after them (../first-steps-guide/cost.txt).
 With K and widening factors F... (stop 28): the tiny guide widened F times (GuideModel.widened) instead of tiny and full
-(../wider-first-steps/cost.txt)."""
+(../wider-first-steps/cost.txt).
+With K and "neg" (stop 29): the tiny guide and the tiny guide with a negative head (../negative-head/cost.txt)."""
 import sys
 import torch
 from diffusers import UNet2DConditionModel
@@ -12,11 +13,15 @@ from pnpguide.guide import GuideModel
 from pnpguide.loading import load_pipeline
 
 first_steps = int(sys.argv[1]) if len(sys.argv) > 1 else None
-factors = [int(f) for f in sys.argv[2:]]
+negative_head = "neg" in sys.argv[2:]
+factors = [int(f) for f in sys.argv[2:] if f != "neg"]
 
 
 def guides(unet):
-    """(label, guide): tiny and full, or the tiny guide widened by each factor."""
+    """(label, guide): tiny and full, the tiny guide widened by each factor, or it with and without a negative head."""
+    if negative_head:
+        tiny = GuideModel.from_unet(unet, "tiny", reads="unet_output")
+        return [("tiny", tiny), ("tiny + negative head", tiny.with_negative_head())]
     if not factors:
         return [(size, GuideModel.from_unet(unet, size, reads="unet_output")) for size in ("tiny", "full")]
     tiny = GuideModel.from_unet(unet, "tiny", reads="unet_output")
