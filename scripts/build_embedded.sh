@@ -89,3 +89,12 @@ pnpguide --threads 1 distill --reads unet_output --source trajectories --traject
     --init-guide runs/output-first5-32k/guide --validation-trajectories 320 --output-dir runs/first5-s1-c32b
 python scripts/ship_guide.py runs/first5-s1-c32b/guide "$ASSETS/guides/output-first5"
 pnpguide --threads 1 fit-carry --full-steps 5 --steps 25 --out "$ASSETS/guides/output-first5/correction_carry.json"
+
+# 10. a negative head for output-first5 (stop 29): 16,384 teacher runs of the first 5 steps, each sampling CFG with a
+#     negative drawn for it (~14 min), then 8,000 steps training the head alone (46 min on 2 CPU threads); the carry
+#     is the base's, as output-first5's
+pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 16384 --validation-trajectories 320 \
+    --trajectory-first-steps 5 --negative-head --init-guide "$ASSETS/guides/output-first5" --negative-rate 1.0 --seed 2 \
+    --loss-weighting timestep --batch-size 64 --learning-rate 5e-4 --lr-warmup-steps 50 --max-steps 8000 --output-dir runs/neghead-s2
+python scripts/ship_guide.py runs/neghead-s2/guide "$ASSETS/guides/output-first5-neg"
+cp "$ASSETS/guides/output-first5/correction_carry.json" "$ASSETS/guides/output-first5-neg/"

@@ -205,3 +205,27 @@ def test_the_shipped_negative_head_brings_the_output_towards_cfg_with_the_negati
         assert torch.equal(without, guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5))
     gap_closed = 1 - (guided - cfg).pow(2).mean() / (without - cfg).pow(2).mean()  # of what the guide without the head leaves (0.965 when shipped)
     assert gap_closed > 0.8, f"closed {gap_closed:.3f} of the negative's gap at the first step"
+
+
+def test_with_a_negative_a_head_trained_on_more_steps_runs_them_before_the_correction_is_carried(tiny_components):
+    import warnings
+
+    from pnpguide import CorrectionCarry
+
+    guide = _with_trained_head(tiny_components["unet"])
+    guide.register_to_config(trained_first_steps=2, negative_first_steps=3)
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=guide)
+    pipe.set_progress_bar_config(disable=True)
+    carry = CorrectionCarry.fit(pipe, PROMPTS, full_steps=2, num_inference_steps=5)
+    calls = []
+    handle = guide.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # 3 steps is what this guide was trained for: no "first steps only" warning
+            for negative_prompt in (None, ["", ""], ["red", ""]):
+                calls.clear()
+                _run(pipe, num_inference_steps=5, correction_carry=carry, negative_prompt=negative_prompt)
+                assert len(calls) == (3 if negative_prompt == ["red", ""] else 2), negative_prompt
+    finally:
+        handle.remove()
+    assert carry.full_steps == 2  # the caller's carry is left as it was

@@ -103,6 +103,7 @@ GUIDE_FIELDS = {
     "trained_text_encoder": optional(NAME),
     "reads_negative": BOOL,
     "negative_head": BOOL,
+    "negative_first_steps": optional(POSITIVE_INT),
 }
 GUIDE_PER_BLOCK = ("block_out_channels", "unet_block_out_channels", "down_block_types", "transformer_layers_per_block", "num_attention_heads")
 

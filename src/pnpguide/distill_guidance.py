@@ -329,7 +329,9 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}",
                               validate=validate if held_out is not None else None)
     guide = copy_ema_into(guide, ema).eval()
-    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), trained_first_steps=config.trajectory_first_steps,
+    # a negative head records the steps it learnt apart: the rest of the guide was trained on its own steps
+    first_steps = {"negative_first_steps": config.trajectory_first_steps} if config.negative_head else {"trained_first_steps": config.trajectory_first_steps}
+    guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), **first_steps,
                              trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
     if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
         guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)

@@ -151,6 +151,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         unet_out_channels: int | None = None,  # an output guide's output (None: unet_in_channels)
         trained_first_steps: int | None = None,  # trained on the first N steps of the teacher's runs only (then carried on)
         negative_head: bool = False,  # an output guide's second head, reading the negative prompt (see the module)
+        negative_first_steps: int | None = None,  # its negative head was trained on the first N steps: with a negative, it runs that many before carrying on
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:

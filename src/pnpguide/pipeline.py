@@ -5,6 +5,7 @@ lives once in :class:`GuidedSamplingMixin`; `pipeline_xl.PlugAndPlayXLPipeline` 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Callable
 
@@ -111,10 +112,20 @@ class GuidedSamplingMixin:
                               "steps and 2.5x at 8 (docs/guides.md)")
         return scheduler, timesteps, schedule, modes
 
+    def carry_for_negative(self, correction_carry: CorrectionCarry | None, mode: str, negatives: tuple) -> CorrectionCarry | None:
+        """The carry this call samples with. A guide whose negative head was distilled on more first steps than the rest
+        of it (`negative_first_steps`) runs that many before carrying on when a negative prompt is given: carried on
+        earlier, the negated attribute comes back (docs/guides.md, stop 29). Without a negative, the carry as given."""
+        steps = getattr(self.guide.config, "negative_first_steps", None) if mode == "guide" and self.guide is not None else None
+        if correction_carry is None or not steps or steps <= correction_carry.full_steps or not gives_negative(negatives):
+            return correction_carry
+        return dataclasses.replace(correction_carry, full_steps=steps)
+
     def warn_first_steps_only(self, correction_carry: CorrectionCarry | None) -> None:
         """A guide distilled on the teacher's first steps only has not learnt the later ones: those should carry its
         correction on."""
         first_steps = getattr(self.guide.config, "trained_first_steps", None)
+        first_steps = first_steps and max(first_steps, getattr(self.guide.config, "negative_first_steps", None) or 0)
         if first_steps and (correction_carry is None or correction_carry.full_steps > first_steps):
             warnings.warn(f"this guide was distilled on the first {first_steps} steps of sampling only: pass correction_carry="
                           f"CorrectionCarry.fit(pipe, prompts, full_steps={first_steps}) (--correction-carry FILE) to carry its "
@@ -313,6 +324,7 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         check_first_step_fit(first_step_fit, mode, cfg_first_steps, (negative_prompt, negative_prompt_embeds))
         check_correction_carry(correction_carry, mode, self.guide)
         self.check_guidance(num_inference_steps, mode, height, width, (negative_prompt, negative_prompt_embeds), cfg_first_steps)
+        correction_carry = self.carry_for_negative(correction_carry, mode, (negative_prompt, negative_prompt_embeds))
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
@@ -384,6 +396,12 @@ def warn_negative_prompt_ignored(cfg_first_steps: int = 0) -> None:
         UserWarning,
         stacklevel=3,  # the pipeline's __call__
     )
+
+
+def gives_negative(negatives: tuple) -> bool:
+    """Whether a call's negative prompt arguments hold a negative: embeddings, or a prompt that is not empty."""
+    texts = lambda n: [n] if isinstance(n, str) else n if isinstance(n, list) else None  # noqa: E731
+    return any(n is not None and (texts(n) is None or any(texts(n))) for n in negatives)
 
 
 def check_cfg_first_steps(cfg_first_steps, num_inference_steps: int | None) -> None:

@@ -93,6 +93,7 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         check_first_step_fit(first_step_fit, mode, cfg_first_steps, negatives)
         check_correction_carry(correction_carry, mode, self.guide)
         self.check_guidance(num_inference_steps, mode, height, width, negatives, cfg_first_steps)
+        correction_carry = self.carry_for_negative(correction_carry, mode, negatives)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
