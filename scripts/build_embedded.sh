@@ -91,10 +91,14 @@ python scripts/ship_guide.py runs/first5-s1-c32b/guide "$ASSETS/guides/output-fi
 pnpguide --threads 1 fit-carry --full-steps 5 --steps 25 --out "$ASSETS/guides/output-first5/correction_carry.json"
 
 # 10. a negative head for output-first5 (stop 29): 16,384 teacher runs of the first 5 steps, each sampling CFG with a
-#     negative drawn for it (~14 min), then 8,000 steps training the head alone (46 min on 2 CPU threads); the carry
-#     is the base's, as output-first5's
+#     negative drawn for it (~14 min), 8,000 steps training the head alone (46 min on 2 CPU threads); then 8,192 runs of
+#     the first 8 steps (seed 3, ~12 min) and 3,000 more steps (17.5 min): with a negative the guide runs 8 steps before
+#     its correction is carried (negative_first_steps), without one it is output-first5. The carry is the base's.
 pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 16384 --validation-trajectories 320 \
     --trajectory-first-steps 5 --negative-head --init-guide "$ASSETS/guides/output-first5" --negative-rate 1.0 --seed 2 \
     --loss-weighting timestep --batch-size 64 --learning-rate 5e-4 --lr-warmup-steps 50 --max-steps 8000 --output-dir runs/neghead-s2
-python scripts/ship_guide.py runs/neghead-s2/guide "$ASSETS/guides/output-first5-neg"
+pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 8192 --validation-trajectories 320 \
+    --trajectory-first-steps 8 --negative-head --init-guide runs/neghead-s2/guide --negative-rate 1.0 --seed 3 \
+    --loss-weighting timestep --batch-size 64 --learning-rate 3e-4 --lr-warmup-steps 50 --max-steps 3000 --output-dir runs/neghead8-s3
+python scripts/ship_guide.py runs/neghead8-s3/guide "$ASSETS/guides/output-first5-neg"
 cp "$ASSETS/guides/output-first5/correction_carry.json" "$ASSETS/guides/output-first5-neg/"

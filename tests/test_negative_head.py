@@ -124,10 +124,11 @@ def test_distill_negative_head_trains_the_head_alone_on_runs_recorded_with_negat
 
     assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "a", reads="unet_output", max_steps=2)) == 0
     flags = distill_flags(tiny_base_dir, prompt_file, tmp_path / "b", init_guide=tmp_path / "a" / "guide", negative_head=True,
-                          negative_rate=1.0, learning_rate=0.01, validation_trajectories=4)
+                          negative_rate=1.0, learning_rate=0.01, validation_trajectories=4, trajectory_first_steps=3)
     assert main(flags) == 0
     before, after = GuideModel.from_pretrained(tmp_path / "a" / "guide"), GuideModel.from_pretrained(tmp_path / "b" / "guide")
     assert after.config.negative_head and after.negative_output_head.conv_out.weight.abs().sum() > 0  # the head trained
+    assert after.config.negative_first_steps == 3 and after.config.trained_first_steps is None  # the rest: the steps it had
     trained = after.state_dict()
     assert all(torch.equal(value, trained[name]) for name, value in before.state_dict().items())  # nothing else moved
     shards = sorted((tmp_path / "b" / "trajectories").glob("shard-*.safetensors"))
@@ -203,7 +204,7 @@ def test_the_shipped_negative_head_brings_the_output_towards_cfg_with_the_negati
         without = guided_noise_pred(pipe.unet, plain, sample, 999, conditioning.prompt_embeds, 7.5)
         guided = guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5, negative_prompt_embeds=negative.prompt_embeds)
         assert torch.equal(without, guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5))
-    gap_closed = 1 - (guided - cfg).pow(2).mean() / (without - cfg).pow(2).mean()  # of what the guide without the head leaves (0.965 when shipped)
+    gap_closed = 1 - (guided - cfg).pow(2).mean() / (without - cfg).pow(2).mean()  # of what the guide without the head leaves (0.955 when shipped)
     assert gap_closed > 0.8, f"closed {gap_closed:.3f} of the negative's gap at the first step"
 
 
