@@ -449,7 +449,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
             raise ValueError("this guide reads the UNet's output: call it through pnpguide.guided_noise_pred (or pass unet_output)")
         inputs = torch.cat([sample, unet_output.to(sample.dtype)], dim=1)
         difference = self.output_head(inputs, emb, encoder_hidden_states)
-        if negative_embeds is not None and (negative_rows is None or bool(negative_rows.any())):
+        if negative_embeds is not None:  # (rows all without a negative add exact zeros; no host sync to check for them)
             negative_embeds = negative_embeds.expand(len(sample), *negative_embeds.shape[1:])  # one row serves a batch
             shift = self.negative_output_head(inputs, emb, negative_embeds.to(sample.dtype))  # uncond - n: CFG's term with the negative
             if negative_rows is not None:
