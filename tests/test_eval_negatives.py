@@ -224,3 +224,18 @@ def test_demo_cli_refuses_a_missing_negatives_file_in_one_line_before_loading(mo
     assert main(["demo", "--out-dir", str(tmp_path), "--negative-prompts", str(tmp_path / "missing.txt")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "missing.txt" in err
+
+
+@pytest.mark.integration
+def test_demo_samples_a_first_steps_guide_with_the_carry_in_its_folder(tmp_path):
+    """`output-first5-neg` ships its correction carry, as `generate` uses it: without it the pipeline warns that the guide
+    was distilled on the first steps only, and the guide would run all 25 steps."""
+    import warnings
+
+    from pnpguide.demo import run_demo
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="this guide was distilled on the first")
+        grid, timings = run_demo(tmp_path, steps=25, guide="output-first5-neg", negative_prompts="caption-attributes")
+    labels = [t.label for t in timings]
+    assert grid.is_file() and labels[:5] == ["no guidance (w=1)", "CFG teacher", "guide", "CFG teacher, negative", "guide, negative"]

@@ -13,6 +13,7 @@ from .evaluation.negative_prompts import eval_negatives
 from .evaluation.plots import captioned_grid
 from .evaluation.sampling import generate_images
 from .evaluation.speed import UNetCallCounter, median_seconds, step_cost
+from .generate import fitting_carry, guide_carry
 from .guide import GuideModel
 from .loading import load_guide, load_plug_and_play, shipped_guide_dirs
 from .pipeline import follow_unet
@@ -72,6 +73,7 @@ def run_demo(
     negatives = eval_negatives(negative_prompts, captions)  # a bad value fails before anything loads
     say(f"loading the embedded base and the {guide or 'tiny'} guide")
     pipe = load_plug_and_play(guide=guide, dtype=dtype, device=device)
+    main_guide, carry = pipe.guide, fitting_carry(pipe, guide_carry(guide), steps)  # a first-steps guide's own carry, as `generate` uses it
     images, timings = {}, []
     rows = demo_rows(pipe.guide, steps, negatives is not None)
     for number, row in enumerate(rows, 1):
@@ -83,7 +85,8 @@ def run_demo(
 
         def sample():
             return generate_images(pipe, captions, w, row.steps, seed, mode=row.mode, batch_size=len(captions), progress=False,
-                                   negative_prompts=negatives if row.negative_prompt else None)
+                                   negative_prompts=negatives if row.negative_prompt else None,
+                                   correction_carry=carry if row.mode == "guide" and row.guide is main_guide else None)
 
         counter = UNetCallCounter(pipe.unet)
         images[f"{row.label}, {row.steps} steps"] = sample()

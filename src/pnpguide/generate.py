@@ -105,10 +105,16 @@ def correction_carry(pipe, request: GenerateRequest, steps: int) -> CorrectionCa
     this scheduler and step count (otherwise the pipeline warns that such a guide needs one)."""
     if request.correction_carry:
         return CorrectionCarry.load(request.correction_carry)
-    if request.mode != "guide" or request.guide_carry is None:
+    return fitting_carry(pipe, request.guide_carry, steps) if request.mode == "guide" else None
+
+
+def fitting_carry(pipe, path: str | Path | None, steps: int) -> CorrectionCarry | None:
+    """The carry saved at `path` (a guide folder's, :func:`guide_carry`) if it was fitted for the scheduler this pipeline
+    samples its guide with at `steps` steps; else None."""
+    if path is None:
         return None
-    shipped = CorrectionCarry.load(request.guide_carry)
-    scheduler = pipe.sampling_scheduler(steps, request.mode)
+    shipped = CorrectionCarry.load(path)
+    scheduler = pipe.sampling_scheduler(steps, "guide")
     scheduler.set_timesteps(steps)
     return shipped if shipped.fits(scheduler.timesteps.tolist()) else None
 
