@@ -316,11 +316,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         (zero), so a positive-only guide can be trained further on negatives instead of from scratch."""
         if self.config.reads_negative:
             return self
-        guide = self._rebuilt(reads_negative=True)
-        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
-        if missing != ["negative_segment"] or unexpected:
-            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
-        return guide.to(device=self.device, dtype=self.dtype)
+        return self._grown("negative_segment", reads_negative=True)
 
     def with_negative_head(self) -> "GuideModel":
         """This output guide plus a negative head (see the module) that starts as a copy of the prompt's head, its
@@ -328,13 +324,10 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         and the guide computes what it did until training moves that convolution."""
         if self.config.negative_head:
             return self
-        guide = self._rebuilt(negative_head=True)
-        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(not name.startswith("negative_output_head.") for name in missing):
-            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
+        guide = self._grown("negative_output_head", negative_head=True)
         guide.negative_output_head.load_state_dict(self.output_head.state_dict())
         zero_module(guide.negative_output_head.conv_out)
-        return guide.to(device=self.device, dtype=self.dtype)
+        return guide
 
     def widened(self, factor: int, generator: torch.Generator | None = None) -> "GuideModel":
         """This output guide with `factor` times the channels, computing the same function (Net2Net, Chen et al.
@@ -351,6 +344,15 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         narrow = self.state_dict()
         wide.load_state_dict({name: _widened(name, narrow[name].float(), value.shape, generator) for name, value in wide.state_dict().items()})
         return wide.to(self.device) if self.dtype == wide.dtype else wide.to(device=self.device, dtype=self.dtype)
+
+    def _grown(self, new: str, **changes) -> "GuideModel":
+        """This guide rebuilt with `changes` that add the parameters named `new` (left as initialised), every trained
+        weight carried over."""
+        guide = self._rebuilt(**changes)
+        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or not missing or any(name.split(".")[0] != new for name in missing):
+            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
+        return guide.to(device=self.device, dtype=self.dtype)
 
     def _rebuilt(self, **changes) -> "GuideModel":
         """A new, untrained guide of this one's architecture with `changes` to its config. Without
@@ -421,11 +423,9 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         timestep = per_sample(timestep, batch, sample.device)
         w = per_sample(guidance_scale, batch, sample.device, torch.float32)
         emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))
-        if self.reads_unet_output and self.config.negative_head:
-            return self._correct_output(sample, unet_output, emb, encoder_hidden_states, w, negative_encoder_hidden_states, negative_rows)
         encoder_hidden_states = self._context(encoder_hidden_states, negative_encoder_hidden_states)
         if self.reads_unet_output:
-            return self._correct_output(sample, unet_output, emb, encoder_hidden_states, w)
+            return self._correct_output(sample, unet_output, emb, encoder_hidden_states, w, negative_encoder_hidden_states, negative_rows)
         emb = emb + self.guidance_embedding(self.guidance_proj(w * W_EMBED_SCALE).to(sample.dtype))
         if self.reads_unet_features:
             output = self._read_features(unet_features, emb, encoder_hidden_states)
@@ -444,12 +444,12 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         negative_embeds = negative_embeds.expand(len(prompt_embeds), *negative_embeds.shape[1:])  # one row serves a batch
         return torch.cat([prompt_embeds, negative_embeds + self.negative_segment.to(negative_embeds.dtype)], dim=1)
 
-    def _correct_output(self, sample, unet_output, emb, encoder_hidden_states, w, negative_embeds=None, negative_rows=None) -> OutputCorrection:
+    def _correct_output(self, sample, unet_output, emb, encoder_hidden_states, w, negative_embeds, negative_rows) -> OutputCorrection:
         if unet_output is None:
             raise ValueError("this guide reads the UNet's output: call it through pnpguide.guided_noise_pred (or pass unet_output)")
         inputs = torch.cat([sample, unet_output.to(sample.dtype)], dim=1)
         difference = self.output_head(inputs, emb, encoder_hidden_states)
-        if negative_embeds is not None:  # (rows all without a negative add exact zeros; no host sync to check for them)
+        if self.config.negative_head and negative_embeds is not None:  # (rows without a negative add exact zeros: no host sync to check)
             negative_embeds = negative_embeds.expand(len(sample), *negative_embeds.shape[1:])  # one row serves a batch
             shift = self.negative_output_head(inputs, emb, negative_embeds.to(sample.dtype))  # uncond - n: CFG's term with the negative
             if negative_rows is not None:
