@@ -291,3 +291,17 @@ def test_grid_prompts_zero_writes_the_report_without_a_grid(eval_setup):
 def test_negative_grid_prompts_is_refused_before_anything_loads(eval_setup):
     with pytest.raises(ValueError, match="grid_prompts must be >= 0"):
         _config(eval_setup, grid_prompts=-1)
+
+
+def test_rows_in_fewer_steps_also_report_their_image_gap_against_cfg_at_the_most_steps(eval_setup):
+    """Issue 12's stage 2: a few-step guide is measured against 50-step CFG (relative to 50-step unguided images) as well
+    as against CFG at its own steps. A zero-initialised guide samples as no guidance does, against either reference."""
+    result = run_eval(_config(eval_setup, steps=[2, 4], scales=[4.0], guide=[str(eval_setup / "two-step")]))
+    cfg2, cfg4, none2, none4, guided = (_row(result, m, steps=s, w=w) for m, s, w in
+                                        [("cfg", 2, 4.0), ("cfg", 4, 4.0), ("none", 2, 1.0), ("none", 4, 1.0), ("guide:two-step", 2, 4.0)])
+    assert cfg4["reference_image_gap_closed"] is None and none4["reference_image_gap_closed"] is None  # the reference itself
+    assert none2["image_gap_closed"] == pytest.approx(0.0, abs=1e-9)  # against CFG at 2 steps: none is the baseline
+    assert none2["reference_image_gap_closed"] != pytest.approx(0.0, abs=1e-6)  # against 4 steps: 2 steps are not 4
+    assert guided["reference_image_gap_closed"] == pytest.approx(none2["reference_image_gap_closed"])
+    assert cfg2["reference_image_gap_closed"] is not None and cfg2["reference_image_gap_closed"] < 1
+    assert "| image gap closed | image gap vs CFG@4 | step gap closed |" in (eval_setup / "out" / "report.md").read_text()

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from conftest import distill_flags, guide_inputs, randomised
@@ -177,13 +177,53 @@ def test_negative_head_refuses_a_guide_that_is_not_an_output_guide(tiny_base_dir
     assert "--negative-head adds a head to an output guide without negative input" in capsys.readouterr().err
 
 
-def test_step_distillation_refuses_a_guide_with_a_negative_head(tiny_components, prompt_file, tmp_path):
+def _first_steps_guide_with_head(unet, folder):
+    guide = GuideModel.from_unet(unet, "tiny", reads="unet_output").with_negative_head()
+    guide.register_to_config(trained_first_steps=2, negative_first_steps=3)
+    guide.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("negative_rate", [1.0, 0.0])
+def test_step_distillation_trains_the_negative_head_on_samples_with_a_negative_only(tiny_components, prompt_file, tmp_path, negative_rate):
+    """Stage 2 keeps the negative head (issue 15): the samples with a negative train it, the others skip it, as the
+    pipeline does. The student learns every step of its grid, so it no longer asks for a correction carry."""
     from pnpguide.distill_steps import StepDistillConfig, distill_steps
 
-    GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_output").with_negative_head().save_pretrained(tmp_path / "guide")
-    config = StepDistillConfig(output_dir=str(tmp_path / "steps"), guide=str(tmp_path / "guide"), prompts=str(prompt_file), base=None,
-                               source="trajectories", teacher_steps=4, student_steps=2)
-    with pytest.raises(ValueError, match="step distillation of a guide with a negative head is not supported"):
+    folder = _first_steps_guide_with_head(tiny_components["unet"], tmp_path / "guide")
+    StableDiffusionPipeline(**tiny_components).save_pretrained(tmp_path / "base")
+    config = StepDistillConfig(output_dir=str(tmp_path / "steps"), guide=str(folder), base=str(tmp_path / "base"), prompts=str(prompt_file),
+                               source="trajectories", trajectories=4, trajectory_steps=2, teacher_steps=4, student_steps=2, max_steps=3,
+                               batch_size=4, lr_warmup_steps=0, learning_rate=1e-2, negative_rate=negative_rate)
+    student = GuideModel.from_pretrained(distill_steps(config)[2])
+    assert student.config.negative_head and tuple(student.config.trained_step_counts) == (2,)
+    assert student.config.trained_first_steps is None and student.config.negative_first_steps is None
+    assert student.negative_output_head.conv_out.weight.any() == (negative_rate > 0)
+    assert student.output_head.conv_out.weight.any()
+
+
+def test_the_stage_2_denoiser_runs_the_negative_head_on_the_rows_marked_only(unet):
+    from pnpguide.conditioning import Conditioning
+    from pnpguide.distill_steps import Denoiser
+
+    guide, plain = _with_trained_head(unet), randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    sample, t, embeds = guide_inputs()
+    denoiser = Denoiser(unet, {"prediction_type": "epsilon"}, Conditioning(torch.zeros(1, 6, 32)))
+    negative, one = Conditioning(torch.randn(2, 6, 32)), torch.ones(2, 1, 1, 1)
+    x0 = lambda model, **kwargs: denoiser.x0(model, sample, t, Conditioning(embeds), torch.tensor([3.0, 6.0]), one, one, **kwargs)  # noqa: E731
+    without = x0(plain)
+    assert torch.equal(x0(guide), without) and torch.equal(x0(guide, negative=negative), without)
+    marked = x0(guide, negative=negative, negative_rows=torch.tensor([False, True]))
+    assert torch.equal(marked[0], without[0]) and not torch.allclose(marked[1], without[1])
+
+
+def test_step_distillation_of_a_first_steps_guide_needs_cfg_as_its_first_teacher(tiny_components, prompt_file, tmp_path):
+    from pnpguide.distill_steps import StepDistillConfig, distill_steps
+
+    folder = _first_steps_guide_with_head(tiny_components["unet"], tmp_path / "guide")
+    config = StepDistillConfig(output_dir=str(tmp_path / "steps"), guide=str(folder), prompts=str(prompt_file), base=None,
+                               source="trajectories", teacher_steps=4, student_steps=2, first_teacher="guide")
+    with pytest.raises(ValueError, match="this guide learnt the first 2 steps only .* use --first-teacher cfg"):
         distill_steps(config)
 
 

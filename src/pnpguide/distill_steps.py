@@ -8,7 +8,9 @@ the stage-1 guide's own error is not passed on) or base + stage-1 guide (`first_
 cheaper); each later round is taught by the previous student. The states are a source's clean latents
 (images, shapes, or the final latents of CFG teacher runs from prompts: see `sources.teacher_trajectories`)
 noised onto the student's timesteps. A stage-1 guide that reads negative prompts keeps them: its teachers and
-students see the same per-sample negatives as stage 1 drew (:mod:`pnpguide.negatives`).
+students see the same per-sample negatives as stage 1 drew (:mod:`pnpguide.negatives`); a negative head runs on the
+samples whose negative is not empty, as in the pipeline. A guide distilled on the first steps only (then carried on)
+becomes a guide for every step of the student's grid.
 """
 
 from __future__ import annotations
@@ -110,15 +112,19 @@ class Denoiser:
     scheduler_config: dict
     negative: Conditioning  # one row: CFG's unconditional branch
 
-    def x0(self, guide, sample, t, conditioning: Conditioning, w, alpha, sigma, negative: Conditioning | None = None) -> torch.Tensor:
-        """`negative`: B rows of per-sample negatives (default: the empty prompt's row for all)."""
+    def x0(self, guide, sample, t, conditioning: Conditioning, w, alpha, sigma, negative: Conditioning | None = None,
+           negative_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`negative`: B rows of per-sample negatives (default: the empty prompt's row for all); `negative_rows`: which
+        of them are not the empty prompt (a negative head runs on those only, as in the pipeline; None: none)."""
         negative = (self.negative if negative is None else negative).rows_for(len(conditioning))
         if guide is None:
             added = cfg_added_cond_kwargs(conditioning, negative)
             output = cfg_noise_pred(self.unet, sample, t.clamp(min=0), conditioning.prompt_embeds, negative.prompt_embeds, w, added)
         else:
+            head = getattr(getattr(guide, "module", guide).config, "negative_head", False)
+            negative_embeds = None if head and negative_rows is None else negative.prompt_embeds
             output = guided_noise_pred(self.unet, guide, sample, t.clamp(min=0), conditioning.prompt_embeds, w, conditioning.added_cond_kwargs(),
-                                       negative_prompt_embeds=negative.prompt_embeds)
+                                       negative_prompt_embeds=negative_embeds, negative_rows=negative_rows if head else None)
         return predicted_x0(output.float(), sample, alpha, sigma, self.scheduler_config["prediction_type"])
 
 
@@ -132,11 +138,11 @@ def teacher_target(denoiser: Denoiser, teacher: GuideModel, batch: dict, schedul
     a_t, s_t = _alpha_sigma(acp, t, final_alpha)
     a_mid, s_mid = _alpha_sigma(acp, mid, final_alpha)
     a_next, s_next = _alpha_sigma(acp, nxt, final_alpha)
-    negative = batch.get("negative")
+    negative = {"negative": batch.get("negative"), "negative_rows": batch.get("negative_rows")}
     with torch.no_grad():
-        z_mid = ddim_step(denoiser.x0(teacher, z, t, batch["conditioning"], batch["w"], a_t, s_t, negative), z, a_t, s_t, a_mid, s_mid)
+        z_mid = ddim_step(denoiser.x0(teacher, z, t, batch["conditioning"], batch["w"], a_t, s_t, **negative), z, a_t, s_t, a_mid, s_mid)
         last = mid < 0  # the teacher's first step already ended sampling
-        x0_mid = denoiser.x0(teacher, z_mid, mid, batch["conditioning"], batch["w"], a_mid, s_mid, negative)
+        x0_mid = denoiser.x0(teacher, z_mid, mid, batch["conditioning"], batch["w"], a_mid, s_mid, **negative)
         z_next = torch.where(last.view(-1, 1, 1, 1), z_mid, ddim_step(x0_mid, z_mid, a_mid, s_mid, a_next, s_next))
     ratio = s_next / s_t
     return (z_next - ratio * z) / (a_next - ratio * a_t)
@@ -146,9 +152,15 @@ def student_loss(denoiser: Denoiser, student, teacher, batch: dict, schedule, fi
     """x0-space MSE with truncated-SNR weights max(SNR, 1) (Salimans & Ho 2022, sec. 4)."""
     target = teacher_target(denoiser, teacher, batch, schedule, final_alpha)
     a_t, s_t = _alpha_sigma(schedule["alphas_cumprod"], batch["t"], final_alpha)
-    prediction = denoiser.x0(student, batch["sample"], batch["t"], batch["conditioning"], batch["w"], a_t, s_t, batch.get("negative"))
+    prediction = denoiser.x0(student, batch["sample"], batch["t"], batch["conditioning"], batch["w"], a_t, s_t, batch.get("negative"),
+                             batch.get("negative_rows"))
     weight = torch.clamp(a_t**2 / s_t**2, min=1.0)
     return (weight * (prediction - target) ** 2).mean()
+
+
+def first_steps_cleared(guide: GuideModel) -> dict:
+    """A first-steps guide's student learns every step of its grid, so it no longer asks for a correction carry."""
+    return {key: None for key in ("trained_first_steps", "negative_first_steps") if getattr(guide.config, key, None)}
 
 
 def _round_batch(rows, scheduler, student_grid, steps: int, config, generator) -> dict:
@@ -170,9 +182,10 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
     if config.negative_prompts is not None and not stage1.reads_negative_prompt:
         raise ValueError("--negative-prompts: this stage-1 guide does not read negative prompts (distill it with --negatives first)")
-    if getattr(stage1.config, "negative_head", False):  # its head is skipped on empty negatives, which these rounds do not track
-        raise ValueError("step distillation of a guide with a negative head is not supported: step-distil the guide without it, "
-                         "or use a guide distilled with --negatives")
+    first_steps = getattr(stage1.config, "trained_first_steps", None)
+    if first_steps and config.first_teacher == "guide":
+        raise ValueError(f"--first-teacher guide: this guide learnt the first {first_steps} steps only (its correction is carried "
+                         "after them), so it cannot teach the others; use --first-teacher cfg")
     pipe = load_pipeline(config.base)
     freeze(pipe)
     pipe.to(accelerator.device)
@@ -199,7 +212,9 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
             batch = {k: v.to(accelerator.device) for k, v in _round_batch(rows, ddim, student_grid, steps, config, generator).items()}
             batch["conditioning"] = encode_prompts(pipe, rows.prompts, accelerator.device, resolution)
             if negatives is not None:
-                batch["negative"] = encode_negatives(pipe, negatives.draw(list(rows.prompts), generator), denoiser.negative, accelerator.device, resolution)
+                drawn = negatives.draw(list(rows.prompts), generator)
+                batch["negative"] = encode_negatives(pipe, drawn, denoiser.negative, accelerator.device, resolution)
+                batch["negative_rows"] = torch.tensor([bool(negative) for negative in drawn], device=accelerator.device)
             return batch
 
         def compute_loss(model, batch, teacher=teacher):
@@ -207,7 +222,8 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
 
         student, ema = run_training(round_config, student, make_batch, compute_loss, description=f"distill-steps {steps * 2}->{steps}")
         student = copy_ema_into(student, ema).eval().requires_grad_(False)
-        student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max), trained_schedule=schedule_config)
+        student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max), trained_schedule=schedule_config,
+                                   **first_steps_cleared(student))
         saved[steps] = Path(config.output_dir) / f"guide-{steps}"
         if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
             student.save_pretrained(saved[steps], safe_serialization=True)

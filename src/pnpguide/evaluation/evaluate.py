@@ -188,6 +188,7 @@ class Row:
     mse_vs_cfg: float | None = None  # on [0, 1] pixels
     output_mse_vs_cfg: float | None = None  # per-step model-output MSE vs the teacher on the method's trajectory
     image_gap_closed: float | None = None  # 1 - MSE(images, CFG's) / MSE(no guidance's, CFG's), pooled (gap.py)
+    reference_image_gap_closed: float | None = None  # the same against CFG and no guidance at the most steps run (rows with fewer)
     step_gap_closed: float | None = None  # the same for model outputs at the CFG teacher's own states, all steps pooled
     step_gap_closed_per_timestep: list[StepGap] = field(default_factory=list)  # in sampling order
     step_gap_images: int = 0  # images (per seed) whose teacher states were replayed: the first FIDELITY_SUBSET
@@ -217,6 +218,19 @@ def _settings(methods: list[Method], config: EvalConfig) -> list[tuple[Method, i
             for w in [1.0] if method.mode == "none" else config.scales:
                 settings.append((method, steps, w))
     return settings
+
+
+def _sampling_order(settings: list[tuple[Method, int, float]], reference: int) -> list[int]:
+    """Indices into `settings` in the order to sample them, so that every row finds what it is compared with: CFG and
+    then no guidance at the most steps, then CFG and no guidance at the others, then the guides. Rows are reported in
+    `settings` order."""
+    rank = {"cfg": 0, "none": 1}
+
+    def key(index):
+        method, steps, _ = settings[index]
+        return (method.mode not in rank or steps != reference, rank.get(method.mode, 2))
+
+    return sorted(range(len(settings)), key=key)
 
 
 def draws_shapes(pipe) -> bool:
@@ -256,12 +270,14 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
         notes.append(_negatives_note(spec.name, negatives, avoidable, methods))
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
-    rows, grid, references = [], {}, _References()
+    rows, grid, references = {}, {}, _References()
     interval = tuple(config.guidance_interval) if config.guidance_interval else None
     settings = _settings(methods, config)
-    for method, steps, w in tqdm(settings, desc=f"eval {spec.name}"):
+    for index in tqdm(_sampling_order(settings, reference_steps(config)), desc=f"eval {spec.name}"):
+        method, steps, w = settings[index]
         row = Row(spec.name, method.name, steps, w, len(prompts), method.negative_prompt)
-        per_seed = {"fid": [], "adh": [], "avoid": [], "psnr": [], "mse": [], "unguided_mse": [], "out": [], "step_errors": Counter(), "step_baselines": Counter()}
+        per_seed = {"fid": [], "adh": [], "avoid": [], "psnr": [], "mse": [], "unguided_mse": [], "reference_mse": [], "reference_unguided_mse": [],
+                    "out": [], "step_errors": Counter(), "step_baselines": Counter()}
         for seed in config.seeds:
             teacher_scale = max(config.scales) if method.mode == "none" else w
             trajectory = TeacherTrajectory(interval) if method.mode == "cfg" else None
@@ -276,6 +292,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
             if avoidable:
                 per_seed["avoid"].append(avoidance_rate(images, negatives, spec.style))
             _compare_with_cfg(per_seed, row, pipe, method, images, references, (steps, teacher_scale, seed), negative)
+            _compare_with_reference(per_seed, images, references, (steps, teacher_scale, seed), reference_steps(config))
             if output_mse is not None:
                 per_seed["out"].append(output_mse)
             if seed == config.seeds[0] and w in (1.0, max(config.scales)) and _in_grid(method, steps, config):
@@ -284,8 +301,8 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
         _fill_compute(row, method, costs[method.name], pipe)
         if timing and (method.mode == "none" or w == max(config.scales)):
             _fill_speed(row, pipe, method, prompts, steps, w, interval)
-        rows.append(row)
-    return rows, {"prompts": prompts[: config.grid_prompts], "negatives": (negatives or [])[: config.grid_prompts], "images": grid}
+        rows[index] = row
+    return [rows[index] for index in range(len(settings))], {"prompts": prompts[: config.grid_prompts], "negatives": (negatives or [])[: config.grid_prompts], "images": grid}
 
 
 def _negatives_note(model: str, negatives: list[str], avoidable: bool, methods: list[Method]) -> str:
@@ -312,6 +329,19 @@ class _References:
             self.cfg_images[key], self.trajectories[key] = images, trajectory
         elif method.mode == "none":
             self.unguided_images[(key[0], key[2])] = images
+
+
+def reference_steps(config: EvalConfig) -> int:
+    """The step count whose CFG images are the reference for rows sampled in fewer steps (e.g. 50 for 8-step guides)."""
+    return max(config.steps + config.cfg_steps)
+
+
+def _compare_with_reference(per_seed: dict, images, references: _References, key: tuple[int, float, int], steps: int) -> None:
+    """Against CFG and no guidance at `steps` (more than the row's): how far a few-step row is from what many steps give."""
+    cfg_images, unguided = references.cfg_images.get((steps, *key[1:])), references.unguided_images.get((steps, key[2]))
+    if key[0] < steps and cfg_images is not None and unguided is not None:
+        per_seed["reference_mse"].append(image_mse(images, cfg_images))
+        per_seed["reference_unguided_mse"].append(image_mse(unguided, cfg_images))
 
 
 def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, references: _References, key: tuple[int, float, int], negative) -> None:
@@ -355,6 +385,8 @@ def _fill_quality(row: Row, per_seed: dict) -> None:
         row.output_mse_vs_cfg = float(np.mean(per_seed["out"]))
     if per_seed["unguided_mse"] and len(per_seed["unguided_mse"]) == len(per_seed["mse"]):  # every seed: pooled MSEs
         row.image_gap_closed = gap_closed(float(np.mean(per_seed["mse"])), float(np.mean(per_seed["unguided_mse"])))
+    if per_seed["reference_mse"] and len(per_seed["reference_mse"]) == len(per_seed["reference_unguided_mse"]):
+        row.reference_image_gap_closed = gap_closed(float(np.mean(per_seed["reference_mse"])), float(np.mean(per_seed["reference_unguided_mse"])))
     if per_seed["step_baselines"]:
         row.step_gap_closed, row.step_gap_closed_per_timestep = step_gaps(per_seed["step_errors"], per_seed["step_baselines"])
 

@@ -35,12 +35,19 @@ COLUMNS = (  # (row key, header, format)
 NEGATIVE_COLUMN = ("avoids_negative", "avoids negative", "{:.3f}")  # after the adherence columns, with --negative-prompts
 
 
-def columns(config: dict) -> tuple:
-    """The table's columns: "avoids negative" only in a run with negative prompts."""
-    if not config.get("negative_prompts"):
-        return COLUMNS
-    at = [key for key, _, _ in COLUMNS].index("adherence_two_objects") + 1
-    return COLUMNS[:at] + (NEGATIVE_COLUMN,) + COLUMNS[at:]
+def columns(config: dict, rows: list[dict] = ()) -> tuple:
+    """The table's columns: "avoids negative" only in a run with negative prompts, the image gap against CFG at the most
+    steps run only when some row was sampled in fewer steps and that CFG and no guidance were run."""
+    table = COLUMNS
+    if any(row.get("reference_image_gap_closed") is not None for row in rows):
+        steps = max(config["steps"] + config["cfg_steps"])
+        table = _after(table, "image_gap_closed", ("reference_image_gap_closed", f"image gap vs CFG@{steps}", "{:.3f}"))
+    return _after(table, "adherence_two_objects", NEGATIVE_COLUMN) if config.get("negative_prompts") else table
+
+
+def _after(table: tuple, key: str, column: tuple) -> tuple:
+    at = [k for k, _, _ in table].index(key) + 1
+    return table[:at] + (column,) + table[at:]
 
 
 def write_report(result: dict, grids: dict, out_dir: Path) -> list[Path]:
@@ -85,11 +92,11 @@ def markdown(result: dict) -> str:
         lines.append(f"Negative prompts: `{config['negative_prompts']}`; *avoids negative* is the share of images in which the analytic "
                      "judge finds nothing of the colour, shape or coloured shape the image's negative prompt names.")
     lines.append("Gap closed (1 = CFG's result, 0 = no closer than no guidance): *image* on the final images, pooled MSE against CFG's "
-                 "relative to no guidance's; *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
+                 "relative to no guidance's (*vs CFG@N*: against CFG and no guidance at N steps, for rows sampled in fewer); *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
                  f"the conditional output, on the first {_step_gap_images(result['rows'])} images of each seed (per step: `step_gap_closed_per_timestep` in report.json).")
     lines.append("Speed: whole pipeline calls (text encoder, sampling, VAE), median of 3 after a warm-up, on the first model only.")
     lines += [f"Note: {note}" for note in result.get("notes", [])]
-    table = columns(config)
+    table = columns(config, result["rows"])
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         lines += ["", f"## {model}", "", "| " + " | ".join(h for _, h, _ in table) + " |", "|" + "---|" * len(table)]
         for row in (r for r in result["rows"] if r["model"] == model):
