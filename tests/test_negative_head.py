@@ -270,3 +270,24 @@ def test_with_a_negative_a_head_trained_on_more_steps_runs_them_before_the_corre
     finally:
         handle.remove()
     assert carry.full_steps == 2  # the caller's carry is left as it was
+
+
+def test_the_shipped_step_distilled_output_guides_keep_the_negative_head_and_need_no_carry():
+    """Integration: `output-8step` (stage 2 from `output-first5-neg`) samples its 8 steps without asking for a carry or
+    warning, and a negative prompt changes its images (the head kept through stage 2)."""
+    import warnings
+
+    from pnpguide.loading import load_guide, load_pipeline
+
+    guide = load_guide("output-8step")
+    assert tuple(guide.config.trained_step_counts) == (8,) and guide.config.negative_head
+    assert guide.config.trained_first_steps is None and guide.config.negative_first_steps is None
+    pipe = PlugAndPlayPipeline(**load_pipeline(None).components, guide=guide)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda **kwargs: pipe(["a red circle on a black background"] * 2, num_inference_steps=8, guidance_scale=7.5,  # noqa: E731
+                                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain, negated = run(), run(negative_prompt=["", "red"])
+    assert np.array_equal(plain[0], negated[0])  # an empty negative: the head is skipped
+    assert np.abs(plain[1] - negated[1]).mean() > 0.01

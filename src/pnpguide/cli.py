@@ -478,7 +478,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--guide", default=None, help="guide folder, or a shipped guide: tiny, full, tiny-16step, tiny-8step, output, output-first5, and output-neg and output-first5-neg (these two read negative prompts) (default: tiny with the embedded model; with --base, none: --mode cfg or none)")
+    p.add_argument("--guide", default=None, help="guide folder, or a shipped guide: tiny, full, tiny-16step, tiny-8step, output, output-first5, output-neg, output-first5-neg, output-16step, output-8step (the last four read negative prompts) (default: tiny with the embedded model; with --base, none: --mode cfg or none)")
     if lora:
         p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
 

@@ -149,7 +149,7 @@ def _guidance_range(guide: GuideModel) -> Check:
     if trained is None:
         return Check("trained guidance range", False, "not recorded: an untrained guide, or not saved by `pnpguide distill`")
     low, high = trained  # a valid range: load_guide checked the config's fields
-    negatives = ("reads negative prompts (its negative head; without one, the guide it was made from)" if guide.config.negative_head
+    negatives = ("reads negative prompts (a negative head, skipped when the negative prompt is empty)" if guide.config.negative_head
                  else "reads negative prompts" if guide.config.reads_negative else "negative prompts ignored (distilled against the empty prompt)")
     return Check("trained guidance range", True, f"w in [{low}, {high}]; {negatives}")
 
