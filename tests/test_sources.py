@@ -96,6 +96,21 @@ def test_stage2_on_sdxl_from_prompts(sdxl_dir, prompts, tmp_path):
     assert _shard(run / "trajectories" / "shard-00000.safetensors", "latents").shape == (2, 4, 6, 6)  # 48 px / 8
 
 
+def test_stage2_on_sdxl_keeps_a_negative_head_and_drops_the_first_steps(sdxl_dir, prompts, tmp_path):
+    """SDXL's empty negative is zeros, not an encoded prompt: the head still trains on the samples with a negative."""
+    guide = GuideModel.from_unet(load_pipeline(sdxl_dir).unet, "tiny", reads="unet_output").with_negative_head()
+    guide.register_to_config(trained_first_steps=2)
+    guide.save_pretrained(tmp_path / "stage1")
+    run = tmp_path / "steps"
+    flags = ["--threads", "1", "distill-steps", "--base", str(sdxl_dir), "--guide", str(tmp_path / "stage1"), "--prompts", str(prompts),
+             "--teacher-steps", "4", "--student-steps", "2", "--output-dir", str(run), "--resolution", "48", "--negative-rate", "1.0",
+             "--learning-rate", "1e-2", *FAST]
+    assert main(flags) == 0
+    student = GuideModel.from_pretrained(run / "guide-2")
+    assert student.config.negative_head and student.config.trained_first_steps is None
+    assert student.negative_output_head.conv_out.weight.any()
+
+
 def test_stage1_on_sdxl_from_prompts(sdxl_dir, prompts, tmp_path):
     run = tmp_path / "run"
     assert main(_distill(sdxl_dir, run, "--prompts", str(prompts))) == 0
