@@ -158,11 +158,6 @@ def student_loss(denoiser: Denoiser, student, teacher, batch: dict, schedule, fi
     return (weight * (prediction - target) ** 2).mean()
 
 
-def first_steps_cleared(guide: GuideModel) -> dict:
-    """A first-steps guide's student learns every step of its grid, so it no longer asks for a correction carry."""
-    return {key: None for key in ("trained_first_steps", "negative_first_steps") if getattr(guide.config, key, None)}
-
-
 def _round_batch(rows, scheduler, student_grid, steps: int, config, generator) -> dict:
     """Clean latents noised onto a random student timestep, with the teacher's midpoint and the student's next step."""
     n = len(rows.latents)
@@ -223,7 +218,7 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
         student, ema = run_training(round_config, student, make_batch, compute_loss, description=f"distill-steps {steps * 2}->{steps}")
         student = copy_ema_into(student, ema).eval().requires_grad_(False)
         student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max), trained_schedule=schedule_config,
-                                   **first_steps_cleared(student))
+                                   trained_first_steps=None, negative_first_steps=None)  # it learnt every step of its grid: no carry
         saved[steps] = Path(config.output_dir) / f"guide-{steps}"
         if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
             student.save_pretrained(saved[steps], safe_serialization=True)

@@ -272,8 +272,8 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
     rows, grid, references = {}, {}, _References()
     interval = tuple(config.guidance_interval) if config.guidance_interval else None
-    settings = _settings(methods, config)
-    for index in tqdm(_sampling_order(settings, reference_steps(config)), desc=f"eval {spec.name}"):
+    settings, reference = _settings(methods, config), reference_steps(config)
+    for index in tqdm(_sampling_order(settings, reference), desc=f"eval {spec.name}"):
         method, steps, w = settings[index]
         row = Row(spec.name, method.name, steps, w, len(prompts), method.negative_prompt)
         per_seed = {"fid": [], "adh": [], "avoid": [], "psnr": [], "mse": [], "unguided_mse": [], "reference_mse": [], "reference_unguided_mse": [],
@@ -292,7 +292,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
             if avoidable:
                 per_seed["avoid"].append(avoidance_rate(images, negatives, spec.style))
             _compare_with_cfg(per_seed, row, pipe, method, images, references, (steps, teacher_scale, seed), negative)
-            _compare_with_reference(per_seed, images, references, (steps, teacher_scale, seed), reference_steps(config))
+            _compare_with_reference(per_seed, images, references, (steps, teacher_scale, seed), reference)
             if output_mse is not None:
                 per_seed["out"].append(output_mse)
             if seed == config.seeds[0] and w in (1.0, max(config.scales)) and _in_grid(method, steps, config):
