@@ -105,9 +105,10 @@ cp "$ASSETS/guides/output-first5/correction_carry.json" "$ASSETS/guides/output-f
 
 # 11. stage 2 rebuilt from output-first5-neg (stop 30): 32 -> 16 -> 8 DDIM steps, true CFG at 32 steps as the first teacher,
 #     half the samples with a negative; 1,200 steps of batch 64 a round, 63 min on 2 CPU threads. The students guide every
-#     step of their grid (no carry) and keep the negative head.
+#     step of their grid (no carry) and keep the negative head. They ship guiding only at t >= 500 (stop 31: below it their
+#     guidance cost FID and adherence and added nothing to their fidelity; docs/results/stage2-interval/).
 pnpguide --threads 2 distill-steps --guide "$ASSETS/guides/output-first5-neg" --output-dir runs/s2-neg --teacher-steps 32 \
     --student-steps 8 --max-steps 1200 --batch-size 64 --num-samples 20000 --learning-rate 5e-4 --lr-warmup-steps 50 --use-ema \
     --negative-rate 0.5
-python scripts/ship_guide.py runs/s2-neg/guide-16 "$ASSETS/guides/output-16step"
-python scripts/ship_guide.py runs/s2-neg/guide-8 "$ASSETS/guides/output-8step"
+python scripts/ship_guide.py runs/s2-neg/guide-16 "$ASSETS/guides/output-16step" --default-guidance-interval 500 1000
+python scripts/ship_guide.py runs/s2-neg/guide-8 "$ASSETS/guides/output-8step" --default-guidance-interval 500 1000

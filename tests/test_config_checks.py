@@ -32,6 +32,7 @@ BAD_GUIDE_FIELDS = [
     (dict(layers_per_block="2"), '"layers_per_block" is "2"; expected a positive integer'),
     (dict(trained_guidance_range="2-9"), '"trained_guidance_range" is "2-9"; expected [w_min, w_max] with 1 <= w_min <= w_max or null'),
     (dict(trained_guidance_range=[9, 2]), '"trained_guidance_range" is [9, 2]; expected'),
+    (dict(default_guidance_interval=[1000, 500]), '"default_guidance_interval" is [1000, 500]; expected [t_low, t_high] with 0 <= t_low <= t_high or null'),
     (dict(unet_cross_attention_dim=True), '"unet_cross_attention_dim" is true; expected a positive integer'),
     (dict(block_out_channels=[16]), "per-block fields have different lengths (block_out_channels: 1, unet_block_out_channels: 2"),
 ]

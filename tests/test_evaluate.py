@@ -107,6 +107,23 @@ def test_guidance_interval_guides_only_inside_it_for_the_teacher_and_the_guides(
     assert "Guidance interval: w applies only at timesteps 500 <= t <= 1000" in (eval_setup / "out" / "report.md").read_text()
 
 
+def test_a_guide_with_a_default_interval_is_sampled_and_replayed_with_it_against_cfg_at_every_step(eval_setup):
+    guide = GuideModel.from_pretrained(str(eval_setup / "trained"))
+    guide.register_to_config(default_guidance_interval=(500, 1000))
+    guide.save_pretrained(eval_setup / "interval")
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained"), str(eval_setup / "interval")]))
+    cfg, every_step, inside = _row(result, "cfg"), _row(result, "guide:trained"), _row(result, "guide:interval")
+    timesteps = [s["timestep"] for s in cfg["step_gap_closed_per_timestep"]]
+    assert inside["guide_evals_per_image"] == sum(500 <= t <= 1000 for t in timesteps) < every_step["guide_evals_per_image"]
+    assert cfg["unet_evals_per_image"] == 2 * len(timesteps)  # the teacher keeps w at every step
+    for mine, theirs in zip(inside["step_gap_closed_per_timestep"], every_step["step_gap_closed_per_timestep"]):
+        if mine["timestep"] >= 500:
+            assert mine["gap_closed"] == pytest.approx(theirs["gap_closed"])
+        else:  # replayed as sampled: the conditional model, which closes none of CFG's gap
+            assert mine["gap_closed"] == pytest.approx(0.0, abs=1e-6) and theirs["gap_closed"] != pytest.approx(0.0)
+    assert "guide:interval guides only at t in [500, 1000]" in (eval_setup / "out" / "report.md").read_text()
+
+
 def test_cfg_first_steps_rows_run_cfg_for_those_steps_and_close_their_gap_there(eval_setup):
     result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], cfg_first_steps=[1]))
     guide, hybrid, cfg = _row(result, "guide:trained"), _row(result, "guide:trained + cfg 1"), _row(result, "cfg")

@@ -289,5 +289,18 @@ def test_the_shipped_step_distilled_output_guides_keep_the_negative_head_and_nee
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain, negated = run(), run(negative_prompt=["", "red"])
-    assert np.array_equal(plain[0], negated[0])  # an empty negative: the head is skipped
-    assert np.abs(plain[1] - negated[1]).mean() > 0.01
+    # without a negative it guides only at t >= 500 (stop 31); a call with a negative guides every step, as (0, 1000) does:
+    # the late steps keep the negated attribute out
+    assert tuple(guide.config.default_guidance_interval) == (500, 1000)
+    every_step = run(guidance_interval=(0, 1000))
+    np.testing.assert_array_equal(run(guidance_interval=(500, 1000)), plain)
+    assert np.abs(every_step - plain).mean() > 1e-3
+    assert np.array_equal(every_step[0], negated[0])  # an empty negative: the head is skipped
+    assert np.abs(every_step[1] - negated[1]).mean() > 0.01
+    assert "guides only at t in [500, 1000] without a negative prompt" in _by_name_detail("output-8step")
+
+
+def _by_name_detail(guide: str) -> str:
+    from pnpguide.doctor import check_pair
+
+    return next(check.detail for check in check_pair(None, guide) if check.name == "trained guidance range")

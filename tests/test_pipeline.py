@@ -153,6 +153,26 @@ def test_an_interval_over_every_timestep_is_constant_w_and_over_none_is_no_guida
     assert np.abs(unguided - constant).max() > 1e-3  # so the two equalities above are not the same image twice
 
 
+def test_a_guide_samples_with_its_default_interval_unless_the_call_gives_one(tiny_components):
+    """The step-distilled guides record where their guidance pays (stop 31); cfg mode and an explicit interval ignore it."""
+    pipe = _pipe(tiny_components, trained=True)
+    inside, every_step = _run(pipe, guidance_scale=5.0, guidance_interval=(500, 1000)), _run(pipe, guidance_scale=5.0)
+    cfg = _run(pipe, guidance_scale=5.0, mode="cfg")
+    pipe.guide.register_to_config(default_guidance_interval=(500, 1000))
+    calls = []
+    hook = pipe.guide.register_forward_hook(lambda module, args, output: calls.append(int(torch.as_tensor(args[1]).flatten()[0])))
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0), inside)
+    assert calls == [999, 749]  # w = 1 below t = 500: the guide is skipped there
+    hook.remove()
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0, guidance_interval=(0, 1000)), every_step)
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0, mode="cfg"), cfg)
+    assert np.abs(inside - every_step).max() > 1e-3
+    calls.clear()
+    pipe.guide.register_forward_hook(lambda module, args, output: calls.append(1))
+    _run(pipe, guidance_scale=5.0, negative_prompt=["red", "blue"])  # a negative needs every step (this guide ignores it, with a warning)
+    assert len(calls) == 4
+
+
 def test_cfg_steps_outside_the_interval_run_the_unet_once_at_batch_b(tiny_components):
     pipe = _pipe(tiny_components)
     batches = []

@@ -373,7 +373,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"),
         help="apply w only at timesteps T_LOW <= t <= T_HIGH (0..num_train_timesteps, e.g. 1000), w = 1 elsewhere "
-        "(Kynkaanniemi et al. 2024); those steps run the UNet once, without guide or CFG (default: every step)",
+        "(Kynkaanniemi et al. 2024); those steps run the UNet once, without guide or CFG (default: every step; in guide mode, "
+        "without --negative-prompt, the guide's default_guidance_interval if it records one: output-16step and output-8step guide only at t >= 500; "
+        "0 1000 guides every step)",
     )
     p.add_argument(
         "--cfg-first-steps", type=whole_number, default=0, metavar="K",

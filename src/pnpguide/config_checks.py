@@ -72,6 +72,9 @@ OBJECT = Expect("a JSON object", lambda v: isinstance(v, dict))
 GUIDANCE_RANGE = Expect(
     "[w_min, w_max] with 1 <= w_min <= w_max", lambda v: list_of(Expect("a number", _is_number), 2).test(v) and 1 <= v[0] <= v[1]
 )
+TIMESTEP_RANGE = Expect(
+    "[t_low, t_high] with 0 <= t_low <= t_high", lambda v: list_of(Expect("a number", _is_number), 2).test(v) and 0 <= v[0] <= v[1]
+)
 PER_BLOCK_INT = POSITIVE_INT | list_of(POSITIVE_INT)
 
 GUIDE_FIELDS = {
@@ -104,6 +107,7 @@ GUIDE_FIELDS = {
     "reads_negative": BOOL,
     "negative_head": BOOL,
     "negative_first_steps": optional(POSITIVE_INT),
+    "default_guidance_interval": optional(TIMESTEP_RANGE),
 }
 GUIDE_PER_BLOCK = ("block_out_channels", "unet_block_out_channels", "down_block_types", "transformer_layers_per_block", "num_attention_heads")
 

@@ -151,7 +151,9 @@ def _guidance_range(guide: GuideModel) -> Check:
     low, high = trained  # a valid range: load_guide checked the config's fields
     negatives = ("reads negative prompts (a negative head, skipped when the negative prompt is empty)" if guide.config.negative_head
                  else "reads negative prompts" if guide.config.reads_negative else "negative prompts ignored (distilled against the empty prompt)")
-    return Check("trained guidance range", True, f"w in [{low}, {high}]; {negatives}")
+    interval = getattr(guide.config, "default_guidance_interval", None)
+    applied = f"; guides only at t in [{interval[0]:g}, {interval[1]:g}] without a negative prompt, unless a call gives guidance_interval" if interval else ""
+    return Check("trained guidance range", True, f"w in [{low}, {high}]; {negatives}{applied}")
 
 
 def _compatibility(guide: GuideModel, unet) -> Check:

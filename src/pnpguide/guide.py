@@ -152,6 +152,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         trained_first_steps: int | None = None,  # trained on the first N steps of the teacher's runs only (then carried on)
         negative_head: bool = False,  # an output guide's second head, reading the negative prompt (see the module)
         negative_first_steps: int | None = None,  # its negative head was trained on the first N steps: with a negative, it runs that many before carrying on
+        default_guidance_interval: tuple[float, float] | None = None,  # (t_low, t_high) where its guidance was measured to pay: the pipeline's interval when a call gives none
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:

@@ -89,12 +89,24 @@ class GuidedSamplingMixin:
             return self.scheduler
         return DDIMScheduler.from_config(self.guide.config.trained_schedule)
 
+    def sampling_interval(self, guidance_interval: tuple[float, float] | None, mode: str, negative: bool = False) -> tuple[float, float] | None:
+        """The call's `guidance_interval`, or in guide mode without a negative prompt the guide's
+        `default_guidance_interval` when the call gives none: the step-distilled guides' guidance costs quality below
+        t = 500 and adds nothing to their fidelity, but a negative prompt needs those steps to keep the negated
+        attribute out (docs/guides.md, stop 31). Pass `(0, num_train_timesteps)` to guide every step."""
+        if guidance_interval is not None or mode != "guide" or self.guide is None or negative:
+            return guidance_interval
+        default = getattr(self.guide.config, "default_guidance_interval", None)
+        return tuple(default) if default is not None else None
+
     def guidance_plan(self, num_inference_steps: int, timesteps, guidance_scale: GuidanceScale, guidance_interval, mode: str,
                       device, cfg_first_steps: int = 0, first_step_fit: FirstStepFit | None = None,
-                      correction_carry: CorrectionCarry | None = None):
-        """(scheduler, timesteps, one w per model call, one mode per model call), checked before the prompt is encoded."""
+                      correction_carry: CorrectionCarry | None = None, negatives: tuple = ()):
+        """(scheduler, timesteps, one w per model call, one mode per model call), checked before the prompt is encoded;
+        `negatives`: the call's negative prompt arguments."""
         scheduler = self.sampling_scheduler(num_inference_steps, mode, timesteps)
         timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps)
+        guidance_interval = self.sampling_interval(guidance_interval, mode, gives_negative(negatives))
         schedule = guidance_schedule(guidance_scale, timesteps.tolist(), guidance_interval, scheduler.config.num_train_timesteps)
         if mode == "guide":
             self.warn_untrained(schedule[first_call_after(timesteps.tolist(), cfg_first_steps):], num_inference_steps)
@@ -294,7 +306,8 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         - "none": the conditional model alone (the same as any mode at guidance_scale=1).
         `guidance_scale` may also be a schedule: a list with one w per step, or a callable
         `(step_index, timestep) -> w`; `guidance_interval=(t_low, t_high)` applies w only at timesteps inside
-        that range, w = 1 elsewhere (see :func:`pnpguide.schedules.guidance_schedule`). Steps at w = 1 run the
+        that range, w = 1 elsewhere (see :func:`pnpguide.schedules.guidance_schedule`); in guide mode without one, the
+        guide's `default_guidance_interval` if it records one and no negative prompt is given (:meth:`sampling_interval`). Steps at w = 1 run the
         UNet alone, once at batch B, in every mode.
         `cfg_first_steps=k` (guide mode): the first k steps run CFG's two passes, the rest the guide. Those
         high-noise steps set the layout and hold most of the gap between a guide and CFG, so k = 2 of 25 brings the
@@ -328,7 +341,8 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
-                                                                   device, cfg_first_steps, first_step_fit, correction_carry)
+                                                                   device, cfg_first_steps, first_step_fit, correction_carry,
+                                                                   (negative_prompt, negative_prompt_embeds))
 
         # 1. encode the prompt (and the negative, the empty prompt by default, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(

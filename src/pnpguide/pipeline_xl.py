@@ -97,7 +97,7 @@ class PlugAndPlayXLPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         device = self._execution_device
         scheduler, timesteps, schedule, modes = self.guidance_plan(num_inference_steps, timesteps, guidance_scale, guidance_interval, mode,
-                                                                   device, cfg_first_steps, first_step_fit, correction_carry)
+                                                                   device, cfg_first_steps, first_step_fit, correction_carry, negatives)
 
         # 1. encode the prompt with both text encoders (and the negative, for the CFG teacher or a guide that reads it)
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(

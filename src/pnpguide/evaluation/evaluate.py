@@ -268,6 +268,8 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     avoidable = judgeable and negatives is not None and measurable(negatives) > 0
     if negatives is not None and notes is not None:
         notes.append(_negatives_note(spec.name, negatives, avoidable, methods))
+    if config.guidance_interval is None and notes is not None:
+        notes += _default_interval_notes(methods)
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
     rows, grid, references = {}, {}, _References()
@@ -303,6 +305,14 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
             _fill_speed(row, pipe, method, prompts, steps, w, interval)
         rows[index] = row
     return [rows[index] for index in range(len(settings))], {"prompts": prompts[: config.grid_prompts], "negatives": (negatives or [])[: config.grid_prompts], "images": grid}
+
+
+def _default_interval_notes(methods: list[Method]) -> list[str]:
+    """Guides that sample with their own `default_guidance_interval` (the pipeline's default for them), said once each."""
+    intervals = {m.name.split(" ")[0]: m.guide.config.default_guidance_interval for m in methods
+                 if m.guide is not None and getattr(m.guide.config, "default_guidance_interval", None)}
+    return [f"{name} guides only at t in [{low:g}, {high:g}], its default_guidance_interval, in rows without negative prompts (w = 1, one UNet pass, below); "
+            f"the gaps are against CFG at every step." for name, (low, high) in intervals.items()]
 
 
 def _negatives_note(model: str, negatives: list[str], avoidable: bool, methods: list[Method]) -> str:

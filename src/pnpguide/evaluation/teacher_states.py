@@ -69,7 +69,9 @@ class TeacherTrajectory:
                 cfg_first_steps: int = 0, first_step_fit=None) -> dict[int, float]:
         errors: dict[int, float] = {}
         timesteps = sorted({s.timestep for s in self.states}, reverse=True)  # sampling order
-        schedule = [guidance_scale if guided_at(t, self.guidance_interval) else 1.0 for t in timesteps]
+        uses_negative = with_negative and any(s.negative is not None for s in self.states)
+        interval = pipe.sampling_interval(self.guidance_interval, mode, uses_negative)  # as the method sampled: a guide's default interval
+        schedule = [guidance_scale if guided_at(t, interval) else 1.0 for t in timesteps]
         modes = dict(zip(timesteps, step_modes(mode, timesteps, schedule, cfg_first_steps, first_step_fit is not None)))  # as the pipeline samples
         for state in self.states:
             negative = state.negative if with_negative and state.negative is not None else empty
