@@ -112,3 +112,13 @@ pnpguide --threads 2 distill-steps --guide "$ASSETS/guides/output-first5-neg" --
     --negative-rate 0.5
 python scripts/ship_guide.py runs/s2-neg/guide-16 "$ASSETS/guides/output-16step" --default-guidance-interval 500 1000
 python scripts/ship_guide.py runs/s2-neg/guide-8 "$ASSETS/guides/output-8step" --default-guidance-interval 500 1000
+
+# 12. the negative head of output-first5-neg trained further (stop 31): 24,576 teacher runs of the first 8 steps with
+#     negatives (seed 3: the first 8,192 are step 10's), 4,500 steps at lr 3e-4 from the guide shipped in step 10, 47 min
+#     on one thread; only the head moves, so the guide without a negative is still output-first5 bit for bit. The
+#     stage-2 students of step 11 were made from step 10's head and are not rebuilt.
+pnpguide --threads 2 distill --reads unet_output --source trajectories --trajectories 24576 --validation-trajectories 320 \
+    --trajectory-first-steps 8 --negative-head --init-guide "$ASSETS/guides/output-first5-neg" --negative-rate 1.0 --seed 3 \
+    --loss-weighting timestep --batch-size 64 --learning-rate 3e-4 --lr-warmup-steps 50 --max-steps 4500 --output-dir runs/neghead8-more
+python scripts/ship_guide.py runs/neghead8-more/guide "$ASSETS/guides/output-first5-neg"
+cp "$ASSETS/guides/output-first5/correction_carry.json" "$ASSETS/guides/output-first5-neg/"
