@@ -93,6 +93,19 @@ def test_a_guidance_schedule_and_interval_work_as_for_sd(sdxl):
         _run(pipe, guidance_scale=[5.0, 5.0])
 
 
+def test_a_guides_default_interval_applies_as_for_sd_and_a_negative_prompt_lifts_it(sdxl):
+    guide = _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output")).with_negative_head()
+    torch.nn.init.normal_(guide.negative_output_head.conv_out.weight, std=0.05)
+    pipe = _pipe(sdxl, guide)
+    every_step = _run(pipe, guidance_scale=5.0)
+    guide.register_to_config(default_guidance_interval=(500, 1000))  # Euler samples t = 667, 334, 1: one guided step
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0), _run(pipe, guidance_scale=5.0, guidance_interval=(500, 1000)))
+    assert np.abs(_run(pipe, guidance_scale=5.0) - every_step).max() > 1e-4
+    negative = ["blurry", "blurry"]
+    np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0, negative_prompt=negative),
+                                  _run(pipe, guidance_scale=5.0, negative_prompt=negative, guidance_interval=(0, 1000)))
+
+
 def test_save_and_load_with_guide(sdxl, tmp_path):
     pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny")))
     pipe.save_pretrained(tmp_path / "pnp")
