@@ -94,7 +94,33 @@ def test_the_pipeline_samples_with_an_output_guide_and_doctor_passes_it(tiny_com
                             generator=torch.Generator().manual_seed(0)).images
     assert images(4.0).shape[-1] == 3 and not (images(4.0) == images(1.0)).all()
     check = _residuals(guide, tiny_components["unet"])
-    assert check.ok and "output" in check.detail
+    assert check.ok and "output" in check.detail and "does not plug into fine-tunes or LoRAs" in check.detail
+
+
+@pytest.mark.parametrize("reads, warned", [("unet_output", True), ("latent", False)])
+def test_an_output_guide_warns_that_it_does_not_plug_into_loaded_lora_weights(tiny_components, reads, warned):
+    """Only an output guide adds its base's CFG correction after the UNet, which LoRA weights change; once the LoRA
+    is unloaded the warning goes too."""
+    import copy
+    import warnings
+
+    from peft import LoraConfig
+    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    unet = copy.deepcopy(tiny_components["unet"])
+    pipe = PlugAndPlayPipeline(**(tiny_components | {"unet": unet}), guide=GuideModel.from_unet(unet, reads=reads))
+
+    def lora_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, output_type="latent")
+        return [w for w in caught if "LoRA weights are loaded" in str(w.message)]
+
+    assert lora_warnings() == []
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
+    assert len(lora_warnings()) == warned
+    unet.unload_lora()
+    assert lora_warnings() == []
 
 
 def test_the_shipped_output_guide_brings_the_embedded_models_output_most_of_the_way_to_cfg_at_the_first_step():

@@ -110,6 +110,7 @@ class GuidedSamplingMixin:
         schedule = guidance_schedule(guidance_scale, timesteps.tolist(), guidance_interval, scheduler.config.num_train_timesteps)
         if mode == "guide":
             self.warn_untrained(schedule[first_call_after(timesteps.tolist(), cfg_first_steps):], num_inference_steps)
+            warn_output_guide_with_lora(self.guide, self.unet)
         modes = step_modes(mode, timesteps.tolist(), schedule, cfg_first_steps, first_step_fit is not None)
         if mode == "guide":
             self.warn_first_steps_only(correction_carry)
@@ -410,6 +411,17 @@ def warn_negative_prompt_ignored(cfg_first_steps: int = 0) -> None:
         UserWarning,
         stacklevel=3,  # the pipeline's __call__
     )
+
+
+def warn_output_guide_with_lora(guide: GuideModel, unet) -> None:
+    """An output guide adds, after the UNet, the CFG correction of the UNet it was distilled on; LoRA weights change
+    that correction, so such a guide is not plug-and-play (docs/guides.md, stop 32: even the base's exact correction
+    closed none of a LoRA's own CFG gap). Residual guides go through the LoRA's own layers and are not warned about."""
+    if guide.reads_unet_output and getattr(unet, "peft_config", None):
+        warnings.warn("LoRA weights are loaded and this is an output guide: it adds the CFG correction of the UNet it was "
+                      "distilled on, which LoRA weights change, so its images can be further from this model's CFG than "
+                      "unguided ones; use mode='cfg' with a correction_carry fitted on this model (pnpguide fit-carry --lora)",
+                      stacklevel=5)
 
 
 def gives_negative(negatives: tuple) -> bool:
