@@ -15,7 +15,7 @@ The third set ("schedule") spends the 8 UNet calls where the error is, with the 
   s16 2 + s8 3 + plain 3     output-16step at 999, 937; output-8step at 874, 749, 624; plain UNet at 499, 333, 166
   s16 4 + s8 2 + plain 2     output-16step at 999..811; output-8step at 749, 624; plain UNet at 499, 249
   s16 2 + s8 3 + plain 4     as the first, with the 8-step grid's four plain steps (9 calls)
-Usage: python hybrid.py OUT.json [IMAGES] [THREADS] [SET: main | first-step | schedule]"""
+Usage: python hybrid.py OUT.json [IMAGES] [THREADS] [SET: main | first-step | schedule] [SEED]"""
 
 import json
 import sys
@@ -35,7 +35,8 @@ out = sys.argv[1]
 images = int(sys.argv[2]) if len(sys.argv) > 2 else 300
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 row_set = sys.argv[4] if len(sys.argv) > 4 else "main"
-W, SEED, BATCH = 7.5, 0, 64
+W, BATCH = 7.5, 64
+SEED = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 prompts = eval_prompts(EvalConfig(images=images))
 pipe = as_plug_and_play(load_pipeline())
 GUIDES = {"guide": load_guide("output-8step").eval(), "first5": load_guide("output-first5").eval(), "s16": load_guide("output-16step").eval()}
