@@ -106,6 +106,18 @@ def test_a_guides_default_interval_applies_as_for_sd_and_a_negative_prompt_lifts
                                   _run(pipe, guidance_scale=5.0, negative_prompt=negative, guidance_interval=(0, 1000)))
 
 
+def test_an_output_guide_warns_on_sdxl_when_lora_weights_are_loaded(sdxl):
+    from peft import LoraConfig
+
+    pipe = _pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output"))
+    sdxl.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
+    try:
+        with pytest.warns(UserWarning, match="LoRA weights are loaded and this is an output guide"):
+            _run(pipe, guidance_scale=5.0)
+    finally:
+        sdxl.unet.unload_lora()  # the module's other tests share this UNet
+
+
 def test_save_and_load_with_guide(sdxl, tmp_path):
     pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny")))
     pipe.save_pretrained(tmp_path / "pnp")
