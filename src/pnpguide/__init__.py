@@ -11,9 +11,11 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {
     "CorrectionCarry": "carry",
-    "FirstStepFit": "first_step",
-    "GuideModel": "guide",
-    "GuideOutput": "guide",
+    "GuidancePolicy": "policy",
+    "GuideModel": "guides",
+    "GuideOutput": "guides",
+    "OutputGuide": "guides",
+    "ResidualGuide": "guides",
     "PlugAndPlayPipeline": "pipeline",
     "PlugAndPlayXLPipeline": "pipeline_xl",
     "cfg_combine": "teacher",

@@ -1,4 +1,6 @@
-"""`pnpguide` command line: a thin layer over the library; each handler builds a config and calls one function."""
+"""pnpguide: one UNet pass per step instead of classifier-free guidance's two, with a small guide network distilled
+while the text-to-image UNet stays frozen (Plug-and-Play Diffusion Distillation). Every command works on the embedded
+model when no --base is given."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # OSError covers missing and unreadable files
 PROGRESS_DELAY_S = 2  # sampling shows its progress bar once it has run this long
-CARRY_FIT_PROMPTS = 16  # fit-carry samples CFG on this many prompts (the factors hardly depend on which: docs/guides.md)
+CARRY_FIT_PROMPTS = 16  # fit-carry samples CFG on this many prompts (the factors hardly depend on which: docs/findings.md)
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,17 +51,6 @@ def guidance_scale(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0 (1 = no guidance), got {text}")
     return value
-
-
-def w_schedule(text: str) -> str:
-    """An argparse type: a `--w-schedule` whose syntax is right (its length and values are checked by the pipeline)."""
-    from .schedules import parse_w_schedule
-
-    try:
-        parse_w_schedule(text, 2)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix("--w-schedule ")) from None
-    return text
 
 
 def field_comments(config_class) -> dict[str, str]:
@@ -118,39 +109,6 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def cmd_train_vae(args) -> None:
-    from .embedded.base import VAETrainConfig, train_vae
-
-    config = config_from_args(VAETrainConfig, args)
-    train_vae(config)
-    print(f"VAE saved to {Path(config.output_dir) / 'vae'}")
-
-
-def cmd_train_base(args) -> None:
-    from .embedded.base import BaseTrainConfig, train_base
-
-    config = config_from_args(BaseTrainConfig, args)
-    train_base(config)
-    print(f"pipeline saved to {Path(config.output_dir) / 'pipeline'}")
-
-
-def cmd_finetune(args) -> None:
-    from .embedded.finetune import FinetuneConfig, finetune
-
-    config = config_from_args(FinetuneConfig, args)
-    path = finetune(config)
-    print(f"fine-tune saved to {path}")
-
-
-def cmd_train_features(args) -> None:
-    from .embedded.features import FeatureTrainConfig, attribute_accuracy, train_features
-
-    config = config_from_args(FeatureTrainConfig, args)
-    model = train_features(config)
-    print("held-out attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in attribute_accuracy(model).items()))
-    print(f"feature network saved to {Path(config.output_dir) / 'features'}")
-
-
 def cmd_distill(args) -> None:
     from .distill_guidance import GuidanceDistillConfig, train_guide
 
@@ -170,16 +128,14 @@ def cmd_distill_steps(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generate import GenerateRequest, check_request, generate, guide_carry
+    from .generate import GenerateRequest, check_request, generate
     from .loading import load_plug_and_play, warn_if_truncated
 
     request = GenerateRequest(
-        args.prompt, args.out, args.negative_prompt, args.num_images, args.height, args.width, args.steps, args.w, args.w_schedule,
-        args.guidance_interval, args.mode, args.scheduler, args.seed, args.device, args.dtype, args.cfg_first_steps,
-        args.first_step_fit, args.correction_carry,
+        args.prompt, args.out, args.negative_prompt, args.num_images, args.height, args.width, args.steps, args.w, args.mode,
+        args.scheduler, args.seed, args.device, args.dtype, args.correction_carry, args.guidance_interval, args.adaptive_threshold,
     )
     device, dtype = check_request(request, args.base, args.guide)  # before the slow part
-    request.guide_carry = guide_carry(args.guide)
     pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
     warn_if_truncated(pipe.tokenizer, [args.prompt])
     pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)
@@ -202,18 +158,7 @@ def cmd_demo(args) -> None:
     grid, timings = run_demo(args.out_dir, args.guide, args.steps, args.w, args.seed, progress=lambda line: print(line, file=sys.stderr, flush=True),
                              device=device, dtype=dtype, negative_prompts=args.negative_prompts)
     print(timing_table(timings))
-    print(f"\ngrid (rows: no guidance | CFG teacher | guide | step-distilled guides) written to {grid}")
-
-
-def cmd_fidelity(args) -> None:
-    from .evaluation.fidelity import fidelity, fidelity_markdown
-    from .loading import load_plug_and_play
-
-    device, dtype = placement(args)
-    pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
-    rows = fidelity(pipe, args.style, args.prompts, args.scales, args.steps_list, args.seed)
-    name = f"{args.base or 'embedded base'}{' + ' + args.lora if args.lora else ''}, guide {args.guide or 'shipped tiny'}"
-    print(fidelity_markdown(rows, name))
+    print(f"\ngrid (rows: no guidance | CFG | the guide | the other shipped guides) written to {grid}")
 
 
 def cmd_eval(args) -> None:
@@ -267,31 +212,6 @@ def cmd_doctor(args) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
-def cmd_judge_accuracy(args) -> None:
-    from .embedded.shapes import STYLES
-    from .embedded.adherence import judge_accuracy
-
-    print("| style | images | accepts true captions | rejects wrong captions |\n|---|---|---|---|")
-    for style in args.styles or STYLES:
-        result = judge_accuracy(style, args.images)
-        print(f"| {style} | {result.images} | {result.accepts_true_captions:.3f} | {result.rejects_wrong_captions:.3f} |")
-
-
-def cmd_sample_grid(args) -> None:
-    from .embedded.base_report import base_grid
-
-    device, dtype = placement(args)
-    path = base_grid(args.base, args.out, args.lora, args.style, args.steps, args.seed, dtype, device)
-    print(f"grid written to {path}")
-
-
-def cmd_base_adherence(args) -> None:
-    from .embedded.base_report import base_adherence_table
-
-    device, dtype = placement(args)
-    print(base_adherence_table(args.base, args.lora, args.style, args.prompts, args.steps, args.scales, args.seed, args.split, dtype, device))
-
-
 CONFIG_CLASSES = {  # command -> "module:ConfigClass", imported only when that command runs (or shows its --help)
     "distill": "distill_guidance:GuidanceDistillConfig",
     "distill-steps": "distill_steps:StepDistillConfig",
@@ -331,21 +251,23 @@ def chosen_command(argv: list[str]) -> str | None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with `argv`, only the chosen command's config flags are built (all of them without it)."""
+    from .embedded.cli import add_embedded_commands
+
     selected = chosen_command(argv) if argv is not None else None
 
     def add_flags(p: argparse.ArgumentParser, command: str) -> None:
         if argv is None or command == selected:
             add_config_flags(p, config_class(command))
 
-    parser = Parser(prog="pnpguide", description=__doc__)
+    parser = Parser(prog="pnpguide", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     parser.add_argument("--threads", type=count, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of a one-line message")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the main job: no guidance | CFG | guide on the embedded model, grid + timing table")
+    p = sub.add_parser("demo", help="the main job: no guidance | CFG | the guides on the embedded model, a grid and a timing table")
     p.add_argument("--out-dir", default="pnpguide-demo", help="folder for grid.png (default: pnpguide-demo)")
-    p.add_argument("--guide", default=None, help="guide folder or shipped name (default: tiny); step-distilled guides are added")
-    p.add_argument("--steps", type=count, default=25, help="sampling steps (default: 25)")
+    p.add_argument("--guide", default=None, help="guide folder or shipped name (default: default); the other shipped guides are added")
+    p.add_argument("--steps", type=count, default=25, help="sampling steps of no guidance, CFG and the guide (default: 25)")
     p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--negative-prompts", default=None, help="a file of negatives (one per line, cycled over the columns) or "
@@ -353,134 +275,85 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_device_flags(p)
     p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser("generate", help="images from a prompt, with the guide (default), CFG or no guidance")
+    p = sub.add_parser("generate", help="images from a prompt: the guide (default), CFG or no guidance")
     p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt: --mode cfg uses it, and --mode guide with a guide distilled with --negatives (other guides ignore it, with a warning)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt: applied by CFG and by a guide with a negative head "
+                   "(the default guide has one; others ignore it, with a warning)")
     p.add_argument("--num-images", type=count, default=1, help="images to generate; several are written as OUT-0.png, OUT-1.png, ... (default: 1)")
     p.add_argument("--height", type=count, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=count, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--scheduler", default=None, metavar="NAME", help=f"sampler, built from the base's scheduler config: {', '.join(_scheduler_names())} (default: the base's own)")
     _add_pipeline_flags(p)
     _add_device_flags(p)
-    p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: 1 UNet pass per step; cfg: 2; none: w=1")
-    p.add_argument("--steps", type=count, default=None, help="sampling steps (default: 25, or a step-distilled guide's own count)")
+    p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: one UNet pass per step; cfg: two (diffusers' CFG); none: w = 1 (default: guide)")
+    p.add_argument("--steps", type=count, default=None, help="sampling steps (default: the guide's own, 25 for the default guide; else 50)")
     p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
-    p.add_argument(
-        "--w-schedule", type=w_schedule, default=None, metavar="SCHEDULE",
-        help="w per step instead of --w: 'W1,W2,...' (one w >= 1 per step) or 'linear:W0:W1' (a ramp from the "
-        "first step to the last)",
-    )
-    p.add_argument(
-        "--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"),
-        help="apply w only at timesteps T_LOW <= t <= T_HIGH (0..num_train_timesteps, e.g. 1000), w = 1 elsewhere "
-        "(Kynkaanniemi et al. 2024); those steps run the UNet once, without guide or CFG (default: every step; in guide mode, "
-        "without --negative-prompt, the guide's default_guidance_interval if it records one: output-16step and output-8step guide only at t >= 500; "
-        "0 1000 guides every step)",
-    )
-    p.add_argument(
-        "--cfg-first-steps", type=whole_number, default=0, metavar="K",
-        help="--mode guide: run the first K steps with CFG (2 UNet passes), the rest with the guide. The first, "
-        "high-noise steps set the layout and hold most of what a guide misses of CFG: K = 2 of 25 brings images much "
-        "closer to CFG's for 2 more UNet passes (27, against CFG's 50); --negative-prompt applies in those steps (default: 0)",
-    )
-    p.add_argument(
-        "--first-step-fit", action="store_true",
-        help="--mode guide: run the first step as CFG in one UNet pass, its unconditional pass taken from an affine fit "
-        "made first from 64 pure-noise passes (pnpguide.FirstStepFit). On the embedded model it "
-        "brings images closer to CFG's at the guide's cost (docs/guides.md)",
-    )
-    p.add_argument(
-        "--correction-carry", default=None, metavar="FILE",
-        help="a CorrectionCarry saved as JSON (pnpguide.CorrectionCarry.fit(pipe, prompts).save(FILE), once "
-        "per model, scheduler and step count). CFG runs in full for its first steps, then one UNet pass per step with "
-        "CFG's last correction carried on: with 5 of 25 steps in full, 0.88-0.93 of the way to CFG's image at 0.60 of "
-        "its UNet passes on the embedded model, no guide needed. With --mode guide and an output guide distilled on the first "
-        "steps (--trajectory-first-steps), the guide runs those steps and its correction is carried on (docs/guides.md) (default: none)",
-    )
+    p.add_argument("--correction-carry", default=None, metavar="FILE", help="policy: a CorrectionCarry (pnpguide fit-carry): the "
+                   "first steps run the full correction (CFG's two passes in --mode cfg), then it is carried on, one UNet pass per "
+                   "step; the training-free path for any checkpoint (default: the guide's own policy; plain CFG in --mode cfg)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"),
+                   help="policy: guidance only at timesteps T_LOW <= t <= T_HIGH, one plain UNet pass elsewhere (Kynkaanniemi et al. 2024)")
+    p.add_argument("--adaptive-threshold", type=float, default=None, metavar="COS", help="policy, --mode cfg: Adaptive Guidance, CFG per "
+                   "image until the cosine of its conditional and unconditional outputs reaches COS; with --correction-carry, its "
+                   "correction is carried on after that")
     p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed + i (default: 0)")
     p.add_argument("--out", default="image.png", help="PNG file to write (default: image.png)")
     p.set_defaults(handler=cmd_generate)
 
-    training_commands = (
+    for name, help_text, handler in (
         ("distill", "stage 1: train a guide so one UNet pass matches CFG (the base stays frozen)", cmd_distill),
         ("distill-steps", "stage 2: progressive step distillation of a guide (32 -> 16 -> 8 steps)", cmd_distill_steps),
-        ("train-vae", "train the embedded model's VAE on the shapes data (all styles)", cmd_train_vae),
-        ("train-base", "train the embedded text-to-image UNet (needs a VAE from train-vae)", cmd_train_base),
-        ("finetune", "fine-tune a base on another style: the whole UNet or a LoRA", cmd_finetune),
-        ("train-features", "train the FID feature network on the shapes data (all styles)", cmd_train_features),
-    )
-    for name, help_text, handler in training_commands:
+    ):
         p = sub.add_parser(name, help=help_text)
         add_flags(p, name)
         p.set_defaults(handler=handler)
 
-    p = sub.add_parser("fit-carry", help="fit a CorrectionCarry for a model, scheduler and step count (JSON for generate --correction-carry)")
+    p = sub.add_parser("fit-carry", help="fit a CorrectionCarry on a model (JSON for generate --correction-carry): training-free, any checkpoint")
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
     p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base (the carry is the model's own)")
     p.add_argument("--prompts", default=None, help="text or JSONL file of prompts like the ones you will sample; CFG runs on "
                    f"the first {CARRY_FIT_PROMPTS} (default on the embedded model: {CARRY_FIT_PROMPTS} of its training captions)")
-    p.add_argument("--full-steps", type=count, default=5, help="steps that run CFG (or an output guide) before the correction is "
-                   "carried; with K = 5 of 25, 0.88-0.93 of the image gap to CFG on the embedded model (default: 5)")
-    p.add_argument("--steps", type=count, default=25, help="sampling steps the carry is for (default: 25)")
-    p.add_argument("--scheduler", default=None, metavar="NAME", help=f"sampler the carry is for: {', '.join(_scheduler_names())} (default: the base's own)")
+    p.add_argument("--full-steps", type=count, default=5, help="steps that run CFG before the correction is carried (default: 5)")
+    p.add_argument("--steps", type=count, default=25, help="sampling steps the carry is fitted at; other step counts read it at their own timesteps (default: 25)")
+    p.add_argument("--scheduler", default=None, metavar="NAME", help=f"sampler the carry is fitted with: {', '.join(_scheduler_names())} (default: the base's own)")
     p.add_argument("--height", type=count, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=count, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--out", default="carry.json", help="JSON file to write (default: carry.json)")
     _add_device_flags(p)
     p.set_defaults(handler=cmd_fit_carry)
 
-    p = sub.add_parser("fidelity", help="guide vs its CFG teacher on held-out captions: adherence and PSNR")
-    _add_pipeline_flags(p)
-    p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette (default: flat)")
-    p.add_argument("--prompts", type=count, default=40, help="held-out captions per object count (default: 40)")
-    p.add_argument("--scales", type=guidance_scale, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales (default: 3 5 7.5)")
-    p.add_argument("--steps-list", type=count, nargs="+", default=[16, 25], help="step counts (default: 16 25)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    _add_device_flags(p)
-    p.set_defaults(handler=cmd_fidelity)
-
     p = sub.add_parser("eval", help="FID, adherence, fidelity to CFG, compute and speed of none | cfg | guides; report + plots")
     add_flags(p, "eval")
     p.add_argument("--json", action="store_true", help="print a JSON summary to stdout instead of the markdown report")
     p.set_defaults(handler=cmd_eval)
 
-    p = sub.add_parser("doctor", help="check that a base folder and a guide fit together (exit 1 if not)")
+    p = sub.add_parser("doctor", help="check that a base folder and a guide fit together, and how the guide samples (exit 1 if not)")
     _add_pipeline_flags(p, lora=False)
     p.set_defaults(handler=cmd_doctor)
 
-    p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
-    p.add_argument("--styles", nargs="*", help="styles to measure (default: all)")
-    p.add_argument("--images", type=count, default=500, help="images per style")
-    p.set_defaults(handler=cmd_judge_accuracy)
-
-    p = sub.add_parser("base-grid", help="image grid of a base or fine-tune at w = 1 and w = 7.5")
-    _add_model_flags(p)
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.set_defaults(handler=cmd_sample_grid)
-
-    p = sub.add_parser(
-        "base-adherence",
-        help="prompt adherence of a base or fine-tune at several w, with two-object failures split by cause",
-    )
-    _add_model_flags(p)
-    p.add_argument("--prompts", type=count, default=100, help="captions per object count")
-    p.add_argument(
-        "--split",
-        choices=("heldout", "train"),
-        default="heldout",
-        help="held-out caption combinations (never trained on), or training ones: to tell what a model failed to learn "
-        "from what it failed to generalise (default: heldout)",
-    )
-    p.add_argument("--scales", type=guidance_scale, nargs="+", default=[1.0, 7.5], help="guidance scales")
-    p.set_defaults(handler=cmd_base_adherence)
-    for p in sub.choices.values():  # also after the command; SUPPRESS keeps a --debug given before it
+    p = sub.add_parser("embedded", help="build and inspect the embedded model, its fine-tunes, judge and FID features")
+    add_embedded_commands(p, add_flags)
+    for p in [*sub.choices.values(), *_subcommands(sub.choices["embedded"])]:  # also after the command; SUPPRESS keeps a --debug given before it
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
 
 
+EPILOG = """commands, by what they are for:
+  use a guide       demo, generate, doctor
+  make a guide      distill (stage 1), distill-steps (stage 2), fit-carry (training-free)
+  measure           eval
+  embedded model    embedded train-vae | train-base | finetune | train-features | judge-accuracy | base-grid | base-adherence"""
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(actions[0].choices.values()) if actions else []
+
+
 def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--guide", default=None, help="guide folder, or a shipped guide: tiny, full, tiny-16step, tiny-8step, output, output-first5, output-neg, output-first5-neg, output-16step, output-8step (the last four read negative prompts) (default: tiny with the embedded model; with --base, none: --mode cfg or none)")
+    p.add_argument("--guide", default=None, help="guide folder, or a guide shipped for the embedded model: default (25 steps), "
+                   "16-step, 8-step, paper (the paper's residual design) (default: default with the embedded model; with --base, none)")
     if lora:
         p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
 
@@ -495,15 +368,6 @@ def _scheduler_names() -> list[str]:
     from .schedulers import SCHEDULERS  # imports nothing heavy
 
     return list(SCHEDULERS)
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
-    p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette")
-    p.add_argument("--steps", type=count, default=25, help="sampling steps")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    _add_device_flags(p)
 
 
 def one_line_warnings(prefix: str) -> None:

@@ -77,8 +77,9 @@ TIMESTEP_RANGE = Expect(
 )
 PER_BLOCK_INT = POSITIVE_INT | list_of(POSITIVE_INT)
 
-GUIDE_FIELDS = {
+GUIDE_FIELDS = {  # both designs' fields, and those older pnpguide versions wrote (GuideModel.translated_config reads them)
     "size": one_of("tiny", "full"),
+    "width": POSITIVE_INT,
     "block_out_channels": list_of(POSITIVE_INT),
     "unet_block_out_channels": list_of(POSITIVE_INT),
     "unet_in_channels": POSITIVE_INT,
@@ -99,6 +100,7 @@ GUIDE_FIELDS = {
     "projection_class_embeddings_input_dim": optional(POSITIVE_INT),
     "trained_guidance_range": optional(GUIDANCE_RANGE),
     "trained_step_counts": optional(list_of(POSITIVE_INT)),
+    "trained_timesteps": optional(list_of(INT)),
     "trained_first_steps": optional(POSITIVE_INT),
     "trained_schedule": optional(OBJECT),
     "reads": one_of("latent", "unet_features", "unet_output"),

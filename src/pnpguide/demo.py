@@ -13,9 +13,8 @@ from .evaluation.negative_prompts import eval_negatives
 from .evaluation.plots import captioned_grid
 from .evaluation.sampling import generate_images
 from .evaluation.speed import UNetCallCounter, median_seconds, step_cost
-from .generate import fitting_carry, guide_carry
-from .guide import GuideModel
-from .loading import load_guide, load_plug_and_play, shipped_guide_dirs
+from .guides import GuideModel
+from .loading import load_guide, load_plug_and_play, shipped_guides
 from .pipeline import follow_unet
 
 
@@ -23,7 +22,7 @@ from .pipeline import follow_unet
 class DemoRow:
     label: str
     mode: str
-    steps: int
+    steps: int | None  # None: the guide's own (its policy's step count)
     guide: GuideModel | None = None
     negative_prompt: bool = False  # samples with the demo's negative prompts
 
@@ -37,17 +36,17 @@ class ModeTiming:
     gflops_per_image: float
 
 
-def demo_rows(guide: GuideModel, steps: int, negatives: bool = False) -> list[DemoRow]:
-    """No guidance, CFG and the guide at `steps`; with `negatives`, CFG and the guide again with the negative prompts;
-    then each shipped step-distilled guide at its own step counts."""
-    rows = [DemoRow("no guidance (w=1)", "none", steps), DemoRow("CFG teacher", "cfg", steps), DemoRow("guide", "guide", steps, guide)]
+def demo_rows(guide: GuideModel, name: str, steps: int, negatives: bool = False) -> list[DemoRow]:
+    """No guidance, CFG and the guide at `steps` (the guide with its own policy); with `negatives`, CFG and the guide again
+    with the negative prompts; then every other shipped guide, at its own step count."""
+    rows = [DemoRow("no guidance (w=1)", "none", steps), DemoRow("CFG", "cfg", steps), DemoRow(f"guide {name}", "guide", steps, guide)]
     if negatives:
-        ignored = "" if guide.reads_negative_prompt else " (ignored)"  # a guide distilled without negatives: the same images
-        rows += [DemoRow("CFG teacher, negative", "cfg", steps, None, True), DemoRow(f"guide, negative{ignored}", "guide", steps, guide, True)]
-    for folder in shipped_guide_dirs():
-        distilled = load_guide(folder)
-        for count in distilled.config.trained_step_counts or ():
-            rows.append(DemoRow(f"{folder.name} guide", "guide", count, distilled))
+        ignored = "" if guide.reads_negative_prompt else " (ignored)"  # a guide without a negative head: the same images
+        rows += [DemoRow("CFG, negative", "cfg", steps, None, True), DemoRow(f"guide {name}, negative{ignored}", "guide", steps, guide, True)]
+    for other, folder in shipped_guides().items():
+        if other != name:
+            extra = load_guide(folder)
+            rows.append(DemoRow(f"guide {other}", "guide", extra.policy.num_inference_steps or steps, extra))
     return rows
 
 
@@ -71,36 +70,37 @@ def run_demo(
     say = progress or (lambda line: None)
     captions = grid_captions()
     negatives = eval_negatives(negative_prompts, captions)  # a bad value fails before anything loads
-    say(f"loading the embedded base and the {guide or 'tiny'} guide")
+    name = Path(guide).name if guide is not None else "default"
+    say(f"loading the embedded base and the {name} guide")
     pipe = load_plug_and_play(guide=guide, dtype=dtype, device=device)
-    main_guide, carry = pipe.guide, fitting_carry(pipe, guide_carry(guide), steps)  # a first-steps guide's own carry, as `generate` uses it
     images, timings = {}, []
-    rows = demo_rows(pipe.guide, steps, negatives is not None)
+    rows = demo_rows(pipe.guide, name, steps, negatives is not None)
     for number, row in enumerate(rows, 1):
         say(f"[{number}/{len(rows)}] {row.label}, {row.steps} steps: sampling {len(captions)} images, then timing them")
         pipe.guide = follow_unet(row.guide, pipe.unet)  # None for "none" and "cfg": they never call it
         w = 1.0 if row.mode == "none" else guidance_scale
         cost = step_cost(pipe.unet, row.guide, tokens=pipe.tokenizer.model_max_length)
-        flops = {"none": cost.unet, "cfg": cost.cfg, "guide": cost.guided}[row.mode] * row.steps
 
         def sample():
             return generate_images(pipe, captions, w, row.steps, seed, mode=row.mode, batch_size=len(captions), progress=False,
-                                   negative_prompts=negatives if row.negative_prompt else None,
-                                   correction_carry=carry if row.mode == "guide" and row.guide is main_guide else None)
+                                   negative_prompts=negatives if row.negative_prompt else None)
 
-        counter = UNetCallCounter(pipe.unet)
+        counters = [UNetCallCounter(module) for module in (pipe.unet, row.guide) if module is not None]
         images[f"{row.label}, {row.steps} steps"] = sample()
-        counter.close()
+        for counter in counters:
+            counter.close()
+        unet_images, guide_images = counters[0].images / len(captions), (counters[1].images / len(captions) if len(counters) > 1 else 0)
         seconds = median_seconds(sample, repeats=3, warmup=0) / len(captions)
-        timings.append(ModeTiming(row.label, row.steps, seconds, counter.images / len(captions), flops / 1e9))
+        flops = unet_images * cost.unet + guide_images * cost.guide
+        timings.append(ModeTiming(row.label, row.steps, seconds, unet_images, flops / 1e9))
     say(f"writing the grid to {Path(out_dir) / 'grid.png'}")
     columns = [f"{c} [negative: {n}]" for c, n in zip(captions, negatives)] if negatives else captions
-    grid = captioned_grid(images, columns, Path(out_dir) / "grid.png", title=f"embedded base, w={guidance_scale}, DDIM, same seeds")
+    grid = captioned_grid(images, columns, Path(out_dir) / "grid.png", title=f"embedded base, w={guidance_scale}, same seeds")
     return grid, timings
 
 
 def timing_table(timings: list[ModeTiming]) -> str:
-    cfg = next(t for t in timings if t.label == "CFG teacher")
+    cfg = next(t for t in timings if t.label == "CFG")
     lines = ["| mode | steps | s / image | UNet evals / image | GFLOPs / image | speed-up vs CFG |", "|---|---|---|---|---|---|"]
     for t in timings:
         lines.append(

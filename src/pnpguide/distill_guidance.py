@@ -3,29 +3,33 @@
 For random w ~ U[w_min, w_max], the loss is
     || unet(x_t, t, c, residuals=guide(x_t, t, c, w)) - cfg(x_t, t, c, w) ||^2
 with the base UNet frozen (Hsiao et al. 2024, sec. 3.2). The noisy states x_t come from a source of
-:mod:`pnpguide.sources`: data latents (an image folder, or the embedded model's shapes) noised by the
-scheduler at a random timestep, the teacher's own CFG sampling trajectories (prompts only, and the
-states the student will actually meet at inference), or half of each batch from both (`mix`). With
-`loss_weighting="relative"` each sample's error is divided by its own CFG gap ||cfg - cond||^2: the gap
-at the first, pure-noise step is tens of times larger than at the others and would otherwise dominate
-the loss (docs/guides.md, "Where the error is"); `loss_weighting="timestep"` divides it instead by the mean gap
-of its band of t, measured once before training (the per-timestep normalisation of that section). SDXL bases get their pooled text embeddings and size
-time ids through `added_cond_kwargs`, in the teacher's 2B call and the student's B call alike. With `negatives`, the
-guide also reads the negative prompt and the teacher is CFG with a negative drawn per sample (:mod:`pnpguide.negatives`);
-teacher trajectories then draw one per run and sample CFG with it, so the guide learns at the states it meets with
-negative prompts, from the outputs recorded there. With `negative_head`, a trained output guide gets a second head
-for the negative prompt and only that head trains: without a negative the guide stays exactly what it was.
+:mod:`pnpguide.sources`: the teacher's own CFG sampling trajectories (prompts only, and the states the student
+will actually meet at inference; the default), data latents (an image folder, or the embedded model's shapes)
+noised at a random timestep, or half of each batch from both (`mix`).
+
+The default recipe is the one measured best (docs/method.md): an output guide learns the teacher's first 5 of 25
+steps, where CFG's correction changes fastest, and after them its correction is carried on by factors fitted on the
+base (:class:`pnpguide.CorrectionCarry`, saved in the guide's folder). `loss_weighting="timestep"` divides each
+sample's error by the mean CFG gap of its timestep, measured once before training: the gap at the first, pure-noise
+step is tens of times larger than at the others and would otherwise take the whole loss. SDXL bases get their pooled
+text embeddings and size time ids through `added_cond_kwargs`, in the teacher's 2B call and the student's B call alike.
+With `negative_head`, a trained output guide gets a second head for the negative prompt and only that head trains,
+on teacher runs that each sample CFG with a negative drawn for them (:mod:`pnpguide.negatives`): without a negative
+the guide stays exactly what it was.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_negatives, encode_prompts
-from .guide import GUIDE_INPUTS, GUIDE_SIZES, GuideModel, text_encoder_signature
+from .carry import CorrectionCarry
+from .guides import GuideModel, OutputGuide, ResidualGuide, text_encoder_signature
+from .model_card import write_model_card
 from .loading import load_guide, load_pipeline
 from .negatives import NegativeSampler, check_negative_settings
 from .shards import Rows
@@ -34,31 +38,31 @@ from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred, output
 from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
 
-RELATIVE_LOSS_FLOOR = 1e-3  # added to each gap, so a sample whose prompt barely changes the output cannot dominate
+GAP_FLOOR = 1e-3  # added to each band's mean gap, so a band where the prompt barely changes the output cannot dominate
 PER_UNIT_GUIDANCE_FLOOR = 1e-2  # (w - 1)^2 is at least this when an output guide's error is divided by it (w near 1: no correction to learn)
-LOSS_WEIGHTINGS = ("none", "relative", "timestep")
+LOSS_WEIGHTINGS = ("none", "timestep")
+DESIGNS = {"output": OutputGuide, "residual": ResidualGuide}
+DEFAULT_FIRST_STEPS = 5  # an output guide trained on trajectories learns these first steps, then its correction is carried
+CARRY_FIT_PROMPTS = 16  # prompts the carry is fitted on after training (the factors hardly depend on which)
 TIMESTEP_BUCKETS = 20  # "timestep" weighting: the mean CFG gap is measured in this many equal bands of t
 GAP_TABLE_BATCHES = 8  # batches the teacher runs on, before training, to measure those means
 
 
 @dataclass
 class GuidanceDistillConfig(SourceConfig):
+    EMBEDDED_SOURCE: ClassVar[str] = "trajectories"
+
     output_dir: str = "runs/guide"
     base: str | None = None  # SD folder whose UNet the guide serves (default: the embedded model)
-    size: str = "tiny"  # "tiny" (~1% of the UNet) or "full" (as wide as the UNet's encoder)
-    reads: str = "latent"  # the guide's input: "latent" (its own encoder of x_t), "unet_features" (the frozen UNet's encoder features) or "unet_output" (x_t and the UNet's output: predicts cond - uncond)
-    scale_by_guidance: bool = False  # multiply the guide's residuals by (w - 1), so w = 1 is exactly the unguided UNet
-    width_divisor: int | None = None  # tiny guides only: how much narrower than the UNet (default: 8 for latent, 16 for unet_features)
+    design: str = "output"  # "output" (after the UNet, predicts cond - uncond: the recommended design) or "residual" (the paper's: residuals into the UNet's skip connections)
     init_guide: str | None = None  # start from this trained guide (train it further) instead of a new one
-    widen: int | None = None  # with --init-guide (an output guide): train it this many times as wide, starting from the function it computes (GuideModel.widened) (default: as wide as it is)
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention, at most 14)
-    loss_weighting: str = "none"  # "none" (plain MSE), "relative" (each sample's error over its own CFG gap) or "timestep" (over the mean gap at its t)
-    negatives: bool = False  # the guide reads the negative prompt: distil against CFG with a negative drawn per sample (another caption, an attribute of the prompt, a --negative-prompts line) or the empty one
-    negative_prompts: str | None = None  # text or JSONL file of negative prompts to draw from as well (implies --negatives)
-    negative_rate: float = 0.5  # with --negatives: the share of samples with a non-empty negative (the others: the empty prompt)
-    negative_head: bool = False  # with --init-guide (an output guide without negative input): add a second head that reads the negative prompt and train only it, so the guide without a negative is unchanged (implies --negatives)
-    trajectory_first_steps: int | None = None  # source trajectories only: train on the first N states of each teacher run (the teacher stops there), for an output guide that samples those steps and then carries its correction on (pnpguide.CorrectionCarry) (default: every state)
+    loss_weighting: str = "timestep"  # "timestep" (each sample's error over the mean CFG gap at its t) or "none" (plain MSE)
+    negative_head: bool = False  # with --init-guide (an output guide): add a head that reads the negative prompt and train only it, on teacher runs with negatives, so the guide without a negative is unchanged
+    negative_prompts: str | None = None  # with --negative-head: a text or JSONL file of negative prompts to draw from as well
+    negative_rate: float = 0.5  # with --negative-head: the share of teacher runs with a non-empty negative (the others: the empty prompt)
+    trajectory_first_steps: int | None = None  # source trajectories: train on the first N states of each teacher run, for an output guide that samples those steps and then carries its correction on (default: 5 for an output guide, else every state)
     validation_trajectories: int | None = None  # source trajectories only: this many teacher runs (the same prompts, other noise) held out of training; the loss on their states goes to log.jsonl at every checkpoint, beside the training loss, to show whether more --trajectories would help (default: none)
     max_steps: int = 1500
     batch_size: int = 32
@@ -68,25 +72,27 @@ class GuidanceDistillConfig(SourceConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.size not in GUIDE_SIZES:
-            raise ValueError(f"size must be one of {GUIDE_SIZES}, got {self.size!r}")
-        if self.reads not in GUIDE_INPUTS:
-            raise ValueError(f"reads must be one of {GUIDE_INPUTS}, got {self.reads!r}")
+        if self.design not in DESIGNS:
+            raise ValueError(f"design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.source == "mix" and self.batch_size < 2:
             raise ValueError(f"source='mix' takes half of each batch from each pool: batch_size must be >= 2, got {self.batch_size}")
-        if self.width_divisor is not None and self.width_divisor < 1:
-            raise ValueError(f"width_divisor must be >= 1, got {self.width_divisor}")
-        if self.widen is not None and (self.widen < 2 or self.init_guide is None):
-            raise ValueError(f"widen grows a trained guide: give --init-guide and a factor >= 2, got widen={self.widen} and init_guide={self.init_guide!r}")
+        if self.trajectory_first_steps is None and self.design == "output" and self.source == "trajectories":
+            self.trajectory_first_steps = DEFAULT_FIRST_STEPS
         check_guidance_range(self.w_min, self.w_max)
         check_trajectory_options(self)
         check_negative_settings(self.negative_prompts, self.negative_rate)
         if self.negative_head and self.init_guide is None:
             raise ValueError("negative_head adds a head for the negative prompt to a trained output guide: give --init-guide DIR "
-                             "(train one first with --reads unet_output)")
-        self.negatives = self.negatives or self.negative_prompts is not None or self.negative_head
+                         "(train one first with pnpguide distill)")
+        if self.negative_prompts is not None and not self.negative_head:
+            raise ValueError("--negative-prompts are drawn for a negative head: pass --negative-head (with --init-guide)")
+
+    @property
+    def negatives(self) -> bool:
+        """Whether teacher runs and batches draw negative prompts (to train a negative head)."""
+        return self.negative_head
 
 
 def check_guidance_range(w_min: float, w_max: float) -> None:
@@ -157,8 +163,7 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
                       gap_table: "TimestepGaps | None" = None) -> torch.Tensor:
     """MSE between the guided student's and the CFG teacher's output at the same (x_t, t, c, w) (an output guide's
     divided by (w - 1)^2: in units of CFG's term cond - uncond, see :func:`squared_error`); with
-    `weighting="relative"`, each sample's squared error over its own gap ||cfg - cond||^2 (mean over samples);
-    with `weighting="timestep"`, over the mean gap at its timestep (`gap_table`, from :func:`timestep_gap_table`).
+    `weighting="timestep"`, over the mean gap at its timestep (`gap_table`, from :func:`timestep_gap_table`).
 
     batch: `sample` (B, C, h, w), `timesteps` and `guidance_scale` (B,), `conditioning` (B rows), and with negatives
     `negative` (B rows, :func:`encode_negatives`); negative: the one-row unconditional conditioning (:func:`encode_negative`)
@@ -168,20 +173,17 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     negative_rows = batch.get("negative_rows")
     with torch.no_grad():
         target, conditional = teacher_targets(unet, batch, negative)
-    output_guide = getattr(guide, "module", guide).reads_unet_output
+    output_guide = isinstance(getattr(guide, "module", guide), OutputGuide)
     if output_guide:  # the teacher's conditional output is the student's UNet call
         prediction = output_guided(guide, conditional, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
                                    batch["guidance_scale"], negative_embeds, negative_rows)
     else:
         prediction = guided_noise_pred(unet, guide, batch["sample"], batch["timesteps"], conditioning.prompt_embeds, batch["guidance_scale"],
-                                       conditioning.added_cond_kwargs(), negative_prompt_embeds=negative_embeds, negative_rows=negative_rows)
+                                       conditioning.added_cond_kwargs())
     error = squared_error(prediction, target, batch["guidance_scale"], output_guide)
     if weighting == "none":
         return error.mean()
-    if weighting == "timestep":
-        return (error / gap_table.at(batch["timesteps"]).to(error.device)).mean()
-    gap = squared_error(conditional, target, batch["guidance_scale"], output_guide)
-    return (error / (gap + RELATIVE_LOSS_FLOOR)).mean()
+    return (error / gap_table.at(batch["timesteps"]).to(error.device)).mean()
 
 
 def timestep_bucket(timesteps: torch.Tensor, num_train_timesteps: int, buckets: int = TIMESTEP_BUCKETS) -> torch.Tensor:
@@ -191,7 +193,7 @@ def timestep_bucket(timesteps: torch.Tensor, num_train_timesteps: int, buckets: 
 
 @dataclass
 class TimestepGaps:
-    """The mean CFG gap per band of t (plus RELATIVE_LOSS_FLOOR), which `weighting="timestep"` divides by."""
+    """The mean CFG gap per band of t (plus GAP_FLOOR), which `weighting="timestep"` divides by."""
 
     means: torch.Tensor  # (buckets,)
     num_train_timesteps: int
@@ -207,7 +209,7 @@ def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_tr
     `per_unit_guidance` (an output guide), of ||cond - uncond||^2, the unit its loss is measured in (:func:`squared_error`).
 
     Why: the gap at the first, pure-noise step is tens of times larger than at the others, so a plain MSE is spent
-    there (docs/guides.md, "Where the error is"); dividing by the mean gap of a sample's own timestep gives every
+    there (docs/findings.md); dividing by the mean gap of a sample's own timestep gives every
     band the same weight, without the noise of dividing by each sample's own gap. The table is measured once,
     up front, on batches drawn from the run's seed, so a resumed run divides by the same numbers. A band with no
     sample takes the nearest measured band's mean."""
@@ -222,35 +224,25 @@ def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_tr
     if len(measured) == 0:
         raise ValueError("no training states to measure the CFG gap on")
     nearest = measured[(torch.arange(buckets)[:, None] - measured[None]).abs().argmin(1)]
-    return TimestepGaps((total[nearest] / count[nearest]).float() + RELATIVE_LOSS_FLOOR, num_train_timesteps)
+    return TimestepGaps((total[nearest] / count[nearest]).float() + GAP_FLOOR, num_train_timesteps)
 
 
 def _initial_guide(pipe, config: GuidanceDistillConfig) -> GuideModel:
-    if config.init_guide is not None:  # trained further only on the base it was made for: same UNet widths and text encoders
-        guide = load_guide(config.init_guide)
-        guide.check_compatible(pipe.unet)
-        guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-        if config.widen is not None:
-            guide = guide.widened(config.widen, torch.Generator().manual_seed(config.seed))
-        if config.negative_head:  # the trained guide stays as it is; only its new head for the negative prompt learns
-            return _with_trained_negative_head(guide, config.init_guide)
-        if config.negatives:  # a positive-only guide learns to read negatives too, from where it stands
-            guide = guide.with_negative_input()
-        elif guide.reads_negative_prompt:
-            raise ValueError(f"the guide in {config.init_guide} reads negative prompts: train it further with --negatives")
-        return guide.train().requires_grad_(True)
-    torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
-    return GuideModel.from_unet(pipe.unet, config.size, config.width_divisor, reads=config.reads, scale_by_guidance=config.scale_by_guidance,
-                                reads_negative=config.negatives)
-
-
-def _with_trained_negative_head(guide: GuideModel, init_guide: str) -> GuideModel:
-    if not guide.reads_unet_output or guide.config.reads_negative:
-        raise ValueError(f"--negative-head adds a head to an output guide without negative input; the guide in {init_guide} "
-                         f"reads {guide.config.reads!r}{' and reads_negative' if guide.config.reads_negative else ''}")
-    guide = guide.with_negative_head().train().requires_grad_(False)
-    guide.negative_output_head.requires_grad_(True)
-    return guide
+    if config.init_guide is None:
+        torch.manual_seed(config.seed)  # the guide's initial weights depend on the seed alone, not on earlier RNG use
+        return DESIGNS[config.design].from_unet(pipe.unet)
+    guide = load_guide(config.init_guide)  # trained further only on the base it was made for: same UNet widths and text encoders
+    guide.check_compatible(pipe.unet)
+    guide.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    if not isinstance(guide, DESIGNS[config.design]):
+        raise ValueError(f"the guide in {config.init_guide} is a {type(guide).__name__}, not the --design {config.design} one")
+    if config.negative_head:  # the trained guide stays as it is; only its new head for the negative prompt learns
+        if not isinstance(guide, OutputGuide):
+            raise ValueError(f"--negative-head adds a head to an output guide; the guide in {config.init_guide} is a {type(guide).__name__}")
+        guide = guide.with_negative_head().train().requires_grad_(False)
+        guide.negative_output_head.requires_grad_(True)
+        return guide
+    return guide.train().requires_grad_(True)
 
 
 def _split(batch_size: int, parts: int) -> list[int]:
@@ -305,7 +297,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
         # trajectory states sit at the schedule's few timesteps: one band each, or the first two of 25 steps (t = 999
         # and 959, whose gaps differ 3.7x) would share a band and the second would be weighted as a third of the first
         buckets = num_train_timesteps if config.source == "trajectories" else TIMESTEP_BUCKETS
-        gap_table = timestep_gap_table(pipe.unet, batches, negative, num_train_timesteps, buckets, per_unit_guidance=guide.reads_unet_output)
+        gap_table = timestep_gap_table(pipe.unet, batches, negative, num_train_timesteps, buckets, per_unit_guidance=isinstance(guide, OutputGuide))
         gap_table.means = accelerator.reduce(gap_table.means.to(accelerator.device), "mean").cpu()  # the same weights on every rank
 
     def compute_loss(model, batch):
@@ -326,13 +318,31 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
             total += compute_loss(model, batch).item() * len(rows.latents)
         return total / len(held_out)
 
-    guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.size}",
+    guide, ema = run_training(config, guide, make_batch, compute_loss, accelerator, description=f"distill-{config.design}",
                               validate=validate if held_out is not None else None)
     guide = copy_ema_into(guide, ema).eval()
     # a negative head records the steps it learnt apart: the rest of the guide was trained on its own steps
     first_steps = {"negative_first_steps": config.trajectory_first_steps} if config.negative_head else {"trained_first_steps": config.trajectory_first_steps}
     guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), **first_steps,
                              trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
+    if config.trajectory_first_steps and guide.correction_carry is None and isinstance(guide, OutputGuide):
+        guide.correction_carry = fit_carry(pipe, pools[0].prompts, config)
     if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
-        guide.save_pretrained(Path(config.output_dir) / "guide", safe_serialization=True)
+        folder = Path(config.output_dir) / "guide"
+        guide.save_pretrained(folder, safe_serialization=True)
+        write_model_card(folder, guide, config, "distill")
     return guide
+
+
+def fit_carry(pipe, prompts: list[str], config: GuidanceDistillConfig) -> CorrectionCarry:
+    """The base's correction carry on the teacher's own grid (DDIM, trajectory_steps), fitted on the first prompts: a guide
+    trained on the first steps carries its correction on with it after them (the factors are the base's own)."""
+    from diffusers import DDIMScheduler
+
+    from .loading import plug_and_play_from
+
+    sampler = plug_and_play_from(pipe)
+    sampler.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return CorrectionCarry.fit(sampler, list(prompts[:CARRY_FIT_PROMPTS]), full_steps=config.trajectory_first_steps,
+                               num_inference_steps=config.trajectory_steps, height=training_resolution(pipe, config),
+                               width=training_resolution(pipe, config))

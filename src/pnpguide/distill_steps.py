@@ -3,14 +3,14 @@
 Progressive distillation (Salimans & Ho 2022, Algorithm 2; Meng et al. 2023, stage two): the student
 learns to land, in one DDIM step, where its teacher lands in two. Only the guide is trained, the base
 UNet stays frozen, so the step-distilled guide still plugs into fine-tunes. w stays an input. Every
-student starts from the stage-1 guide or the previous student. The first teacher is true CFG (default:
-the stage-1 guide's own error is not passed on) or base + stage-1 guide (`first_teacher="guide"`,
-cheaper); each later round is taught by the previous student. The states are a source's clean latents
+student starts from the stage-1 guide or the previous student. The first teacher is true CFG (the stage-1
+guide's own error is not passed on); each later round is taught by the previous student. The states are a source's clean latents
 (images, shapes, or the final latents of CFG teacher runs from prompts: see `sources.teacher_trajectories`)
 noised onto the student's timesteps. A stage-1 guide that reads negative prompts keeps them: its teachers and
 students see the same per-sample negatives as stage 1 drew (:mod:`pnpguide.negatives`); a negative head runs on the
 samples whose negative is not empty, as in the pipeline. A guide distilled on the first steps only (then carried on)
-becomes a guide for every step of the student's grid.
+becomes a guide for every step of the student's grid. Each student records its grid (`trained_timesteps`), and the
+pipeline samples it there.
 """
 
 from __future__ import annotations
@@ -26,16 +26,15 @@ from diffusers import DDIMScheduler
 
 from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, encode_negatives, encode_prompts
 from .distill_guidance import check_guidance_range, freeze, sample_guidance_scales
-from .guide import GuideModel
+from .guides import GuideModel
 from .loading import default_guide_dir, load_guide, load_pipeline
+from .model_card import write_model_card
 from .negatives import NegativeSampler, check_negative_settings
 from .sources import SourceConfig, training_pools, training_resolution
 from .teacher import cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
 
-
-FIRST_TEACHERS = ("cfg", "guide")
 
 
 @dataclass
@@ -44,9 +43,8 @@ class StepDistillConfig(SourceConfig):
 
     output_dir: str = "runs/steps"
     base: str | None = None  # SD or SDXL folder (default: the embedded model)
-    guide: str | None = None  # stage-1 guide to start from (default: the shipped tiny guide)
-    teacher_steps: int = 32  # DDIM steps of the first teacher
-    first_teacher: str = "cfg"  # "cfg" (true CFG, two UNet passes) or "guide" (base + the stage-1 guide)
+    guide: str | None = None  # stage-1 guide to start from (default: the shipped default guide)
+    teacher_steps: int = 32  # DDIM steps of the first teacher, true CFG
     student_steps: int = 8  # stop when a student samples in this many steps
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
     w_max: float = 9.0  # upper end of that range (diffusers' convention)
@@ -66,8 +64,6 @@ class StepDistillConfig(SourceConfig):
             n //= 2
         if n != self.student_steps or self.student_steps < 1:
             raise ValueError(f"student_steps ({self.student_steps}) must be teacher_steps ({self.teacher_steps}) halved one or more times")
-        if self.first_teacher not in FIRST_TEACHERS:
-            raise ValueError(f"first_teacher must be one of {FIRST_TEACHERS}, got {self.first_teacher!r}")
         check_guidance_range(self.w_min, self.w_max)
 
 
@@ -174,13 +170,10 @@ def _round_batch(rows, scheduler, student_grid, steps: int, config, generator) -
 def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}."""
     accelerator = make_accelerator(config)  # for the device and rank; each round's loop prepares its own (one model each)
-    stage1 = load_guide(config.guide or default_guide_dir("tiny")).eval().requires_grad_(False)
+    stage1 = load_guide(config.guide or default_guide_dir()).eval().requires_grad_(False)
     if config.negative_prompts is not None and not stage1.reads_negative_prompt:
-        raise ValueError("--negative-prompts: this stage-1 guide does not read negative prompts (distill it with --negatives first)")
-    first_steps = getattr(stage1.config, "trained_first_steps", None)
-    if first_steps and config.first_teacher == "guide":
-        raise ValueError(f"--first-teacher guide: this guide learnt the first {first_steps} steps only (its correction is carried "
-                         "after them), so it cannot teach the others; use --first-teacher cfg")
+        raise ValueError("--negative-prompts: this stage-1 guide does not read negative prompts (give it a negative head first: "
+                         "pnpguide distill --init-guide ... --negative-head)")
     pipe = load_pipeline(config.base)
     freeze(pipe)
     pipe.to(accelerator.device)
@@ -195,7 +188,7 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     denoiser = Denoiser(pipe.unet, schedule_config, encode_negative(pipe, accelerator.device, resolution))
     schedule = {"alphas_cumprod": ddim.alphas_cumprod.float().to(accelerator.device)}
     final_alpha = float(ddim.final_alpha_cumprod)
-    saved, steps, teacher = {}, config.teacher_steps, (None if config.first_teacher == "cfg" else stage1)
+    saved, steps, teacher = {}, config.teacher_steps, None  # None: true CFG teaches the first round
     while steps > config.student_steps:
         steps //= 2
         student_grid = step_schedule(ddim.config, steps)
@@ -217,11 +210,15 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
 
         student, ema = run_training(round_config, student, make_batch, compute_loss, description=f"distill-steps {steps * 2}->{steps}")
         student = copy_ema_into(student, ema).eval().requires_grad_(False)
-        student.register_to_config(trained_step_counts=(steps,), trained_guidance_range=(config.w_min, config.w_max), trained_schedule=schedule_config,
-                                   trained_first_steps=None, negative_first_steps=None)  # it learnt every step of its grid: no carry
+        student.register_to_config(trained_timesteps=tuple(int(t) for t in student_grid), trained_guidance_range=(config.w_min, config.w_max),
+                                   trained_schedule=schedule_config)
+        if hasattr(student.config, "trained_first_steps"):  # it learnt every step of its grid: no carry
+            student.register_to_config(trained_first_steps=None, negative_first_steps=None)
+        student.correction_carry = None
         saved[steps] = Path(config.output_dir) / f"guide-{steps}"
         if accelerator.is_main_process:  # ranks hold the same weights; concurrent writes could interleave
             student.save_pretrained(saved[steps], safe_serialization=True)
+            write_model_card(saved[steps], student, config, "distill-steps")
         teacher = student
     accelerator.wait_for_everyone()  # every rank returns once the students are on disk
     return saved

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .guide import UNET_KINDS, GuideModel, conditioning_mismatch, residual_channels, text_encoder_signature, unrecorded_text_encoder
+from .guides import GuideModel, OutputGuide
+from .guides.base import UNET_KINDS, conditioning_mismatch, text_encoder_signature, unrecorded_text_encoder
+from .guides.residual import residual_channels
 from .loading import (
     GUIDE_WEIGHTS,
     PICKLE_SUFFIXES,
@@ -38,7 +40,7 @@ class Check:
 
 
 def check_pair(base: str | Path | None = None, guide: str | Path | None = None) -> list[Check]:
-    """Validate a base SD folder (default: the embedded model) and a guide folder (default: the shipped tiny guide).
+    """Validate a base SD folder (default: the embedded model) and a guide folder (default: the shipped default guide).
 
     Checks the base folder's structure, that it holds no pickle weights and loads offline, that the guide
     folder is safe and readable, the scheduler's prediction type, the guide's trained guidance range, and
@@ -47,7 +49,7 @@ def check_pair(base: str | Path | None = None, guide: str | Path | None = None) 
     the guide was built for another kind of UNet (SDXL vs SD 1.x/2.x, other widths), nothing is loaded.
     """
     base_dir = Path(base) if base is not None else default_base_dir()
-    guide_dir = Path(guide) if guide is not None else default_guide_dir("tiny")
+    guide_dir = Path(guide) if guide is not None else default_guide_dir()
     checks: list[Check] = []
     if not _configs_fit(guide_dir, base_dir, checks):
         return checks
@@ -56,7 +58,7 @@ def check_pair(base: str | Path | None = None, guide: str | Path | None = None) 
     if pipe is not None:
         checks += [_text_encoders(pipe), _prediction_type(pipe.scheduler)]
     if guide_model is not None:
-        checks.append(_guidance_range(guide_model))
+        checks += [_guidance_range(guide_model), _policy(guide_model)]
     if pipe is not None and guide_model is not None:
         checks += [_conditioning(guide_model, pipe.unet), _compatibility(guide_model, pipe.unet),
                    _text_encoder(guide_model, pipe), _residuals(guide_model, pipe.unet)]
@@ -149,11 +151,14 @@ def _guidance_range(guide: GuideModel) -> Check:
     if trained is None:
         return Check("trained guidance range", False, "not recorded: an untrained guide, or not saved by `pnpguide distill`")
     low, high = trained  # a valid range: load_guide checked the config's fields
-    negatives = ("reads negative prompts (a negative head, skipped when the negative prompt is empty)" if guide.config.negative_head
-                 else "reads negative prompts" if guide.config.reads_negative else "negative prompts ignored (distilled against the empty prompt)")
-    interval = getattr(guide.config, "default_guidance_interval", None)
-    applied = f"; guides only at t in [{interval[0]:g}, {interval[1]:g}] without a negative prompt, unless a call gives guidance_interval" if interval else ""
-    return Check("trained guidance range", True, f"w in [{low}, {high}]; {negatives}{applied}")
+    negatives = ("reads negative prompts (a negative head, skipped when the negative prompt is empty)" if guide.reads_negative_prompt
+                 else "negative prompts ignored (distilled against the empty prompt)")
+    return Check("trained guidance range", True, f"w in [{low}, {high}]; {negatives}")
+
+
+def _policy(guide: GuideModel) -> Check:
+    """How the pipeline samples this guide when a call gives no policy, in words."""
+    return Check("sampling policy", True, guide.policy.describe())
 
 
 def _compatibility(guide: GuideModel, unet) -> Check:
@@ -179,12 +184,11 @@ def _text_encoder(guide: GuideModel, pipe) -> Check:
 def _residuals(guide: GuideModel, unet) -> Check:
     """The widths the guide's projections emit must be the UNet's skip-connection widths, one for one (an output guide
     emits none: it corrects the UNet's output, whose channels it must have)."""
-    if guide.reads_unet_output:
+    if isinstance(guide, OutputGuide):
         emitted, expected = guide.output_head.conv_out.out_channels, unet.config.out_channels
         if emitted != expected:
             return Check("residuals", False, f"the guide corrects a {emitted}-channel output, the UNet's has {expected}; retrain the guide")
-        return Check("residuals", True, f"none: the guide corrects the UNet's {expected}-channel output with the CFG correction of the "
-                     "UNet it was distilled on, so it does not plug into fine-tunes or LoRAs (docs/guides.md, stop 32)")
+        return Check("residuals", True, f"none: the guide corrects the UNet's {expected}-channel output")
     expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
     emitted, mid_emitted = guide.residual_widths()
     mid_expected = unet.config.block_out_channels[-1]

@@ -14,8 +14,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from safetensors import SafetensorError, safe_open
 
 from .config_checks import check_base_configs, check_guide_config, read_json_object
-from .guide import GuideModel, unet_mismatch
+from .guides import GuideModel, unet_mismatch
+from .guides.base import DEFAULT_GUIDE, SHIPPED_GUIDES_DIR, design_class, shipped_guides
 from .pipeline import PlugAndPlayPipeline
+from .quiet import quiet_component_types
 from .pipeline_xl import PlugAndPlayXLPipeline
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,8 @@ def load_pipeline(
     try:
         # use_safetensors: never fall back to unpickling a .bin file, which can run arbitrary code
         dtype_kwargs = {} if dtype == torch.float32 else {"dtype": dtype}  # fp32 is the default
-        pipe = pipeline_class(path).from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
+        with quiet_component_types():
+            pipe = pipeline_class(path).from_pretrained(str(path), local_files_only=True, use_safetensors=True, **dtype_kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
     if lora is not None:
@@ -164,19 +167,18 @@ def encode_captions(pipe: StableDiffusionPipeline, captions: list[str], batch_si
     return torch.cat(chunks)
 
 
-def default_guide_dir(size: str = "tiny") -> Path:
-    """The guide shipped for the embedded base model."""
-    return ASSETS_DIR / "guides" / size
+def default_guide_dir(name: str = DEFAULT_GUIDE) -> Path:
+    """A guide shipped for the embedded base model (default: the recommended one)."""
+    return SHIPPED_GUIDES_DIR / name
 
 
 def shipped_guide_dirs() -> list[Path]:
-    """Every guide shipped for the embedded base: tiny, full, and the step-distilled ones."""
-    folder = default_guide_dir("tiny").parent
-    return sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
+    """Every guide shipped for the embedded base."""
+    return list(shipped_guides().values())
 
 
 def load_guide(path: str | Path) -> GuideModel:
-    """Load a guide folder (or a shipped guide by name: tiny, full, tiny-16step, ...) after :func:`check_guide_dir`."""
+    """Load a guide folder (or a shipped guide by name: default, 16-step, 8-step, paper) after :func:`check_guide_dir`."""
     return GuideModel.from_pretrained(str(check_guide_dir(path)), use_safetensors=True)
 
 
@@ -194,7 +196,7 @@ def check_guide_dir(path: str | Path) -> Path:
         raise ValueError(f"{path} holds pickle weights {pickles}; pnpguide never unpickles (it can run code): convert them to safetensors")
     if not (path / "config.json").is_file() or not (path / GUIDE_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} is not a guide folder: it needs config.json and {GUIDE_WEIGHTS} (made by `pnpguide distill`)")
-    check_guide_config(path / "config.json")
+    design_class(check_guide_config(path / "config.json"))  # a design pnpguide no longer has fails here, in one line
     try:
         with safe_open(str(path / GUIDE_WEIGHTS), framework="pt") as weights:
             list(weights.keys())
@@ -216,7 +218,8 @@ def guide_base_mismatch(guide: str | Path, base: str | Path, compare=unet_mismat
     in) and `compare` (guide.unet_mismatch, or guide.conditioning_mismatch for the kind alone), or None; broken
     folders raise as check_guide_dir and check_model_dir do."""
     guide_dir, base_dir = check_guide_dir(guide), check_model_dir(base)
-    problem = compare(_with_defaults(GuideModel, guide_dir / "config.json"), _with_defaults(UNet2DConditionModel, base_dir / "unet" / "config.json"))
+    design = design_class(read_json_object(guide_dir / "config.json"))
+    problem = compare(_with_defaults(design, guide_dir / "config.json"), _with_defaults(UNet2DConditionModel, base_dir / "unet" / "config.json"))
     return f"guide {guide_dir} does not fit base {base_dir}: {problem}" if problem else None
 
 
@@ -231,9 +234,9 @@ def load_plug_and_play(
 ) -> PlugAndPlayPipeline | PlugAndPlayXLPipeline:
     """Base SD or SDXL folder (default: embedded) + guide folder + optional LoRA, as a PlugAndPlayPipeline or, for an
     SDXL base, a PlugAndPlayXLPipeline, in `dtype` on `device` (the guide follows the UNet: see `pipeline.follow_unet`).
-    The guide defaults to the shipped tiny one for the embedded base only (it fits no other); a base of your own
+    The guide defaults to the shipped default one for the embedded base only (it fits no other); a base of your own
     without a guide gives a pipeline for modes "cfg" and "none"."""
-    guide = guide if guide is not None or base is not None else default_guide_dir("tiny")
+    guide = guide if guide is not None or base is not None else default_guide_dir()
     guide_model = None
     if guide is not None:
         check_guide_fits_base(guide, base or default_base_dir())  # before any weights load
@@ -241,6 +244,12 @@ def load_plug_and_play(
     sd = load_pipeline(base, lora, dtype, device)
     if guide_model is not None:
         guide_model.check_compatible(sd.unet)
-    pipe = (PlugAndPlayXLPipeline if isinstance(sd, StableDiffusionXLPipeline) else PlugAndPlayPipeline).from_pipe(sd, guide=guide_model)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return plug_and_play_from(sd, guide_model)
+
+
+def plug_and_play_from(pipe, guide: GuideModel | None = None) -> PlugAndPlayPipeline | PlugAndPlayXLPipeline:
+    """A loaded SD or SDXL pipeline as pnpguide's twin of its class, sharing its components, with `guide`."""
+    twin = PlugAndPlayXLPipeline if isinstance(pipe, StableDiffusionXLPipeline) else PlugAndPlayPipeline
+    new = twin.from_pipe(pipe, guide=guide)
+    new.set_progress_bar_config(disable=True)
+    return new

@@ -72,8 +72,9 @@ class SourceConfig(TrainingConfig):
     """The data settings both distillation stages share."""
 
     SOURCES: ClassVar[tuple[str, ...]] = SOURCES  # the sources this stage can train on
+    EMBEDDED_SOURCE: ClassVar[str] = "shapes"  # the default on the embedded base, with neither --prompts nor --images
 
-    source: str | None = None  # "trajectories" (the CFG teacher's sampling from --prompts), "images" (an --images folder), "shapes" (the embedded model's own data) or "mix" (stage 1: half data, half trajectories over its captions) (default: images with --images, trajectories with --prompts, shapes on the embedded base)
+    source: str | None = None  # "trajectories" (the CFG teacher's sampling from --prompts), "images" (an --images folder), "shapes" (the embedded model's own data) or "mix" (stage 1: half data, half trajectories over its captions) (default: images with --images, else trajectories; stage 2 on the embedded base: shapes)
     prompts: str | None = None  # text or JSONL prompt file for source "trajectories" (default on the embedded base: its shapes captions)
     images: str | None = None  # folder of images plus metadata.jsonl ({"file_name": ..., "text": ...} per line), for source "images" or "mix"
     resolution: int | None = None  # image side in pixels for trajectories and images (default: the UNet's sample_size times the VAE's factor)
@@ -95,7 +96,7 @@ def is_embedded(base: str | Path | None) -> bool:
 def resolve_source(config: SourceConfig) -> str:
     """The source a config names, or its default; a combination that cannot work is a one-line ValueError."""
     embedded = is_embedded(getattr(config, "base", None))
-    source = config.source or ("images" if config.images else "trajectories" if config.prompts or not embedded else "shapes")
+    source = config.source or ("images" if config.images else "trajectories" if config.prompts or not embedded else config.EMBEDDED_SOURCE)
     if source not in config.SOURCES:
         raise ValueError(f"source must be one of {config.SOURCES}, got {source!r}")
     if source == "shapes" and not embedded:

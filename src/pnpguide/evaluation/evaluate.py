@@ -29,7 +29,7 @@ from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_
 from ..sources import read_prompt_file
 from .fid import FidScorer, make_fid_scorer
 from .gap import StepGap, gap_closed, image_mse, step_gaps
-from .methods import CARRY, CFG_FIRST, FIRST_STEP_FIT, GUIDE_CARRY, NO_NEGATIVE, Method, first_step_fit, sample, sampling_kwargs
+from .methods import ADAPTIVE, ADAPTIVE_CARRY, CARRY, NO_NEGATIVE, Method, sample
 from .negative_prompts import avoidance_rate, eval_negatives, measurable
 from .sampling import as_plug_and_play, mean_psnr
 from .speed import median_seconds, parameter_count, peak_memory_bytes, step_cost
@@ -80,10 +80,8 @@ class EvalConfig:
     steps: list[int] = field(default_factory=lambda: [8, 16, 25, 50])  # sampling step counts (step-distilled guides: their own)
     cfg_steps: list[int] = field(default_factory=list)  # extra step counts for the cfg teacher only (e.g. 50: the reference for step-distilled guides)
     scales: list[float] = field(default_factory=lambda: [3.0, 5.0, 7.5])  # guidance scales w (diffusers' convention)
-    guidance_interval: list[float] | None = None  # T_LOW T_HIGH: w only at timesteps inside, w = 1 elsewhere, for cfg and guides alike (default: every step)
-    cfg_first_steps: list[int] = field(default_factory=list)  # K ...: each guide also in a row "+ cfg K" that runs CFG for the first K steps, then the guide (default: none)
-    first_step_fit: bool = False  # each guide also in a row "+ fit": the first step as CFG in one pass, its unconditional pass from a FirstStepFit
-    correction_carry: list[int] = field(default_factory=list)  # K ...: with cfg, also a row "cfg + carry K" per K: CFG's two passes for the first K steps, then one pass per step with CFG's last correction carried on (pnpguide.CorrectionCarry, fitted on 16 of the prompts); with an output guide, also "guide:NAME + carry K": the guide for the first K steps, then its correction carried on (default: none)
+    correction_carry: list[int] = field(default_factory=list)  # K ...: with cfg, also a row "cfg + carry K" per K: CFG's two passes for the first K steps, then one pass per step with CFG's last correction carried on (pnpguide.CorrectionCarry, fitted on 16 of the prompts) (default: none)
+    adaptive_thresholds: list[float] = field(default_factory=list)  # T ...: with cfg, also a row "cfg + AG T" per T: Adaptive Guidance (CFG per image until cos(cond, uncond) >= T, then the conditional pass), and with --correction-carry a row "cfg + AG T + carry" (its correction carried after) (default: none)
     images: int = 500  # images per (model, method, steps, w) and seed
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed; FID is reported with its spread
     prompts: str | None = None  # text/JSONL prompt file (default: held-out captions of the shapes data)
@@ -110,14 +108,12 @@ class EvalConfig:
             raise ValueError(f"images must be >= 2 (FID needs a covariance), got {self.images}")
         if any(s < 1 for s in self.steps + self.cfg_steps) or not self.steps:
             raise ValueError(f"steps must be positive integers, got {self.steps}")
-        if any(k < 1 or k > min(self.steps) for k in self.cfg_first_steps):
-            raise ValueError(f"cfg_first_steps must be between 1 and the fewest --steps ({min(self.steps)}), got {self.cfg_first_steps}")
         if any(k < 1 or k > min(self.steps) for k in self.correction_carry):
             raise ValueError(f"correction_carry must be between 1 and the fewest --steps ({min(self.steps)}), got {self.correction_carry}")
         if any(not w >= 1 for w in self.scales) or not self.scales:
             raise ValueError(f"guidance scales must be >= 1 (diffusers' convention), got {self.scales}")
-        if self.guidance_interval is not None and not (len(self.guidance_interval) == 2 and 0 <= self.guidance_interval[0] <= self.guidance_interval[1]):
-            raise ValueError(f"guidance_interval must be two timesteps T_LOW <= T_HIGH, both >= 0, got {self.guidance_interval}")
+        if any(not -1 < t <= 1 for t in self.adaptive_thresholds):
+            raise ValueError(f"adaptive_thresholds are cosines in (-1, 1], got {self.adaptive_thresholds}")
         if self.negative_prompts is not None:
             eval_negatives(self.negative_prompts, eval_prompts(self))  # a missing or empty file fails here, before anything loads
 
@@ -128,22 +124,20 @@ def build_methods(config: EvalConfig) -> list[Method]:
     negatives = config.negative_prompts is not None
     methods = [Method("none", "none")] if "none" in config.methods else []
     methods += [Method("cfg", "cfg", negative_prompt=negatives)] if "cfg" in config.methods else []
-    methods += [Method(CARRY.format(k), "carry", negative_prompt=negatives, carry_full_steps=k) for k in config.correction_carry] if "cfg" in config.methods else []
+    if "cfg" in config.methods:
+        methods += [Method(CARRY.format(k), "cfg", negative_prompt=negatives, carry_full_steps=k) for k in config.correction_carry]
+        methods += [Method(ADAPTIVE.format(t), "cfg", negative_prompt=negatives, adaptive_threshold=t) for t in config.adaptive_thresholds]
+        methods += [Method(ADAPTIVE_CARRY.format(t), "cfg", negative_prompt=negatives, adaptive_threshold=t, adaptive_carry=True)
+                    for t in config.adaptive_thresholds if config.correction_carry]
     if "guide" in config.methods:
         folders = [Path(f) for f in config.guide or shipped_guide_dirs()]
         for folder, name in zip(folders, _distinct_names(folders)):
             guide = load_guide(folder).eval().to(config.device, resolve_dtype(config.dtype, config.device))
-            counts = tuple(guide.config.trained_step_counts) if guide.config.trained_step_counts else None
-            first_steps = guide.config.trained_first_steps
-            if first_steps:  # distilled on the first steps only: sampled as it is meant to be, its correction carried after them
-                methods.append(Method(f"guide:{name}{GUIDE_CARRY.format(first_steps)}", "guide", guide, counts, negatives, carry_full_steps=first_steps))
-                continue
+            grid = guide.policy.timesteps
+            counts = (len(grid),) if grid is not None else None
             methods.append(Method(f"guide:{name}", "guide", guide, counts, negatives))
-            methods += [Method(f"guide:{name}{NO_NEGATIVE}", "guide", guide, counts)] if negatives else []
-            methods += [Method(f"guide:{name}{CFG_FIRST.format(k)}", "guide", guide, counts, negatives, k) for k in config.cfg_first_steps]
-            methods += [Method(f"guide:{name}{FIRST_STEP_FIT}", "guide", guide, counts, first_step_fit=True)] if config.first_step_fit else []
-            methods += [Method(f"guide:{name}{GUIDE_CARRY.format(k)}", "guide", guide, counts, negatives, carry_full_steps=k)
-                        for k in config.correction_carry] if guide.reads_unet_output else []
+            if negatives and guide.reads_negative_prompt:
+                methods.append(Method(f"guide:{name}{NO_NEGATIVE}", "guide", guide, counts))
     return methods
 
 
@@ -211,9 +205,9 @@ def _adherence_split(images, prompts, style) -> tuple[float, float | None, float
 def _settings(methods: list[Method], config: EvalConfig) -> list[tuple[Method, int, float]]:
     """(method, steps, w) to run, the teacher first (others are compared with it); `none` once per step count."""
     settings = []
-    for method in sorted(methods, key=lambda m: m.mode != "cfg"):
+    for method in sorted(methods, key=lambda m: m.name != "cfg"):
         steps_list = config.steps if method.step_counts is None else list(method.step_counts)
-        steps_list = steps_list + [s for s in config.cfg_steps if s not in steps_list] if method.mode == "cfg" else steps_list
+        steps_list = steps_list + [s for s in config.cfg_steps if s not in steps_list] if method.name == "cfg" else steps_list
         for steps in steps_list:
             for w in [1.0] if method.mode == "none" else config.scales:
                 settings.append((method, steps, w))
@@ -228,7 +222,7 @@ def _sampling_order(settings: list[tuple[Method, int, float]], reference: int) -
 
     def key(index):
         method, steps, _ = settings[index]
-        return (method.mode not in rank or steps != reference, rank.get(method.mode, 2))
+        return (method.name not in rank or steps != reference, rank.get(method.name, 2))
 
     return sorted(range(len(settings)), key=key)
 
@@ -268,12 +262,11 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
     avoidable = judgeable and negatives is not None and measurable(negatives) > 0
     if negatives is not None and notes is not None:
         notes.append(_negatives_note(spec.name, negatives, avoidable, methods))
-    if config.guidance_interval is None and notes is not None:
+    if notes is not None:
         notes += _default_interval_notes(methods)
     tokens = pipe.tokenizer.model_max_length
     costs = {m.name: step_cost(pipe.unet, m.guide, tokens=tokens) for m in methods}
     rows, grid, references = {}, {}, _References()
-    interval = tuple(config.guidance_interval) if config.guidance_interval else None
     settings, reference = _settings(methods, config), reference_steps(config)
     for index in tqdm(_sampling_order(settings, reference), desc=f"eval {spec.name}"):
         method, steps, w = settings[index]
@@ -282,9 +275,9 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
                     "out": [], "step_errors": Counter(), "step_baselines": Counter()}
         for seed in config.seeds:
             teacher_scale = max(config.scales) if method.mode == "none" else w
-            trajectory = TeacherTrajectory(interval) if method.mode == "cfg" else None
+            trajectory = TeacherTrajectory() if method.name == "cfg" else None
             images, output_mse, (unet_images, guide_images) = sample(pipe, method, prompts, steps, w, seed, config.batch_size, teacher_negative,
-                                                                     teacher_scale, trajectory, interval)
+                                                                     teacher_scale, trajectory)
             row.unet_evals_per_image, row.guide_evals_per_image = unet_images / len(prompts), guide_images / len(prompts)
             references.keep(method, (steps, w, seed), images, trajectory)
             if scorer is not None:
@@ -302,16 +295,15 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
         _fill_quality(row, per_seed)
         _fill_compute(row, method, costs[method.name], pipe)
         if timing and (method.mode == "none" or w == max(config.scales)):
-            _fill_speed(row, pipe, method, prompts, steps, w, interval)
+            _fill_speed(row, pipe, method, prompts, steps, w)
         rows[index] = row
     return [rows[index] for index in range(len(settings))], {"prompts": prompts[: config.grid_prompts], "negatives": (negatives or [])[: config.grid_prompts], "images": grid}
 
 
 def _default_interval_notes(methods: list[Method]) -> list[str]:
-    """Guides that sample with their own `default_guidance_interval` (the pipeline's default for them), said once each."""
-    intervals = {m.name.split(" ")[0]: m.guide.config.default_guidance_interval for m in methods
-                 if m.guide is not None and getattr(m.guide.config, "default_guidance_interval", None)}
-    return [f"{name} guides only at t in [{low:g}, {high:g}], its default_guidance_interval, in rows without negative prompts (w = 1, one UNet pass, below); "
+    """Guides whose own policy guides only inside an interval, said once each."""
+    intervals = {m.name.split(" ")[0]: m.guide.policy.interval for m in methods if m.guide is not None and m.guide.policy.interval}
+    return [f"{name} guides only at t in [{low:g}, {high:g}], its policy's interval, in rows without negative prompts (w = 1, one UNet pass, below); "
             f"the gaps are against CFG at every step." for name, (low, high) in intervals.items()]
 
 
@@ -335,7 +327,7 @@ class _References:
     unguided_images: dict = field(default_factory=dict)
 
     def keep(self, method: Method, key: tuple[int, float, int], images: list[Image.Image], trajectory: TeacherTrajectory | None) -> None:
-        if method.mode == "cfg":
+        if method.name == "cfg":
             self.cfg_images[key], self.trajectories[key] = images, trajectory
         elif method.mode == "none":
             self.unguided_images[(key[0], key[2])] = images
@@ -358,17 +350,15 @@ def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, re
     """Against CFG at `key` = (steps, w, seed): PSNR and MSE of the images (and no guidance's MSE, for the image gap),
     and the squared output errors of the method and of the conditional model at the teacher's recorded states."""
     cfg_images, unguided = references.cfg_images.get(key), references.unguided_images.get((key[0], key[2]))
-    if cfg_images is not None and method.mode != "cfg":
+    if cfg_images is not None and method.name != "cfg":
         per_seed["psnr"].append(mean_psnr(images, cfg_images))
         per_seed["mse"].append(image_mse(images, cfg_images))
         if unguided is not None:
             per_seed["unguided_mse"].append(image_mse(unguided, cfg_images))
     trajectory = references.trajectories.get(key)
-    if trajectory is not None and not method.carry_full_steps:  # a carried step depends on the steps before: no replay at the teacher's states
+    if trajectory is not None and not method.carried:  # a carried step depends on the steps before: no replay at the teacher's states
         pipe.guide = method.guide
-        fit = first_step_fit(pipe, row.steps) if method.first_step_fit else None
-        errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt,
-                                                      method.cfg_first_steps, fit)
+        errors, baselines = trajectory.squared_errors(pipe, method.mode, row.guidance_scale, negative, method.negative_prompt)
         per_seed["step_errors"].update(errors)  # Counter.update adds: summed over seeds, timestep by timestep
         per_seed["step_baselines"].update(baselines)
         row.step_gap_images = trajectory.images
@@ -376,7 +366,7 @@ def _compare_with_cfg(per_seed: dict, row: Row, pipe, method: Method, images, re
 
 def _in_grid(method: Method, steps: int, config: EvalConfig) -> bool:
     """The grid shows every method at the most steps run, step-distilled guides at theirs, and the cfg-only step counts."""
-    return steps == max(config.steps) or method.step_counts is not None or (method.mode == "cfg" and steps in config.cfg_steps)
+    return steps == max(config.steps) or method.step_counts is not None or (method.name == "cfg" and steps in config.cfg_steps)
 
 
 def _fill_quality(row: Row, per_seed: dict) -> None:
@@ -406,16 +396,14 @@ def _fill_compute(row: Row, method: Method, cost, pipe) -> None:
     row.parameters = parameter_count(pipe.unet) + (parameter_count(method.guide) if method.guide is not None else 0)
 
 
-def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, w: float,
-                guidance_interval: tuple[float, float] | None = None) -> None:
+def _fill_speed(row: Row, pipe, method: Method, prompts: list[str], steps: int, w: float) -> None:
     """Median wall time per image of whole pipeline calls (text encoder, sampling, VAE decode), batch 1 and 8,
-    sampled as the row's images were (w only inside `guidance_interval`)."""
+    sampled as the row's images were."""
     pipe.guide = method.guide
-    scale = 1.0 if method.mode == "none" else w
+    scale, policy = 1.0 if method.mode == "none" else w, method.policy(pipe, steps, prompts)
     for batch in (1, 8):
         def call(batch=batch):
-            return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, output_type="np",
-                        guidance_interval=guidance_interval, **sampling_kwargs(pipe, method, steps, prompts))
+            return pipe(prompts[:batch], guidance_scale=scale, num_inference_steps=steps, output_type="np", mode=method.mode, policy=policy)
         seconds = median_seconds(call, repeats=3, warmup=1) / batch
         if batch == 1:
             row.seconds_per_image_b1 = seconds
@@ -439,7 +427,7 @@ def run_eval(config: EvalConfig) -> dict:
     eval_prompts(config)  # a bad prompt file fails before anything slow
     scorer = make_fid_scorer(config.fid_features, config.inception_weights, config.reference)
     settings = _settings(methods, config)
-    evaluations = sum(steps * (2 if method.mode == "cfg" else 1) for method, steps, _ in settings) * config.images * len(config.seeds)
+    evaluations = sum(steps * (2 if method.name == "cfg" else 1) for method, steps, _ in settings) * config.images * len(config.seeds)
     tqdm.write(f"pnpguide eval: {len(specs)} model(s) x {len(settings)} settings x {config.images} images x {len(config.seeds)} seed(s) "
                f"= {evaluations * len(specs):,} UNet evaluations (the embedded UNet does ~150-200 per second per CPU core)", file=sys.stderr)
     rows, grids, notes = [], {}, []

@@ -36,10 +36,9 @@ def generate_images(
     batch_size: int = 16,
     progress: bool = True,
     negative_prompts: list[str] | None = None,
-    correction_carry=None,
 ) -> list[Image.Image]:
     """Image i uses the generator seeded with `seed + i`, whatever the batch size or mode, and the negative prompt
-    `negative_prompts[i]` if given (one per prompt); `correction_carry` goes to the pipeline as it is."""
+    `negative_prompts[i]` if given (one per prompt); each guide samples with its own policy."""
     pipe = as_plug_and_play(pipe)
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"sampling w={guidance_scale}", disable=not progress):
@@ -47,7 +46,7 @@ def generate_images(
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
         negative = negative_prompts[start : start + batch_size] if negative_prompts is not None else None
         images += pipe(batch, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, generator=generators, mode=mode,
-                       negative_prompt=negative, correction_carry=correction_carry).images
+                       negative_prompt=negative).images
     return images
 
 

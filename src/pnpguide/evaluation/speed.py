@@ -92,8 +92,7 @@ def step_cost(unet, guide, tokens: int | None = None, sample_size: int | None = 
     doubled = {k: torch.cat([v, v]) for k, v in added.items()} if added else None
     with plain_attention(*[m for m in (unet, guide) if m is not None]):
         unet_flops = count_flops(lambda: unet(sample, t, embeds, added_cond_kwargs=added))
-        both = unet_flops if guide is None else count_flops(lambda: guided_noise_pred(unet, guide, sample, t, embeds, 5.0, added_cond_kwargs=added,
-                                                                                   negative_prompt_embeds=embeds))  # read only by guides that read negatives
+        both = unet_flops if guide is None else count_flops(lambda: guided_noise_pred(unet, guide, sample, t, embeds, 5.0, added_cond_kwargs=added))
         teacher = count_flops(lambda: cfg_noise_pred(unet, sample, t, embeds, embeds, 5.0, added_cond_kwargs=doubled))
     assert abs(teacher - 2 * unet_flops) <= 0.01 * teacher, "the teacher should cost two UNet evaluations"
     return StepCost(unet=unet_flops, guide=both - unet_flops, tokens=tokens)
