@@ -1,12 +1,17 @@
-"""PlugAndPlayXLPipeline on a random SDXL-layout folder: the same modes and properties as PlugAndPlayPipeline."""
+"""PlugAndPlayXLPipeline on a random SDXL-layout folder: a drop-in for diffusers' StableDiffusionXLPipeline (every argument;
+diffusers' own image in CFG mode), and the same modes and policy as PlugAndPlayPipeline."""
+
+import inspect
 
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 
-from pnpguide.guide import GuideModel
+from conftest import randomised
+from dropin import add_random_ip_adapter, image_embeds, scale_latents_at_step
+from pnpguide import CorrectionCarry, GuidancePolicy, GuideModel, OutputGuide, PlugAndPlayXLPipeline, ResidualGuide
 from pnpguide.loading import load_pipeline
-from pnpguide.pipeline_xl import PlugAndPlayXLPipeline
 
 PROMPTS = ["a red cat", "a cat on a car"]
 
@@ -16,13 +21,6 @@ def sdxl(sdxl_dir):
     pipe = load_pipeline(sdxl_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _trained(guide):
-    torch.manual_seed(3)  # stand-in for training: non-zero projections make the guide change the output
-    for p in guide.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    return guide
 
 
 def _pipe(sdxl, guide=None):
@@ -36,33 +34,82 @@ def _run(pipe, **kwargs):
     return pipe(**(args | kwargs)).images
 
 
-def test_cfg_mode_reproduces_the_diffusers_sdxl_pipeline(sdxl):
-    expected = _run(sdxl, guidance_scale=6.0)
-    got = _run(_pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny")), guidance_scale=6.0, mode="cfg")
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+def test_the_call_takes_every_argument_of_diffusers_call():
+    ours, theirs = inspect.signature(PlugAndPlayXLPipeline.__call__).parameters, inspect.signature(StableDiffusionXLPipeline.__call__).parameters
+    assert set(theirs) <= set(ours) and set(ours) - set(theirs) == {"mode", "policy"}
+    assert all(ours[name].default == theirs[name].default for name in theirs if name != "num_inference_steps")
 
 
-def test_cfg_mode_reproduces_diffusers_at_a_non_square_size_with_a_negative_prompt(sdxl):
-    kwargs = dict(guidance_scale=4.0, height=48, width=80, negative_prompt="a car")
-    expected = _run(sdxl, **kwargs)
-    got = _run(_pipe(sdxl), mode="cfg", **kwargs)
-    assert got.shape == (2, 48, 80, 3)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+def _embeds(sdxl):
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return dict(zip(names, sdxl.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True, negative_prompt="a dog")))
+
+
+ARGUMENTS = {  # one case per diffusers argument (beyond prompt, steps, generator and output_type, which every test passes)
+    "prompt_2": lambda sdxl: dict(prompt_2=["a blue car", "a dog"]),
+    "negative_prompt": lambda sdxl: dict(negative_prompt="a car", negative_prompt_2="a dog"),
+    "embeds": lambda sdxl: dict(prompt=None, **_embeds(sdxl)),
+    "height_width": lambda sdxl: dict(height=48, width=80),
+    "guidance_rescale": lambda sdxl: dict(guidance_rescale=0.7),
+    "num_images_per_prompt": lambda sdxl: dict(num_images_per_prompt=2),
+    "latents": lambda sdxl: dict(latents=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))),
+    "sizes": lambda sdxl: dict(original_size=(128, 96), crops_coords_top_left=(8, 0), target_size=(96, 64)),
+    # one prompt: with several, diffusers repeats [negative; prompt] time ids per image, so its rows pair them up crosswise
+    "negative_sizes": lambda sdxl: dict(prompt=PROMPTS[0], negative_original_size=(32, 32), negative_crops_coords_top_left=(4, 4), negative_target_size=(32, 32)),
+    "denoising_end": lambda sdxl: dict(denoising_end=0.5, output_type="latent"),
+    "clip_skip": lambda sdxl: dict(clip_skip=1),
+    "callback_on_step_end": lambda sdxl: dict(callback_on_step_end=scale_latents_at_step(1)),
+    "callback_tensor_inputs": lambda sdxl: dict(callback_on_step_end=_scale_conditioning, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]),
+    "legacy_callback": lambda sdxl: dict(callback=lambda i, t, latents: latents.mul_(0.9), callback_steps=2),
+    "return_dict": lambda sdxl: dict(return_dict=False),
+}
+
+
+def _scale_conditioning(pipe, i, t, tensors):
+    """A callback that changes SDXL's conditioning it is given ([negative; prompt] in CFG, as diffusers holds it)."""
+    if i == 0:
+        tensors["add_text_embeds"] = tensors["add_text_embeds"] * 2
+        tensors["prompt_embeds"] = tensors["prompt_embeds"] * 1.5
+    return tensors
+
+
+def _images(output):
+    return np.asarray(output[0] if isinstance(output, tuple) else output.images)
+
+
+@pytest.mark.parametrize("argument", list(ARGUMENTS))
+def test_cfg_mode_gives_diffusers_image_with_each_argument(sdxl, argument):
+    args = dict(prompt=PROMPTS, num_inference_steps=3, output_type="np", guidance_scale=6.0) | ARGUMENTS[argument](sdxl)
+    ours = _images(_pipe(sdxl)(mode="cfg", generator=torch.Generator().manual_seed(0), **args))
+    theirs = _images(sdxl(generator=torch.Generator().manual_seed(0), **args))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    plain = _images(_pipe(sdxl)(prompt=args["prompt"] or PROMPTS, num_inference_steps=3, output_type=args["output_type"], guidance_scale=6.0, mode="cfg",
+                                generator=torch.Generator().manual_seed(0)))
+    if argument != "return_dict":  # the argument changed the image, so the equality tested it
+        assert ours.shape != plain.shape or not np.allclose(ours, plain, atol=1e-4)
+
+
+def test_cfg_mode_gives_diffusers_image_with_ip_adapter_embeds(sdxl_dir):
+    sdxl = load_pipeline(sdxl_dir)  # its own copy: the adapter changes the UNet
+    sdxl.set_progress_bar_config(disable=True)
+    add_random_ip_adapter(sdxl.unet)
+    args = dict(guidance_scale=6.0, ip_adapter_image_embeds=image_embeds())
+    np.testing.assert_allclose(_run(_pipe(sdxl), mode="cfg", **args), _run(sdxl, **args), atol=1e-5)
 
 
 def test_none_mode_is_the_diffusers_pipeline_at_w_1(sdxl):
     np.testing.assert_allclose(_run(_pipe(sdxl), mode="none"), _run(sdxl, guidance_scale=1.0), atol=1e-5)
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
-def test_an_untrained_guide_gives_the_unguided_image(sdxl, reads):
-    pipe = _pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny", reads=reads))
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_an_untrained_guide_gives_the_unguided_image(sdxl, design):
+    pipe = _pipe(sdxl, design.from_unet(sdxl.unet))
     np.testing.assert_array_equal(_run(pipe, guidance_scale=6.0), _run(pipe, guidance_scale=6.0, mode="none"))
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
-def test_a_trained_guide_changes_the_image_in_one_unet_call_per_step(sdxl, reads):
-    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads=reads)))
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_a_trained_guide_changes_the_image_in_one_unet_call_per_step(sdxl, design):
+    pipe = _pipe(sdxl, randomised(design.from_unet(sdxl.unet)))
     calls = []
     handle = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     try:
@@ -74,9 +121,17 @@ def test_a_trained_guide_changes_the_image_in_one_unet_call_per_step(sdxl, reads
     np.testing.assert_array_equal(_run(pipe, guidance_scale=1.0), _run(pipe, mode="none"))
 
 
-def test_the_latent_guide_reads_sdxls_size_conditioning(sdxl):
-    """A latent-reading SDXL guide embeds text_embeds and time_ids as SDXL's UNet does: other sizes, other residuals."""
-    guide = _trained(GuideModel.from_unet(sdxl.unet, "tiny"))
+@pytest.mark.parametrize("argument", ["prompt_2", "sizes", "guidance_rescale", "callback_on_step_end", "clip_skip", "denoising_end"])
+def test_guide_mode_applies_each_argument(sdxl, argument):
+    pipe = _pipe(sdxl, randomised(OutputGuide.from_unet(sdxl.unet)))
+    args = dict(guidance_scale=6.0) | ARGUMENTS[argument](sdxl)
+    with_it, without = _run(pipe, **args), _run(pipe, guidance_scale=6.0, output_type=args.get("output_type", "np"))
+    assert with_it.shape != without.shape or not np.allclose(with_it, without, atol=1e-4)
+
+
+def test_the_residual_guide_reads_sdxls_size_conditioning(sdxl):
+    """A residual SDXL guide embeds text_embeds and time_ids as SDXL's UNet does: other sizes, other residuals."""
+    guide = randomised(ResidualGuide.from_unet(sdxl.unet))
     sample, embeds = torch.randn(1, 4, 8, 8), torch.randn(1, 77, sdxl.unet.config.cross_attention_dim)
     added = lambda size: {"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)}  # noqa: E731
     small, large = (guide(sample, 500, embeds, 5.0, added_cond_kwargs=added(s)).mid_block_additional_residual for s in (64, 1024))
@@ -85,41 +140,22 @@ def test_the_latent_guide_reads_sdxls_size_conditioning(sdxl):
         guide(sample, 500, embeds, 5.0)
 
 
-def test_a_guidance_schedule_and_interval_work_as_for_sd(sdxl):
-    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny")))
-    outside = _run(pipe, guidance_scale=[5.0, 5.0, 5.0], guidance_interval=(900, 1000))  # Euler samples t = 667, 334, 1: none inside, all w = 1
-    np.testing.assert_array_equal(outside, _run(pipe, mode="none"))
-    with pytest.raises(ValueError, match="guidance_scale has 2 values but sampling takes 3 steps"):
-        _run(pipe, guidance_scale=[5.0, 5.0])
-
-
-def test_a_guides_default_interval_applies_as_for_sd_and_a_negative_prompt_lifts_it(sdxl):
-    guide = _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output")).with_negative_head()
+def test_a_guides_interval_applies_as_for_sd_and_a_negative_prompt_lifts_it(sdxl):
+    guide = randomised(OutputGuide.from_unet(sdxl.unet)).with_negative_head()
     torch.nn.init.normal_(guide.negative_output_head.conv_out.weight, std=0.05)
     pipe = _pipe(sdxl, guide)
     every_step = _run(pipe, guidance_scale=5.0)
     guide.register_to_config(default_guidance_interval=(500, 1000))  # Euler samples t = 667, 334, 1: one guided step
-    np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0), _run(pipe, guidance_scale=5.0, guidance_interval=(500, 1000)))
-    assert np.abs(_run(pipe, guidance_scale=5.0) - every_step).max() > 1e-4
+    inside = _run(pipe, guidance_scale=5.0)
+    np.testing.assert_array_equal(inside, _run(pipe, guidance_scale=5.0, policy=GuidancePolicy(interval=(500, 1000))))
+    assert np.abs(inside - every_step).max() > 1e-4
     negative = ["blurry", "blurry"]
     np.testing.assert_array_equal(_run(pipe, guidance_scale=5.0, negative_prompt=negative),
-                                  _run(pipe, guidance_scale=5.0, negative_prompt=negative, guidance_interval=(0, 1000)))
-
-
-def test_an_output_guide_warns_on_sdxl_when_lora_weights_are_loaded(sdxl):
-    from peft import LoraConfig
-
-    pipe = _pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output"))
-    sdxl.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
-    try:
-        with pytest.warns(UserWarning, match="LoRA weights are loaded and this is an output guide"):
-            _run(pipe, guidance_scale=5.0)
-    finally:
-        sdxl.unet.unload_lora()  # the module's other tests share this UNet
+                                  _run(pipe, guidance_scale=5.0, negative_prompt=negative, policy=GuidancePolicy()))
 
 
 def test_save_and_load_with_guide(sdxl, tmp_path):
-    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny")))
+    pipe = _pipe(sdxl, randomised(ResidualGuide.from_unet(sdxl.unet)))
     pipe.save_pretrained(tmp_path / "pnp")
     loaded = PlugAndPlayXLPipeline.from_pretrained(tmp_path / "pnp")
     loaded.set_progress_bar_config(disable=True)
@@ -127,48 +163,15 @@ def test_save_and_load_with_guide(sdxl, tmp_path):
     np.testing.assert_allclose(_run(loaded, guidance_scale=5.0), _run(pipe, guidance_scale=5.0), atol=1e-6)
 
 
-@torch.no_grad()
-def test_mode_noise_pred_takes_sdxls_added_conditioning(sdxl):
-    pipe = _pipe(sdxl, GuideModel.from_unet(sdxl.unet, "tiny"))
-    sample, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 77, sdxl.unet.config.cross_attention_dim)
-    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    negative = {"text_embeds": torch.zeros(2, 32), "time_ids": added["time_ids"]}
-    plain = pipe.mode_noise_pred("none", sample, 500, embeds, None, 1.0, added)
-    torch.testing.assert_close(pipe.mode_noise_pred("guide", sample, 500, embeds, None, 5.0, added), plain, atol=0, rtol=0)  # untrained guide
-    cfg_at_1 = pipe.mode_noise_pred("cfg", sample, 500, embeds, torch.zeros_like(embeds), 1.0, added, negative)
-    torch.testing.assert_close(cfg_at_1, plain, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="needs negative_added_cond_kwargs"):
-        pipe.mode_noise_pred("cfg", sample, 500, embeds, torch.zeros_like(embeds), 5.0, added)
-
-
 def test_the_sdxl_pipeline_is_exported_beside_the_sd_one():
     import pnpguide
 
-    from pnpguide import PlugAndPlayXLPipeline as exported
-
-    assert exported is PlugAndPlayXLPipeline and "PlugAndPlayXLPipeline" in pnpguide.__all__
+    assert pnpguide.PlugAndPlayXLPipeline is PlugAndPlayXLPipeline and "PlugAndPlayXLPipeline" in pnpguide.__all__
     assert pnpguide.PlugAndPlayPipeline.__name__ == "PlugAndPlayPipeline"  # the SD one beside it
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
-def test_a_guide_that_reads_negatives_uses_the_negative_prompt_in_one_unet_call_per_step(sdxl, reads):
-    guide = GuideModel.from_unet(sdxl.unet, "tiny", reads=reads, reads_negative=True)
-    torch.manual_seed(3)
-    for p in guide.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    pipe = _pipe(sdxl, guide)
-    calls = []
-    handle = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-    try:
-        negated = _run(pipe, guidance_scale=6.0, negative_prompt="a car")
-    finally:
-        handle.remove()
-    assert calls == [2] * 3
-    assert np.abs(negated - _run(pipe, guidance_scale=6.0)).max() > 1e-3
-
-
 def test_an_output_guides_negative_head_acts_on_sdxl_only_where_there_is_a_negative(sdxl):
-    plain = _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output"))
+    plain = randomised(OutputGuide.from_unet(sdxl.unet))
     headed = plain.with_negative_head()
     torch.manual_seed(4)
     for p in headed.negative_output_head.parameters():
@@ -176,54 +179,20 @@ def test_an_output_guides_negative_head_acts_on_sdxl_only_where_there_is_a_negat
     without = _run(_pipe(sdxl, plain), guidance_scale=6.0)
     pipe = _pipe(sdxl, headed)
     np.testing.assert_array_equal(without, _run(pipe, guidance_scale=6.0))  # SDXL's empty negative (zeros): no head
-    assert np.abs(without - _run(pipe, guidance_scale=6.0, negative_prompt="a car")).max() > 1e-3
-
-
-def test_cfg_first_steps_use_sdxls_negative_conditioning_then_the_guide(sdxl):
-    pipe = _pipe(sdxl, guide=_trained(GuideModel.from_unet(sdxl.unet, "tiny")))
-    outputs = {}
-
-    def record(name):
-        return lambda t, x, out, *rest: outputs.setdefault(name, []).append(out)
-
-    negative = ["a dog"] * len(PROMPTS)
-    hybrid = _run(pipe, guidance_scale=5.0, cfg_first_steps=1, negative_prompt=negative, on_model_output=record("hybrid"))
-    _run(pipe, guidance_scale=5.0, mode="cfg", negative_prompt=negative, on_model_output=record("cfg"))
-    torch.testing.assert_close(outputs["hybrid"][0], outputs["cfg"][0])
-    assert not torch.allclose(outputs["hybrid"][1], outputs["cfg"][1], atol=1e-4)
-    assert not np.allclose(hybrid, _run(pipe, guidance_scale=5.0), atol=1e-3)
-
-
-def test_a_first_step_fit_runs_sdxls_first_step_as_cfg_in_one_unet_pass(sdxl):
-    from pnpguide import FirstStepFit
-    from pnpguide.teacher import cfg_combine
-
-    pipe = _pipe(sdxl, guide=_trained(GuideModel.from_unet(sdxl.unet, "tiny")))
-    fit = FirstStepFit.fit(pipe, height=64, width=96, num_inference_steps=3, num_samples=6)  # SDXL's time ids at this size
-    assert fit.bias.shape[1:] == (8, 12)
-    steps, batches = [], []
-    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
-    image = _run(pipe, guidance_scale=5.0, height=64, width=96, first_step_fit=fit, on_model_output=lambda *a: steps.append(a))
-    hook.remove()
-    assert batches == [2] * 3
-    t, x, out, embeds, added = steps[0]
-    with torch.no_grad():
-        cond = pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
-    torch.testing.assert_close(out, cfg_combine(fit(x), cond, 5.0))
-    assert not np.allclose(image, _run(pipe, guidance_scale=5.0, height=64, width=96), atol=1e-3)
-    with pytest.raises(ValueError, match=r"made for latents of \(4, 8, 12\), not \(4, 8, 8\)"):
-        _run(pipe, guidance_scale=5.0, first_step_fit=fit)
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    negated = _run(pipe, guidance_scale=6.0, negative_prompt="a car")
+    handle.remove()
+    assert calls == [2] * 3 and np.abs(without - negated).max() > 1e-3
 
 
 def test_a_correction_carry_runs_sdxl_in_one_unet_pass_after_its_full_steps(sdxl):
-    from pnpguide import CorrectionCarry
-
     pipe = _pipe(sdxl)
     carry = CorrectionCarry.fit(pipe, ["a cat", "a red car"], full_steps=1, num_inference_steps=3, height=64, width=96)
     assert len(carry.factors) == 3 and not np.allclose(carry.factors[1:], 1.0, atol=1e-3)
     batches = []
     hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
-    carried = _run(pipe, guidance_scale=5.0, mode="cfg", height=64, width=96, correction_carry=carry)
+    carried = _run(pipe, guidance_scale=5.0, mode="cfg", height=64, width=96, policy=GuidancePolicy(carry=carry))
     hook.remove()
     assert batches == [4, 2, 2]
     assert not np.allclose(carried, _run(pipe, guidance_scale=5.0, mode="cfg", height=64, width=96), atol=1e-4)
@@ -231,17 +200,24 @@ def test_a_correction_carry_runs_sdxl_in_one_unet_pass_after_its_full_steps(sdxl
 
 
 def test_an_output_guides_correction_is_carried_on_sdxl_after_its_full_steps(sdxl):
-    from pnpguide import CorrectionCarry
-
-    pipe = _pipe(sdxl, _trained(GuideModel.from_unet(sdxl.unet, "tiny", reads="unet_output")))
+    pipe = _pipe(sdxl, randomised(OutputGuide.from_unet(sdxl.unet)))
     carry = CorrectionCarry.fit(pipe, ["a cat", "a red car"], full_steps=1, num_inference_steps=3, height=64, width=96)
     batches, guide_calls = [], []
     hooks = [pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0])),
              pipe.guide.register_forward_hook(lambda *args: guide_calls.append(1))]
-    carried = _run(pipe, guidance_scale=5.0, height=64, width=96, correction_carry=carry)
+    carried = _run(pipe, guidance_scale=5.0, height=64, width=96, policy=GuidancePolicy(carry=carry))
     for hook in hooks:
         hook.remove()
     assert batches == [2, 2, 2] and len(guide_calls) == 1  # one UNet pass a step; the guide at the first step only
     every_step = _run(pipe, guidance_scale=5.0, height=64, width=96)
     assert not np.allclose(carried, every_step, atol=1e-4)  # the later steps carry the correction, not the guide's
     assert not np.allclose(carried, _run(pipe, guidance_scale=1.0, height=64, width=96), atol=1e-4)
+
+
+def test_adaptive_guidance_runs_on_sdxl(sdxl):
+    pipe = _pipe(sdxl)
+    batches = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    _run(pipe, guidance_scale=5.0, policy=GuidancePolicy(adaptive_threshold=-0.99))
+    hook.remove()
+    assert batches == [4, 2, 2]

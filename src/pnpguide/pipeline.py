@@ -138,7 +138,9 @@ class GuidedSamplingMixin:
 
     def plan(self, mode: str, policy: GuidancePolicy, num_inference_steps: int | None, timesteps, sigmas, device) -> StepPlan:
         """The scheduler, timesteps and the kind of each model call ("cfg", "guide", "carry" or "none")."""
-        scheduler, steps = self.scheduler, num_inference_steps or policy.num_inference_steps or DIFFUSERS_DEFAULT_STEPS
+        scheduler, steps = self.scheduler, num_inference_steps
+        if steps is None:
+            steps = policy.num_inference_steps or DIFFUSERS_DEFAULT_STEPS
         on_grid = policy.timesteps is not None and timesteps is None and sigmas is None and steps == len(policy.timesteps)
         if on_grid:  # a step-distilled guide knows only its own grid
             scheduler, timesteps, steps = GridDDIMScheduler.from_config(policy.scheduler_config), list(policy.timesteps), None
@@ -156,6 +158,7 @@ class GuidedSamplingMixin:
                  for i, t in enumerate(calls)]
         if mode == "guide":
             self.warn_untrained(policy, carry)
+            warn_output_guide_with_lora(self.guide, self.unet)
         return StepPlan(scheduler, timesteps, steps, kinds, carry, policy.adaptive_threshold)
 
     def warn_untrained(self, policy: GuidancePolicy, carry: CorrectionCarry | None) -> None:
@@ -386,6 +389,8 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         # 1. encode the prompt (and the negative, for CFG or a guide's negative head), as StableDiffusionPipeline does
         reads_negative = mode == "cfg" or (mode == "guide" and negative and self.guide.reads_negative_prompt)
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        if clip_skip is not None:
+            expose_text_model(self.text_encoder)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, reads_negative, negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale, clip_skip=clip_skip,
@@ -425,6 +430,13 @@ class PlugAndPlayPipeline(GuidedSamplingMixin, StableDiffusionPipeline):
         if not return_dict:
             return (image, has_nsfw_concept)
         return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+
+
+def expose_text_model(text_encoder) -> None:
+    """diffusers' `clip_skip` reads `text_encoder.text_model.final_layer_norm`, which transformers 5 moved to the model itself:
+    an alias (not a submodule: nothing is saved twice) lets the same code run on either layout."""
+    if not hasattr(text_encoder, "text_model") and hasattr(text_encoder, "final_layer_norm"):
+        object.__setattr__(text_encoder, "text_model", text_encoder)
 
 
 def legacy_callback(kwargs: dict) -> tuple[Callable | None, int | None]:
@@ -507,6 +519,17 @@ def size_multiple(vae, unet) -> int:
 def check_image_size(height: int, width: int, multiple: int) -> None:
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
+
+
+def warn_output_guide_with_lora(guide: GuideModel, unet) -> None:
+    """An output guide adds, after the UNet, the CFG correction of the UNet it was distilled on; LoRA weights change
+    that correction, so such a guide is not plug-and-play (docs/guides.md: even the base's exact correction closed none
+    of a LoRA's own CFG gap). Residual guides go through the LoRA's own layers and are not warned about."""
+    if isinstance(guide, OutputGuide) and getattr(unet, "peft_config", None):
+        warnings.warn("LoRA weights are loaded and this is an output guide: it adds the CFG correction of the UNet it was "
+                      "distilled on, which LoRA weights change, so its images can be further from this model's CFG than "
+                      "unguided ones; use mode='cfg' with a policy carrying a correction fitted on this model "
+                      "(pnpguide fit-carry --lora)", stacklevel=5)
 
 
 def gives_negative(negatives: tuple) -> bool:

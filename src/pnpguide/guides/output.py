@@ -25,6 +25,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .base import GuideModel, per_sample, zero_module
+from .base import ModelMixin  # noqa: F401 (diffusers finds a saved pipeline component's loader by this name in its class's module)
 
 WIDTH = 32  # channels of the output network: it reads the UNet's 4-channel output, whatever the UNet's width
 HEAD_DIM = 8  # attention head width: a multiple of 8, as fused GPU attention kernels want

@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .base import GuideModel, per_sample, zero_module
+from .base import ModelMixin  # noqa: F401 (diffusers finds a saved pipeline component's loader by this name in its class's module)
 
 WIDTH_DIVISOR = 8  # 1/8 of the UNet's width: ~0.9% of SD1.5's parameters
 MIN_CHANNELS = 16
