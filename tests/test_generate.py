@@ -15,15 +15,15 @@ import pnpguide.loading as loading
 from conftest import subprocess_env
 from pnpguide.cli import main
 from pnpguide.generate import GenerateRequest, generate
-from pnpguide.guide import GuideModel
-from pnpguide.loading import load_plug_and_play
+from pnpguide import GuideModel, PlugAndPlayPipeline, ResidualGuide
+from pnpguide.loading import default_base_dir, load_plug_and_play, shipped_guides
 
 
 @pytest.fixture(scope="module")
 def zero_guide(sd15_dir, tmp_path_factory):
-    """An untrained (zero-initialised) tiny guide for the SD 1.5-layout UNet, saved as a guide folder."""
-    folder = tmp_path_factory.mktemp("guide") / "tiny"
-    GuideModel.from_unet(UNet2DConditionModel.from_pretrained(str(sd15_dir / "unet")), "tiny").save_pretrained(str(folder))
+    """An untrained (zero-initialised) residual guide for the SD 1.5-layout UNet, saved as a guide folder."""
+    folder = tmp_path_factory.mktemp("guide") / "paper"
+    ResidualGuide.from_unet(UNet2DConditionModel.from_pretrained(str(sd15_dir / "unet"))).save_pretrained(str(folder))
     return folder
 
 
@@ -95,7 +95,7 @@ def test_cuda_without_a_gpu_exits_2_before_loading(sd15_dir, zero_guide, tmp_pat
     assert len(err.splitlines()) == 1 and "no CUDA GPU" in err and "--device cpu" in err
 
 
-@pytest.mark.parametrize("command", [["demo"], ["fidelity"], ["base-grid", "--out", "x.png"], ["base-adherence"], ["eval"], ["generate", "--prompt", "x"]])
+@pytest.mark.parametrize("command", [["demo"], ["embedded", "base-grid", "--out", "x.png"], ["embedded", "base-adherence"], ["eval"], ["generate", "--prompt", "x"]])
 def test_every_sampling_command_refuses_an_unknown_device_before_loading(command, monkeypatch, capsys):
     monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(loading, "load_guide", lambda *a, **k: pytest.fail("a guide was loaded"))
@@ -111,5 +111,17 @@ def test_the_cli_says_once_in_one_line_that_guide_mode_ignores_the_negative_prom
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "negative" in line]
     assert lines == ["pnpguide generate: warning: negative_prompt is ignored in guide mode: this guide was distilled against the "
-                     "empty prompt only. Use mode='cfg' (--mode cfg) to apply a negative prompt, or a guide distilled with negatives "
-                     "(pnpguide distill --negatives)."]
+                     "empty prompt only (it has no negative head); use mode='cfg' to apply it, or a guide with a negative head (the default one)"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(shipped_guides()))
+def test_python_and_the_shell_sample_the_same_image_from_a_shipped_guide(name, tmp_path):
+    """The guide's folder holds its whole policy (first steps + carry, grid, interval): `pnpguide generate --guide NAME` and
+    a plain Python call on `GuideModel.from_pretrained(NAME)` give the same image for the same seed."""
+    assert main(["--threads", "1", "generate", "--prompt", "a red circle above a blue square on a black background", "--guide", name,
+                 "--seed", "3", "--out", str(tmp_path / "shell.png")]) == 0
+    pipe = PlugAndPlayPipeline.from_pretrained(default_base_dir(), guide=GuideModel.from_pretrained(name))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle above a blue square on a black background", generator=torch.Generator().manual_seed(3)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "shell.png")), np.asarray(image))

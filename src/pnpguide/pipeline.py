@@ -461,7 +461,7 @@ def check_guide_arguments(mode: str, guide, negative: bool, guidance_rescale: fl
         return
     if negative and not guide.reads_negative_prompt:
         warnings.warn("negative_prompt is ignored in guide mode: this guide was distilled against the empty prompt only (it has no "
-                      "negative head); use mode='cfg' to apply it, or a guide with a negative head (the default one)", stacklevel=3)
+                      "negative head); use mode='cfg' to apply it, or a guide with a negative head (the default one)", stacklevel=4)
     if guidance_rescale > 0 and not isinstance(guide, OutputGuide):
         raise ValueError("guidance_rescale rescales CFG's output against the conditional one, which a residual guide never computes: "
                          "use an output guide or mode='cfg'")
