@@ -11,12 +11,23 @@ from PIL import Image
 from pnpguide.cli import main
 
 
-@pytest.mark.parametrize("command", ["demo", "generate", "distill", "train-vae", "train-base", "finetune", "fidelity", "judge-accuracy", "fit-carry"])
+@pytest.mark.parametrize("command", [["demo"], ["generate"], ["distill"], ["distill-steps"], ["fit-carry"], ["eval"], ["doctor"], ["embedded"],
+                                     ["embedded", "train-vae"], ["embedded", "train-base"], ["embedded", "finetune"], ["embedded", "train-features"],
+                                     ["embedded", "judge-accuracy"], ["embedded", "base-grid"], ["embedded", "base-adherence"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "show this help message" in capsys.readouterr().out
+
+
+def test_help_shows_the_product_commands_and_the_embedded_worlds_in_two_groups(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    commands = out[out.index("positional arguments"):out.index("options:")]
+    assert "demo" in commands and "embedded" in commands and "train-base" not in commands
+    assert "embedded model    embedded train-vae | train-base" in out
 
 
 def test_distill_help_documents_each_flag_from_the_config_comments(capsys):
@@ -27,10 +38,10 @@ def test_distill_help_documents_each_flag_from_the_config_comments(capsys):
     assert "(default: 2.0)" in out
 
 
-@pytest.mark.parametrize("command", ["distill", "distill-steps", "finetune", "eval"])
+@pytest.mark.parametrize("command", [["distill"], ["distill-steps"], ["embedded", "finetune"], ["eval"]])
 def test_a_flag_whose_comment_states_its_default_states_it_once(command, capsys):
     with pytest.raises(SystemExit):
-        main([command, "--help"])
+        main([*command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: the embedded model)" in out or "(default: every guide shipped" in out
     assert not re.search(r"\(default: [^)]*\) \(default:", out)  # a second default would follow the comment's own
@@ -89,7 +100,7 @@ def test_console_script_module_entry_point_runs():
 
 
 def test_help_imports_neither_diffusers_nor_transformers():
-    """`pnpguide --help` lists the commands without importing the libraries that make it slow (issue 13)."""
+    """`pnpguide --help` lists the commands without importing the libraries that make it slow."""
     code = "import sys; from pnpguide.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stdout[-300:] + result.stderr[-300:]
@@ -124,7 +135,7 @@ def test_generate_with_a_step_distilled_guide_uses_its_step_count_without_warnin
 
     calls, forward = [], UNet2DConditionModel.forward
     monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
-    assert main(["generate", "--prompt", "a red circle on a black background", "--guide", "tiny-8step", "--out", str(tmp_path / "x.png")]) == 0
+    assert main(["generate", "--prompt", "a red circle on a black background", "--guide", "8-step", "--out", str(tmp_path / "x.png")]) == 0
     assert len(calls) == 8
     assert not [w for w in recwarn if "step-distilled" in str(w.message)]
 
@@ -137,102 +148,83 @@ def test_generate_with_zero_steps_is_an_error_not_the_default(tmp_path, capsys):
 
 @pytest.fixture
 def tiny_guide_dir(tiny_components, tmp_path):
-    from pnpguide.guide import GuideModel
+    from pnpguide import ResidualGuide
 
-    GuideModel.from_unet(tiny_components["unet"], "tiny").save_pretrained(tmp_path / "guide")
+    ResidualGuide.from_unet(tiny_components["unet"]).save_pretrained(tmp_path / "guide")
     return tmp_path / "guide"
 
 
-def test_generate_follows_a_w_schedule_inside_a_guidance_interval(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch):
-    from pnpguide.guide import GuideModel
+def _unet_batches(monkeypatch) -> list[int]:
+    from diffusers import UNet2DConditionModel
 
-    scales, forward = [], GuideModel.forward
-    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, **k: scales.append(float(a[3])) or forward(self, *a, **k))
+    batches, forward = [], UNet2DConditionModel.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, x, *a, **k: batches.append(x.shape[0]) or forward(self, x, *a, **k))
+    return batches
+
+
+def test_generate_guides_only_inside_a_guidance_interval(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch):
+    from pnpguide import ResidualGuide
+
+    timesteps, forward = [], ResidualGuide.forward
+    monkeypatch.setattr(ResidualGuide, "forward", lambda self, *a, **k: timesteps.append(int(a[1])) or forward(self, *a, **k))
     flags = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(tmp_path / "x.png")]
-    assert main(["generate", "--prompt", "a red circle", *flags, "--w-schedule", "3,4,5,6", "--guidance-interval", "700", "1000"]) == 0
-    assert scales == [3.0, 4.0]  # the steps at timesteps 999 and 749; 499 and 249 are outside
-    scales.clear()
-    assert main(["generate", "--prompt", "a red circle", *flags, "--w-schedule", "linear:2:8"]) == 0
-    assert scales == [2.0, 4.0, 6.0, 8.0]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--guidance-interval", "700", "1000"]) == 0
+    assert timesteps == [999, 749]  # 499 and 249 are outside: the plain UNet there
 
 
-def test_generate_runs_cfg_for_the_first_steps_then_the_guide(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch):
-    from pnpguide.guide import GuideModel
-
-    scales, forward = [], GuideModel.forward
-    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, **k: scales.append(float(a[3])) or forward(self, *a, **k))
-    flags = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(tmp_path / "x.png")]
-    assert main(["generate", "--prompt", "a red circle", *flags, "--w-schedule", "3,4,5,6", "--cfg-first-steps", "3"]) == 0
-    assert scales == [6.0] and (tmp_path / "x.png").exists()  # only the last step ran the guide
-
-
-def test_generate_fits_the_first_step_and_samples_it_in_one_unet_pass(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch):
-    from pnpguide.first_step import FirstStepFit
-
-    fits, fit = [], FirstStepFit.fit.__func__
-    monkeypatch.setattr(FirstStepFit, "fit", classmethod(lambda cls, *a, **k: fits.append(fit(cls, *a, **k)) or fits[-1]))
-    flags = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(tmp_path / "x.png")]
-    assert main(["generate", "--prompt", "a red circle", *flags, "--first-step-fit"]) == 0
-    assert len(fits) == 1 and fits[0].timestep == 999 and (tmp_path / "x.png").exists()
-
-
-def test_generate_loads_a_saved_correction_carry_and_samples_in_one_pass_after_its_full_steps(tiny_base_dir, tmp_path, monkeypatch):
+def _fitted_carry(tiny_base_dir, path, full_steps=1, steps=4):
     from pnpguide import CorrectionCarry
     from pnpguide.loading import load_plug_and_play
 
     pipe = load_plug_and_play(str(tiny_base_dir), None)
-    pipe.set_progress_bar_config(disable=True)
-    carry = CorrectionCarry.fit(pipe, ["a red circle", "a blue square"], full_steps=1, num_inference_steps=4).save(tmp_path / "carry.json")
-    calls = []
-    monkeypatch.setattr(type(pipe.unet), "forward", lambda self, x, *a, _f=type(pipe.unet).forward, **k: calls.append(x.shape[0]) or _f(self, x, *a, **k))
+    return CorrectionCarry.fit(pipe, ["a red circle", "a blue square"], full_steps=full_steps, num_inference_steps=steps).save(path)
+
+
+def test_generate_samples_cfg_with_a_saved_carry_in_one_pass_after_its_full_steps(tiny_base_dir, tmp_path, monkeypatch):
+    carry = _fitted_carry(tiny_base_dir, tmp_path / "carry.json")
+    batches = _unet_batches(monkeypatch)
     flags = ["--base", str(tiny_base_dir), "--mode", "cfg", "--steps", "4", "--out", str(tmp_path / "x.png")]
     assert main(["generate", "--prompt", "a red circle", *flags, "--correction-carry", str(carry)]) == 0
-    assert calls == [2, 1, 1, 1] and (tmp_path / "x.png").exists()
+    assert batches == [2, 1, 1, 1] and (tmp_path / "x.png").exists()
 
 
-def test_generate_carries_an_output_guides_correction_after_its_full_steps(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch, capsys):
-    from pnpguide import CorrectionCarry, GuideModel
-    from pnpguide.loading import load_plug_and_play
+def test_generate_samples_adaptive_guidance(tiny_base_dir, tmp_path, monkeypatch):
+    batches = _unet_batches(monkeypatch)
+    flags = ["--base", str(tiny_base_dir), "--mode", "cfg", "--steps", "4", "--out", str(tmp_path / "x.png")]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--adaptive-threshold", "-0.99"]) == 0
+    assert batches == [2, 1, 1, 1]
 
-    pipe = load_plug_and_play(str(tiny_base_dir), None)
-    pipe.set_progress_bar_config(disable=True)
-    carry = CorrectionCarry.fit(pipe, ["a red circle", "a blue square"], full_steps=1, num_inference_steps=4).save(tmp_path / "carry.json")
+
+def test_a_carry_in_guide_mode_needs_an_output_guide_and_says_so_before_sampling(tiny_base_dir, tiny_guide_dir, tmp_path, capsys):
+    carry = _fitted_carry(tiny_base_dir, tmp_path / "carry.json")
     flags = ["--base", str(tiny_base_dir), "--steps", "4", "--out", str(tmp_path / "x.png"), "--correction-carry", str(carry)]
-    monkeypatch.setattr("pnpguide.loading.load_plug_and_play", lambda *args, **kwargs: pytest.fail("loaded the weights"))
     assert main(["generate", "--prompt", "a red circle", "--guide", str(tiny_guide_dir), *flags]) == 2
-    assert "correction_carry in guide mode carries an output guide's correction on, and this guide reads 'latent'" in capsys.readouterr().err
-    monkeypatch.undo()
-    GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output").save_pretrained(tmp_path / "output-guide")
-    unet_calls, guide_calls = [], []
-    monkeypatch.setattr(type(pipe.unet), "forward", lambda self, x, *a, _f=type(pipe.unet).forward, **k: unet_calls.append(x.shape[0]) or _f(self, x, *a, **k))
-    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, _f=GuideModel.forward, **k: guide_calls.append(1) or _f(self, *a, **k))
-    assert main(["generate", "--prompt", "a red circle", "--guide", str(tmp_path / "output-guide"), *flags]) == 0
-    assert unet_calls == [1, 1, 1, 1] and len(guide_calls) == 1 and (tmp_path / "x.png").exists()
+    assert "a carry in guide mode carries an output guide's correction on, and this is a residual guide" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
-def test_generate_uses_the_carry_shipped_in_a_first_steps_guides_folder_when_it_fits(tiny_base_dir, tmp_path, monkeypatch):
-    from pnpguide import CorrectionCarry, GuideModel
+def test_generate_uses_the_carry_in_a_first_steps_guides_folder_at_any_step_count(tiny_base_dir, tmp_path, monkeypatch):
+    """A guide distilled on the first steps samples them and then carries its correction on, from its own folder, with no
+    flag; another step count reads the carry at its own timesteps."""
+    from pnpguide import CorrectionCarry, OutputGuide
     from pnpguide.loading import load_plug_and_play
 
     pipe = load_plug_and_play(str(tiny_base_dir), None)
-    pipe.set_progress_bar_config(disable=True)
-    guide = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output")
+    guide = OutputGuide.from_unet(pipe.unet)
     guide.register_to_config(trained_first_steps=1)
+    guide.correction_carry = CorrectionCarry.load(_fitted_carry(tiny_base_dir, tmp_path / "carry.json"))
     guide.save_pretrained(tmp_path / "first-steps")
-    CorrectionCarry.fit(pipe, ["a red circle"], full_steps=1, num_inference_steps=4).save(tmp_path / "first-steps" / "correction_carry.json")
-    guide_calls = []
-    monkeypatch.setattr(GuideModel, "forward", lambda self, *a, _f=GuideModel.forward, **k: guide_calls.append(1) or _f(self, *a, **k))
+    guide_calls, forward = [], OutputGuide.forward
+    monkeypatch.setattr(OutputGuide, "forward", lambda self, *a, **k: guide_calls.append(int(a[1][0])) or forward(self, *a, **k))
     flags = ["--base", str(tiny_base_dir), "--guide", str(tmp_path / "first-steps"), "--out", str(tmp_path / "x.png")]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "4"]) == 0
-    assert len(guide_calls) == 1  # the guide at its first step, then carried
-    with pytest.warns(UserWarning, match="distilled on the first 1 steps of sampling only"):
-        assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "3"]) == 0  # fitted for 4 steps: not used
-    assert len(guide_calls) == 1 + 3
+        assert main(["generate", "--prompt", "a red circle", *flags]) == 0  # the carry's 4 steps by default
+        assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "8"]) == 0
+    assert guide_calls == [999, 999]  # the guide where it learnt (t >= 999, its one step of 4), then carried
 
 
-def test_fit_carry_writes_a_carry_that_generate_samples_with(tiny_base_dir, tmp_path, monkeypatch, capsys):
+def test_fit_carry_writes_a_carry_that_generate_samples_with(tiny_base_dir, tmp_path, capsys):
     from pnpguide import CorrectionCarry
 
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
@@ -241,10 +233,9 @@ def test_fit_carry_writes_a_carry_that_generate_samples_with(tiny_base_dir, tmp_
                  "--scheduler", "ddim", "--out", str(out)]) == 0
     carry = CorrectionCarry.load(out)
     assert carry.full_steps == 2 and len(carry.factors) == 4 and f"written to {out}" in capsys.readouterr().out
-    flags = ["--base", str(tiny_base_dir), "--mode", "cfg", "--steps", "4", "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]
-    assert main(["generate", "--prompt", "a red circle", *flags, "--correction-carry", str(out)]) == 0
-    assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "3", "--correction-carry", str(out)]) == 2
-    assert "fitted for 4 model calls" in capsys.readouterr().err
+    flags = ["--base", str(tiny_base_dir), "--mode", "cfg", "--scheduler", "ddim", "--out", str(tmp_path / "x.png")]
+    assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "4", "--correction-carry", str(out)]) == 0
+    assert main(["generate", "--prompt", "a red circle", *flags, "--steps", "3", "--correction-carry", str(out)]) == 0  # read at 3 steps
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -262,19 +253,14 @@ def test_fit_carry_errors_are_one_line_and_come_before_the_weights_load(tiny_bas
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--correction-carry", "carry.json", "--mode", "none"], "--correction-carry carries CFG's or an output guide's correction on after its first steps: it needs --mode cfg or guide, not --mode none"),
+    (["--correction-carry", "carry.json", "--mode", "none"], "--correction-carry carries CFG's or the guide's correction on: it needs --mode cfg or guide, not --mode none"),
     (["--correction-carry", "missing.json", "--mode", "cfg"], "missing.json is not a saved CorrectionCarry"),
-    (["--w-schedule", "3,,5"], "argument --w-schedule: must be comma-separated numbers (one w per step) or linear:W0:W1, got '3,,5'"),
-    (["--w-schedule", "3,5"], "guidance_scale has 2 values but sampling takes 4 steps"),
-    (["--w-schedule", "3,0.5,5,5"], "guidance_scale[1] is 0.5: each w must be a finite number >= 1"),
-    (["--guidance-interval", "600", "200"], "guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1000"),
-    (["--cfg-first-steps", "-1"], "argument --cfg-first-steps: must be >= 0, got -1"),
-    (["--cfg-first-steps", "5"], "--cfg-first-steps 5 is more than --steps 4"),
-    (["--cfg-first-steps", "2", "--mode", "cfg"], "--cfg-first-steps splits sampling between CFG and the guide: it needs --mode guide, not --mode cfg"),
-    (["--first-step-fit", "--cfg-first-steps", "1"], "--first-step-fit makes the first step CFG in one pass in --mode guide; it takes neither"),
-    (["--first-step-fit", "--negative-prompt", "red"], "nor --negative-prompt (the fit stands in for the empty prompt)"),
+    (["--guidance-interval", "600", "200"], "interval must be (t_low, t_high) with 0 <= t_low <= t_high <= 1000"),
+    (["--adaptive-threshold", "0.9"], "--adaptive-threshold compares CFG's two passes: it needs --mode cfg, not --mode guide"),
+    (["--adaptive-threshold", "3", "--mode", "cfg"], "adaptive_threshold must be a cosine in (-1, 1], got 3.0"),
 ])
-def test_bad_schedule_flags_are_one_line_errors_with_exit_code_2(tiny_base_dir, tiny_guide_dir, tmp_path, capsys, flags, message):
+def test_bad_policy_flags_are_one_line_errors_with_exit_code_2_before_loading(tiny_base_dir, tiny_guide_dir, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr("pnpguide.loading.load_plug_and_play", lambda *args, **kwargs: pytest.fail("loaded the weights"))
     out = tmp_path / "x.png"
     base = ["--base", str(tiny_base_dir), "--guide", str(tiny_guide_dir), "--steps", "4", "--out", str(out)]
     assert main(["generate", "--prompt", "a red circle", *base, *flags]) == 2
