@@ -12,7 +12,7 @@ from pnpguide.cli import main
 from pnpguide.evaluation import fid
 from pnpguide.evaluation.evaluate import EvalConfig, parse_model_spec, run_eval
 from pnpguide.embedded.features import ShapesFeatureNet
-from pnpguide.guide import GuideModel
+from pnpguide import CorrectionCarry, GuideModel, OutputGuide, ResidualGuide
 
 
 @pytest.fixture
@@ -21,14 +21,14 @@ def eval_setup(tiny_base_dir, tiny_components, tmp_path, monkeypatch):
     torch.manual_seed(0)
     ShapesFeatureNet(channels=(8, 16), num_features=8, image_size=16).save_pretrained(tmp_path / "features")
     monkeypatch.setattr(fid, "default_features_dir", lambda: tmp_path / "features")
-    untrained = GuideModel.from_unet(tiny_components["unet"], "tiny")
+    untrained = ResidualGuide.from_unet(tiny_components["unet"])
     untrained.save_pretrained(tmp_path / "untrained")
-    trained = GuideModel.from_unet(tiny_components["unet"], "tiny")
+    trained = ResidualGuide.from_unet(tiny_components["unet"])
     for p in trained.parameters():
         torch.nn.init.normal_(p, std=0.05)
     trained.save_pretrained(tmp_path / "trained")
-    distilled = GuideModel.from_unet(tiny_components["unet"], "tiny")
-    distilled.register_to_config(trained_step_counts=(2,), trained_schedule={k: v for k, v in tiny_components["scheduler"].config.items() if not k.startswith("_")})
+    distilled = ResidualGuide.from_unet(tiny_components["unet"])
+    distilled.register_to_config(trained_timesteps=(999, 499), trained_schedule={k: v for k, v in tiny_components["scheduler"].config.items() if not k.startswith("_")})
     distilled.save_pretrained(tmp_path / "two-step")
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -88,25 +88,6 @@ def test_gap_closed_is_one_for_cfg_and_zero_for_no_guidance_and_an_untrained_gui
     assert "| image gap closed | step gap closed |" in (eval_setup / "out" / "report.md").read_text()
 
 
-def test_guidance_interval_guides_only_inside_it_for_the_teacher_and_the_guides(eval_setup):
-    """Issue 15: outside the interval every method is the conditional model, so those steps cost one UNet call and
-    have no gap to close; inside it the teacher still closes its whole gap and the guide is compared at w."""
-    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], guidance_interval=[500, 1000]))
-    cfg, trained = _row(result, "cfg"), _row(result, "guide:trained")
-    timesteps = [s["timestep"] for s in cfg["step_gap_closed_per_timestep"]]
-    inside = [t for t in timesteps if 500 <= t <= 1000]
-    assert 0 < len(inside) < len(timesteps)
-    assert cfg["unet_evals_per_image"] == 2 * len(inside) + (len(timesteps) - len(inside))
-    assert trained["guide_evals_per_image"] == len(inside)
-    for row in (cfg, trained):
-        outside = [s["gap_closed"] for s in row["step_gap_closed_per_timestep"] if s["timestep"] not in inside]
-        assert outside and all(g is None for g in outside)  # no gap there: the teacher is the conditional model
-    assert all(s["gap_closed"] == pytest.approx(1.0) for s in cfg["step_gap_closed_per_timestep"] if s["timestep"] in inside)
-    assert cfg["step_gap_closed"] == pytest.approx(1.0)  # replayed outside the interval as sampled: unguided, no error
-    assert any(s["gap_closed"] is not None and s["gap_closed"] != pytest.approx(0.0) for s in trained["step_gap_closed_per_timestep"])
-    assert "Guidance interval: w applies only at timesteps 500 <= t <= 1000" in (eval_setup / "out" / "report.md").read_text()
-
-
 def test_a_guide_with_a_default_interval_is_sampled_and_replayed_with_it_against_cfg_at_every_step(eval_setup):
     guide = GuideModel.from_pretrained(str(eval_setup / "trained"))
     guide.register_to_config(default_guidance_interval=(500, 1000))
@@ -124,28 +105,6 @@ def test_a_guide_with_a_default_interval_is_sampled_and_replayed_with_it_against
     assert "guide:interval guides only at t in [500, 1000]" in (eval_setup / "out" / "report.md").read_text()
 
 
-def test_cfg_first_steps_rows_run_cfg_for_those_steps_and_close_their_gap_there(eval_setup):
-    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], cfg_first_steps=[1]))
-    guide, hybrid, cfg = _row(result, "guide:trained"), _row(result, "guide:trained + cfg 1"), _row(result, "cfg")
-    assert (hybrid["unet_evals_per_image"], hybrid["guide_evals_per_image"]) == (2 + 2, 2)  # 1 CFG step (2 calls), then 2 guided
-    first, *rest = hybrid["step_gap_closed_per_timestep"]  # highest timestep first, as sampled
-    assert first["timestep"] == max(s["timestep"] for s in cfg["step_gap_closed_per_timestep"])
-    assert first["gap_closed"] == pytest.approx(1.0) and rest == guide["step_gap_closed_per_timestep"][1:]
-    assert hybrid["image_gap_closed"] != pytest.approx(guide["image_gap_closed"])
-    with pytest.raises(ValueError, match=r"cfg_first_steps must be between 1 and the fewest --steps \(3\), got \[4\]"):
-        EvalConfig(steps=[3, 8], cfg_first_steps=[4])
-
-
-def test_first_step_fit_rows_run_the_first_step_as_cfg_in_one_pass(eval_setup):
-    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], first_step_fit=True))
-    guide, fitted = _row(result, "guide:trained"), _row(result, "guide:trained + fit")
-    assert (fitted["unet_evals_per_image"], fitted["guide_evals_per_image"]) == (3, 2)  # the fit's own passes are calibration, not counted
-    first, *rest = fitted["step_gap_closed_per_timestep"]
-    assert first["gap_closed"] != pytest.approx(guide["step_gap_closed_per_timestep"][0]["gap_closed"])
-    assert rest == guide["step_gap_closed_per_timestep"][1:]
-    assert fitted["image_gap_closed"] != pytest.approx(guide["image_gap_closed"])
-
-
 def test_correction_carry_rows_run_cfg_for_their_full_steps_then_one_pass(eval_setup):
     result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], correction_carry=[1, 3]))
     carried, full, cfg = _row(result, "cfg + carry 1"), _row(result, "cfg + carry 3"), _row(result, "cfg")
@@ -157,31 +116,25 @@ def test_correction_carry_rows_run_cfg_for_their_full_steps_then_one_pass(eval_s
         EvalConfig(steps=[3, 8], correction_carry=[4])
 
 
-def test_an_output_guides_carry_rows_run_the_guide_for_their_full_steps_then_one_pass(eval_setup, tiny_components):
-    output = GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_output")
-    for p in output.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    output.save_pretrained(eval_setup / "output")
-    result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained"), str(eval_setup / "output")], correction_carry=[1]))
-    carried, every_step = _row(result, "guide:output + carry 1"), _row(result, "guide:output")
-    assert (carried["unet_evals_per_image"], carried["guide_evals_per_image"]) == (3, 1)  # the guide at the first step only
-    assert (every_step["unet_evals_per_image"], every_step["guide_evals_per_image"]) == (3, 3)
-    assert carried["image_gap_closed"] != pytest.approx(every_step["image_gap_closed"]) and carried["step_gap_closed"] is None
-    assert not [r for r in result["rows"] if r["method"] == "guide:trained + carry 1"]  # only an output guide's correction can be carried
+def test_adaptive_guidance_rows_run_cfg_per_image_until_its_outputs_agree(eval_setup):
+    result = run_eval(_config(eval_setup, scales=[4.0], guide=[], methods=["none", "cfg"], adaptive_thresholds=[1.0, -0.99], correction_carry=[1]))
+    never, at_once, carried = _row(result, "cfg + AG 1"), _row(result, "cfg + AG -0.99"), _row(result, "cfg + AG -0.99 + carry")
+    assert never["unet_evals_per_image"] == 6 and never["image_gap_closed"] == pytest.approx(1.0)  # cos never reaches 1: CFG
+    assert at_once["unet_evals_per_image"] == carried["unet_evals_per_image"] == 2 + 1 + 1  # CFG at the first step only
+    assert at_once["image_gap_closed"] != pytest.approx(carried["image_gap_closed"]) and at_once["step_gap_closed"] is None
+    with pytest.raises(ValueError, match="adaptive_thresholds are cosines"):
+        EvalConfig(adaptive_thresholds=[1.5])
 
 
-def test_a_guide_distilled_on_the_first_steps_is_evaluated_with_its_correction_carried_after_them(eval_setup, tiny_components):
-    first = GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_output")
+def test_a_guide_distilled_on_the_first_steps_is_evaluated_with_its_own_carry(eval_setup, tiny_components):
+    first = OutputGuide.from_unet(tiny_components["unet"])
     first.register_to_config(trained_first_steps=2)
+    first.correction_carry = CorrectionCarry(2, [999.0, 666.0, 333.0], [1.0, 0.9, 0.8])
     first.save_pretrained(eval_setup / "first")
     result = run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "first")]))
-    assert [r["method"] for r in result["rows"] if r["method"].startswith("guide:")] == ["guide:first + carry 2"]
-    assert _row(result, "guide:first + carry 2")["guide_evals_per_image"] == 2
-
-
-def test_eval_refuses_a_malformed_guidance_interval():
-    with pytest.raises(ValueError, match="guidance_interval must be two timesteps"):
-        EvalConfig(guidance_interval=[800, 200])
+    assert [r["method"] for r in result["rows"] if r["method"].startswith("guide:")] == ["guide:first"]
+    row = _row(result, "guide:first")
+    assert (row["unet_evals_per_image"], row["guide_evals_per_image"]) == (3, 2) and row["step_gap_closed"] is None
 
 
 def test_step_distilled_guide_runs_only_at_its_step_counts(eval_setup):
@@ -284,19 +237,19 @@ def test_guides_with_the_same_folder_name_get_distinct_method_names():
     assert _distinct_names([Path("runs/a/guide-16"), Path("runs/b/guide-16"), Path("x/tiny")]) == ["a/guide-16", "b/guide-16", "tiny"]
 
 
-def test_speed_is_timed_with_the_guidance_interval_the_images_were_sampled_with(eval_setup, monkeypatch):
-    """The seconds per image of a --guidance-interval row are those of sampling with that interval (its steps outside
-    run one UNet pass), not of guiding every step."""
+def test_speed_is_timed_with_the_policy_the_images_were_sampled_with(eval_setup, monkeypatch):
+    """The seconds per image of a row are those of sampling as its images were: a carried row's calls carry the policy."""
     from pnpguide.evaluation import evaluate
     from pnpguide.pipeline import PlugAndPlayPipeline
 
-    intervals, call = [], PlugAndPlayPipeline.__call__
-    monkeypatch.setattr(PlugAndPlayPipeline, "__call__", lambda self, *a, **k: intervals.append(k.get("guidance_interval")) or call(self, *a, **k))
+    policies, call = [], PlugAndPlayPipeline.__call__
+    monkeypatch.setattr(PlugAndPlayPipeline, "__call__", lambda self, *a, **k: policies.append(k.get("policy")) or call(self, *a, **k))
     timed = []
-    monkeypatch.setattr(evaluate, "median_seconds", lambda function, repeats, warmup: timed.append(len(intervals)) or function() and 1.0)
-    monkeypatch.setattr(evaluate, "peak_memory_bytes", lambda function: timed.append(len(intervals)) or function() and 0)
-    run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], guidance_interval=[500, 1000], speed=True, images=2))
-    assert timed and all(intervals[i] == (500, 1000) for i in timed)  # every timed call
+    monkeypatch.setattr(evaluate, "median_seconds", lambda function, repeats, warmup: timed.append(len(policies)) or function() and 1.0)
+    monkeypatch.setattr(evaluate, "peak_memory_bytes", lambda function: timed.append(len(policies)) or function() and 0)
+    run_eval(_config(eval_setup, scales=[4.0], guide=[], methods=["cfg"], correction_carry=[1], speed=True, images=2))
+    carried = [i for i in timed if policies[i] is not None]
+    assert carried and all(policies[i].carry.full_steps == 1 for i in carried)
 
 
 def test_grid_prompts_zero_writes_the_report_without_a_grid(eval_setup):
@@ -311,7 +264,7 @@ def test_negative_grid_prompts_is_refused_before_anything_loads(eval_setup):
 
 
 def test_rows_in_fewer_steps_also_report_their_image_gap_against_cfg_at_the_most_steps(eval_setup):
-    """Issue 12's stage 2: a few-step guide is measured against 50-step CFG (relative to 50-step unguided images) as well
+    """A few-step guide is measured against 50-step CFG (relative to 50-step unguided images) as well
     as against CFG at its own steps. A zero-initialised guide samples as no guidance does, against either reference."""
     result = run_eval(_config(eval_setup, steps=[2, 4], scales=[4.0], guide=[str(eval_setup / "two-step")]))
     cfg2, cfg4, none2, none4, guided = (_row(result, m, steps=s, w=w) for m, s, w in
