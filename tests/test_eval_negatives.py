@@ -14,7 +14,7 @@ from pnpguide.evaluation.gap import image_gap_closed
 from pnpguide.evaluation.negative_prompts import (
     NegatedAttribute, avoidance_rate, caption_attribute_negatives, eval_negatives, parse_negative,
 )
-from pnpguide.guide import GuideModel
+from pnpguide import OutputGuide, ResidualGuide
 
 SAMPLE = evaluate.sample  # the real one, which _run wraps
 CAPTIONS = ["a red circle on a black background", "a blue square above a green triangle on a white background",
@@ -82,10 +82,9 @@ def test_avoidance_rate_counts_images_showing_the_negated_attribute():
 
 @pytest.fixture
 def negatives_setup(tiny_base_dir, tiny_components, tmp_path, prompt_file):
-    """The tiny base, a random guide that ignores negatives and one that reads them, and shapes prompts."""
+    """The tiny base, a random guide that ignores negatives and one that reads them (a negative head), and shapes prompts."""
     torch.manual_seed(0)
-    for name, reads_negative in (("plain", False), ("reader", True)):
-        guide = GuideModel.from_unet(tiny_components["unet"], "tiny", reads_negative=reads_negative)
+    for name, guide in (("plain", ResidualGuide.from_unet(tiny_components["unet"])), ("reader", OutputGuide.from_unet(tiny_components["unet"]).with_negative_head())):
         for p in guide.parameters():
             torch.nn.init.normal_(p, std=0.05)
         guide.save_pretrained(tmp_path / name)
@@ -113,7 +112,7 @@ def _run(setup, monkeypatch, **overrides):
 def test_eval_with_negative_prompts_measures_every_method_against_cfg_with_the_negative(negatives_setup, monkeypatch):
     plain_rows, plain_images, _ = _run(negatives_setup, monkeypatch)
     rows, images, warned = _run(negatives_setup, monkeypatch, negative_prompts="caption-attributes")
-    assert set(rows) == {"cfg", "none", "guide:plain", "guide:plain (no neg)", "guide:reader", "guide:reader (no neg)"}
+    assert set(rows) == {"cfg", "none", "guide:plain", "guide:reader", "guide:reader (no neg)"}  # (no neg): beside a guide that reads them
     assert [rows[m]["negative_prompt"] for m in ("cfg", "none", "guide:reader", "guide:reader (no neg)")] == [True, False, True, False]
 
     # the teacher samples with the negatives; w = 1 does not read them
@@ -130,8 +129,7 @@ def test_eval_with_negative_prompts_measures_every_method_against_cfg_with_the_n
 
     # a guide that ignores negatives gives the same images with and without (warning that it ignores them); one that reads them gives other outputs
     assert any("negative_prompt is ignored in guide mode" in w for w in warned)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images["guide:plain"], images["guide:plain (no neg)"]))
-    assert rows["guide:plain"]["step_gap_closed"] == pytest.approx(rows["guide:plain (no neg)"]["step_gap_closed"])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images["guide:plain"], plain_images["guide:plain"]))
     for key in ("step_gap_closed", "output_mse_vs_cfg"):  # the random reader's negative moves its outputs by ~1e-4: below 8-bit pixels
         assert rows["guide:reader"][key] != pytest.approx(rows["guide:reader (no neg)"][key], rel=1e-9, abs=0), key
 
@@ -161,12 +159,12 @@ def test_negatives_that_name_no_colour_or_shape_are_not_measurable(negatives_set
 def test_eval_on_sdxl_with_negative_prompts_and_an_empty_one_that_is_no_negative(sdxl_dir, tmp_path, monkeypatch):
     """SDXL's unconditional input also holds the pooled negative; an empty negative is the pipeline's own no-negative
     input (zeros, force_zeros_for_empty_prompt), so that image is CFG's without a negative prompt."""
-    from pnpguide.guide import text_encoder_signature
+    from pnpguide.guides import text_encoder_signature
     from pnpguide.loading import load_pipeline
 
     pipe = load_pipeline(sdxl_dir)
     torch.manual_seed(0)
-    guide = GuideModel.from_unet(pipe.unet, "tiny", reads_negative=True)
+    guide = OutputGuide.from_unet(pipe.unet).with_negative_head()
     for p in guide.parameters():
         torch.nn.init.normal_(p, std=0.05)
     guide.register_to_config(trained_text_encoder=text_encoder_signature(pipe.text_encoder, pipe.text_encoder_2))
@@ -208,11 +206,11 @@ def test_demo_adds_rows_with_the_negative_prompts(tmp_path):
 
     with pytest.raises(ValueError, match="does not exist"):
         run_demo(tmp_path, steps=2, negative_prompts=str(tmp_path / "missing.txt"))
-    with pytest.warns(UserWarning, match="negative_prompt is ignored in guide mode"):  # the shipped guide predates negatives
-        grid, timings = run_demo(tmp_path, steps=2, negative_prompts="caption-attributes")
+    with pytest.warns(UserWarning, match="negative_prompt is ignored in guide mode"):  # the paper's guide has no negative head
+        grid, timings = run_demo(tmp_path, steps=2, guide="paper", negative_prompts="caption-attributes")
     assert grid.is_file()
     labels = [t.label for t in timings]
-    assert labels[:5] == ["no guidance (w=1)", "CFG teacher", "guide", "CFG teacher, negative", "guide, negative (ignored)"]
+    assert labels[:5] == ["no guidance (w=1)", "CFG", "guide paper", "CFG, negative", "guide paper, negative (ignored)"]
     assert timings[3].unet_images_per_image == 4 and timings[4].unet_images_per_image == 2
 
 
@@ -227,15 +225,15 @@ def test_demo_cli_refuses_a_missing_negatives_file_in_one_line_before_loading(mo
 
 
 @pytest.mark.integration
-def test_demo_samples_a_first_steps_guide_with_the_carry_in_its_folder(tmp_path):
-    """`output-first5-neg` ships its correction carry, as `generate` uses it: without it the pipeline warns that the guide
-    was distilled on the first steps only, and the guide would run all 25 steps."""
+def test_demo_samples_the_default_guide_with_its_own_policy(tmp_path):
+    """The default guide runs its first steps (8 with a negative prompt) and carries its correction after them, from its folder."""
     import warnings
 
     from pnpguide.demo import run_demo
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="this guide was distilled on the first")
-        grid, timings = run_demo(tmp_path, steps=25, guide="output-first5-neg", negative_prompts="caption-attributes")
+        warnings.filterwarnings("error", message="this guide learnt the first")
+        grid, timings = run_demo(tmp_path, steps=25, negative_prompts="caption-attributes")
     labels = [t.label for t in timings]
-    assert grid.is_file() and labels[:5] == ["no guidance (w=1)", "CFG teacher", "guide", "CFG teacher, negative", "guide, negative"]
+    assert grid.is_file() and labels[:5] == ["no guidance (w=1)", "CFG", "guide default", "CFG, negative", "guide default, negative"]
+    assert timings[2].unet_images_per_image == 25 and timings[3].unet_images_per_image == 50
