@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import distill_flags
 from pnpguide.cli import main
-from pnpguide.guide import GuideModel, text_encoder_signature
+from pnpguide import OutputGuide, ResidualGuide
+from pnpguide.guides import text_encoder_signature
 from pnpguide.loading import check_model_dir, load_pipeline, load_plug_and_play, pipeline_class
 from pnpguide.pipeline import PlugAndPlayPipeline
 from pnpguide.pipeline_xl import PlugAndPlayXLPipeline
@@ -65,10 +66,10 @@ def test_an_sdxl_folder_missing_the_tokenizer_2_folder_is_named(sdxl_dir, tmp_pa
         check_model_dir(folder)
 
 
-def make_guide_dir(base_dir, folder, reads="latent"):
+def make_guide_dir(base_dir, folder, design=ResidualGuide):
     """An untrained (zero-initialised, valid) guide for the base's UNet, saved as `pnpguide distill` saves one."""
     pipe = load_pipeline(base_dir)
-    guide = GuideModel.from_unet(pipe.unet, "tiny", reads=reads)
+    guide = design.from_unet(pipe.unet)
     signature = text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     guide.register_to_config(trained_guidance_range=(2.0, 8.0), trained_text_encoder=signature)
     guide.save_pretrained(folder)
@@ -146,9 +147,9 @@ def test_generate_guide_mode_on_your_own_base_without_a_guide_is_one_line_before
     assert len(err.splitlines()) == 1 and "needs --guide" in err and "--mode cfg" in err
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
-def test_generate_on_an_sdxl_folder_with_a_guide_at_a_non_square_size(sdxl_dir, tmp_path, reads):
-    guide = make_guide_dir(sdxl_dir, tmp_path / "guide", reads)
+@pytest.mark.parametrize("design", [ResidualGuide, OutputGuide])
+def test_generate_on_an_sdxl_folder_with_a_guide_at_a_non_square_size(sdxl_dir, tmp_path, design):
+    guide = make_guide_dir(sdxl_dir, tmp_path / "guide", design)
     out = tmp_path / "image.png"
     assert main(["--threads", "1", "generate", "--prompt", "a red cat", "--base", str(sdxl_dir), "--guide", str(guide),
                  "--steps", "2", "--height", "48", "--width", "80", "--out", str(out)]) == 0
@@ -203,8 +204,8 @@ def test_an_output_guide_distilled_on_a_real_folder_passes_doctor_and_generates_
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na cat on a car\n")
     run = tmp_path / "run"
-    assert main(distill_flags(base, prompts, run, reads="unet_output", trajectories=4, trajectory_steps=2, max_steps=2, batch_size=2, checkpointing_steps=2)) == 0
-    assert json.loads((run / "guide" / "config.json").read_text())["reads"] == "unet_output"
+    assert main(distill_flags(base, prompts, run, trajectories=4, trajectory_steps=2, max_steps=2, batch_size=2, checkpointing_steps=2)) == 0
+    assert json.loads((run / "guide" / "config.json").read_text())["_class_name"] == "OutputGuide"
     assert main(["doctor", "--base", str(base), "--guide", str(run / "guide")]) == 0
     out_text = capsys.readouterr().out
     assert "FAIL" not in out_text and "OK   residuals: none: the guide corrects the UNet's 4-channel output" in out_text
@@ -258,10 +259,18 @@ def test_cfg_mode_reproduces_diffusers_on_the_sd15_folder_with_its_pndm_schedule
 
 
 @pytest.mark.parametrize("kind, height, width", [("sd15", 64, 128), ("sdxl", 48, 80)])
-def test_generate_with_a_first_step_fit_on_a_real_layout_folder_at_its_own_scheduler_and_size(kind, height, width, request, tmp_path):
-    """SD 1.5's PNDM (leading spacing: the first step is not t = 999) and SDXL's Euler (which scales its input)."""
-    base, guide = request.getfixturevalue(f"{kind}_dir"), request.getfixturevalue(f"{kind}_guide")
+def test_a_first_steps_guide_distilled_on_a_real_layout_folder_samples_with_its_carry_at_its_own_scheduler_and_size(kind, height, width, request, tmp_path):
+    """The default recipe on SD 1.5's PNDM (leading spacing: the first step is not t = 999) and SDXL's Euler (which scales its
+    input): the guide learns the teacher's first step of 3 on its DDIM grid, the carry fitted there is saved in its folder,
+    and generate reads it at the base's own scheduler's timesteps."""
+    base = request.getfixturevalue(f"{kind}_dir")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na cat on a car\n")
+    run = tmp_path / "run"
+    assert main(distill_flags(base, prompts, run, trajectories=4, trajectory_steps=3, trajectory_first_steps=1, max_steps=2, batch_size=2,
+                              checkpointing_steps=2)) == 0
+    assert (run / "guide" / "correction_carry.json").is_file() and (run / "guide" / "README.md").is_file()
     out = tmp_path / "image.png"
-    assert main(["--threads", "1", "generate", "--prompt", "a red cat", "--base", str(base), "--guide", str(guide),
-                 "--steps", "3", "--height", str(height), "--width", str(width), "--first-step-fit", "--out", str(out)]) == 0
+    assert main(["--threads", "1", "generate", "--prompt", "a red cat", "--base", str(base), "--guide", str(run / "guide"),
+                 "--steps", "4", "--height", str(height), "--width", str(width), "--out", str(out)]) == 0
     assert Image.open(out).size == (width, height)
