@@ -79,7 +79,7 @@ class GuidanceDistillConfig(SourceConfig):
         if self.source == "mix" and self.batch_size < 2:
             raise ValueError(f"source='mix' takes half of each batch from each pool: batch_size must be >= 2, got {self.batch_size}")
         if self.trajectory_first_steps is None and self.design == "output" and self.source == "trajectories":
-            self.trajectory_first_steps = DEFAULT_FIRST_STEPS
+            self.trajectory_first_steps = min(DEFAULT_FIRST_STEPS, self.trajectory_steps)  # shorter runs: every step
         check_guidance_range(self.w_min, self.w_max)
         check_trajectory_options(self)
         check_negative_settings(self.negative_prompts, self.negative_rate)
@@ -169,7 +169,8 @@ def distillation_loss(unet, guide, batch: dict, negative: Conditioning, weightin
     `negative` (B rows, :func:`encode_negatives`); negative: the one-row unconditional conditioning (:func:`encode_negative`)
     for batches without."""
     conditioning = batch["conditioning"]
-    negative_embeds = batch.get("negative", negative).rows_for(len(conditioning)).prompt_embeds
+    # a negative head reads the batch's negatives only (the pipeline skips it without one): never the empty prompt's row
+    negative_embeds = batch["negative"].rows_for(len(conditioning)).prompt_embeds if "negative" in batch else None
     negative_rows = batch.get("negative_rows")
     with torch.no_grad():
         target, conditional = teacher_targets(unet, batch, negative)
@@ -204,7 +205,7 @@ class TimestepGaps:
 
 @torch.no_grad()
 def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_train_timesteps: int,
-                       buckets: int = TIMESTEP_BUCKETS, per_unit_guidance: bool = False) -> TimestepGaps:
+                       buckets: int = TIMESTEP_BUCKETS, per_unit_guidance: bool = False, reduce=None) -> TimestepGaps:
     """The mean CFG gap ||cfg - cond||^2 per band of t (`buckets` bands), measured on `batches`; with
     `per_unit_guidance` (an output guide), of ||cond - uncond||^2, the unit its loss is measured in (:func:`squared_error`).
 
@@ -212,7 +213,8 @@ def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_tr
     there (docs/findings.md); dividing by the mean gap of a sample's own timestep gives every
     band the same weight, without the noise of dividing by each sample's own gap. The table is measured once,
     up front, on batches drawn from the run's seed, so a resumed run divides by the same numbers. A band with no
-    sample takes the nearest measured band's mean."""
+    sample takes the nearest measured band's mean. `reduce` sums a tensor over data-parallel ranks, each of which
+    measured its own rows of the batches: every rank then divides by the table of all the rows, as one process would."""
     total, count = torch.zeros(buckets, dtype=torch.float64), torch.zeros(buckets, dtype=torch.float64)
     for batch in batches:
         target, conditional = teacher_targets(unet, batch, negative)
@@ -220,6 +222,8 @@ def timestep_gap_table(unet, batches: list[dict], negative: Conditioning, num_tr
         bands = timestep_bucket(batch["timesteps"], num_train_timesteps, buckets)
         total.index_add_(0, bands, gap)
         count.index_add_(0, bands, torch.ones_like(gap))
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
     measured = (count > 0).nonzero().flatten()
     if len(measured) == 0:
         raise ValueError("no training states to measure the CFG gap on")
@@ -297,8 +301,9 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
         # trajectory states sit at the schedule's few timesteps: one band each, or the first two of 25 steps (t = 999
         # and 959, whose gaps differ 3.7x) would share a band and the second would be weighted as a third of the first
         buckets = num_train_timesteps if config.source == "trajectories" else TIMESTEP_BUCKETS
-        gap_table = timestep_gap_table(pipe.unet, batches, negative, num_train_timesteps, buckets, per_unit_guidance=isinstance(guide, OutputGuide))
-        gap_table.means = accelerator.reduce(gap_table.means.to(accelerator.device), "mean").cpu()  # the same weights on every rank
+        over_ranks = lambda t: accelerator.reduce(t.to(accelerator.device, torch.float32), "sum").cpu().double()  # noqa: E731
+        gap_table = timestep_gap_table(pipe.unet, batches, negative, num_train_timesteps, buckets, per_unit_guidance=isinstance(guide, OutputGuide),
+                                       reduce=over_ranks)  # the same weights on every rank, those of all the rows
 
     def compute_loss(model, batch):
         return distillation_loss(pipe.unet, model, batch, negative, config.loss_weighting, gap_table)
@@ -323,6 +328,7 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     guide = copy_ema_into(guide, ema).eval()
     # a negative head records the steps it learnt apart: the rest of the guide was trained on its own steps
     first_steps = {"negative_first_steps": config.trajectory_first_steps} if config.negative_head else {"trained_first_steps": config.trajectory_first_steps}
+    first_steps = first_steps if isinstance(guide, OutputGuide) else {}  # a residual guide's config has no such field
     guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), **first_steps,
                              trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
     if config.trajectory_first_steps and guide.correction_carry is None and isinstance(guide, OutputGuide):

@@ -188,7 +188,8 @@ def _residuals(guide: GuideModel, unet) -> Check:
         emitted, expected = guide.output_head.conv_out.out_channels, unet.config.out_channels
         if emitted != expected:
             return Check("residuals", False, f"the guide corrects a {emitted}-channel output, the UNet's has {expected}; retrain the guide")
-        return Check("residuals", True, f"none: the guide corrects the UNet's {expected}-channel output")
+        return Check("residuals", True, f"none: the guide corrects the UNet's {expected}-channel output with the CFG correction of the "
+                     "UNet it was distilled on, so it does not plug into fine-tunes or LoRAs (docs/guides.md)")
     expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
     emitted, mid_emitted = guide.residual_widths()
     mid_expected = unet.config.block_out_channels[-1]

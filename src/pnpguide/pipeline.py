@@ -131,7 +131,7 @@ class GuidedSamplingMixin:
         policy = policy.for_call(negative)
         if policy.adaptive_threshold is not None and mode == "guide":
             raise ValueError("adaptive_threshold compares CFG's two passes, which guide mode does not run: use it with mode='cfg'")
-        if policy.carry is not None and mode == "guide" and not isinstance(self.guide, OutputGuide):
+        if policy.carry is not None and mode == "guide" and not is_output_guide(self.guide):
             raise ValueError("a carry in guide mode carries an output guide's correction on, and this is a residual guide: "
                              "use an output guide or mode='cfg'")
         return policy
@@ -199,7 +199,7 @@ class GuidedSamplingMixin:
         if kind == "cfg":
             uncond, cond = self.unconditional_and_conditional(sample, t, branches)
             return cfg_combine(uncond, cond, guidance_scale), cond, cond - uncond
-        if isinstance(self.guide, OutputGuide):
+        if is_output_guide(self.guide):
             cond = self.run_unet(sample, t, branches.prompt_embeds, branches.added)
             timestep = per_sample(t, sample.shape[0], sample.device)
             correction = self.guide(sample, timestep, branches.prompt_embeds, guidance_scale, unet_output=cond,
@@ -462,7 +462,7 @@ def check_guide_arguments(mode: str, guide, negative: bool, guidance_rescale: fl
     if negative and not guide.reads_negative_prompt:
         warnings.warn("negative_prompt is ignored in guide mode: this guide was distilled against the empty prompt only (it has no "
                       "negative head); use mode='cfg' to apply it, or a guide with a negative head (the default one)", stacklevel=4)
-    if guidance_rescale > 0 and not isinstance(guide, OutputGuide):
+    if guidance_rescale > 0 and not is_output_guide(guide):
         raise ValueError("guidance_rescale rescales CFG's output against the conditional one, which a residual guide never computes: "
                          "use an output guide or mode='cfg'")
     if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
@@ -491,6 +491,11 @@ def select_rows(added: dict | None, rows: torch.Tensor) -> dict | None:
     if added is None:
         return None
     return {key: [v[rows] for v in value] if isinstance(value, list) else value[rows] for key, value in added.items()}
+
+
+def is_output_guide(guide) -> bool:
+    """Whether the guide is an output guide, also when `torch.compile` wrapped it (`pipe.guide = torch.compile(pipe.guide)`)."""
+    return isinstance(getattr(guide, "_orig_mod", guide), OutputGuide)
 
 
 def follow_unet(guide: GuideModel | None, unet) -> GuideModel | None:
@@ -525,7 +530,7 @@ def warn_output_guide_with_lora(guide: GuideModel, unet) -> None:
     """An output guide adds, after the UNet, the CFG correction of the UNet it was distilled on; LoRA weights change
     that correction, so such a guide is not plug-and-play (docs/guides.md: even the base's exact correction closed none
     of a LoRA's own CFG gap). Residual guides go through the LoRA's own layers and are not warned about."""
-    if isinstance(guide, OutputGuide) and getattr(unet, "peft_config", None):
+    if is_output_guide(guide) and getattr(unet, "peft_config", None):
         warnings.warn("LoRA weights are loaded and this is an output guide: it adds the CFG correction of the UNet it was "
                       "distilled on, which LoRA weights change, so its images can be further from this model's CFG than "
                       "unguided ones; use mode='cfg' with a policy carrying a correction fitted on this model "
