@@ -1,15 +1,15 @@
 """One guided denoising step against one batched-CFG step on the SD1.5 and SDXL UNets, on a GPU, in one run.
 
-    python benchmarks/gpu_speed.py                            # fp16, batch 1 4 8, SD1.5 + SDXL, both tiny guides
+    python benchmarks/gpu_speed.py                            # fp16, batch 1 4 8, SD1.5 + SDXL, both guide designs
     python benchmarks/gpu_speed.py --compile                  # the same, every step function torch.compile'd (fullgraph)
     python benchmarks/gpu_speed.py --compile --compile-mode reduce-overhead   # ... and replayed as CUDA graphs
     python benchmarks/gpu_speed.py --device cpu --tiny        # smoke run of the script itself (narrow configs, seconds)
 
 UNets are built from the published configs in pnpguide.evaluation.speed with random weights (speed does not depend
-on the weights), each guide with GuideModel.from_unet(unet, "tiny", reads=...). For each config and batch B, these
+on the weights), each guide with OutputGuide.from_unet(unet) or ResidualGuide.from_unet(unet). For each config and batch B, these
 are timed in turns (a, b, c, a, b, c, ...) after warm-up, with CUDA events:
   cfg      one UNet call at batch 2B, combined by cfg_combine (diffusers' batched CFG);
-  guided   one UNet call at batch B plus the guide (latent-reading, then feature-reading);
+  guided   one UNet call at batch B plus the guide (the output design, then the paper's residual one);
   single   one plain UNet call at batch B (the floor any single-pass method sits on).
 Printed per row: median milliseconds, speed-up = cfg / guided, and the FLOPs ceiling 2 x UNet / (UNet + guide),
 counted with attention included on the meta device (the most a guided step can gain if time followed FLOPs).
@@ -29,11 +29,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
 from pnpguide.evaluation.speed import SD15, SDXL, step_cost
-from pnpguide.guide import GuideModel
-from pnpguide.teacher import cfg_noise_pred, feature_tap, guided_noise_pred
+from pnpguide.guides import OutputGuide, ResidualGuide
+from pnpguide.teacher import cfg_noise_pred, guided_noise_pred
 
 CONFIGS = {"sd15": SD15, "sdxl": SDXL}
-KINDS = ("latent", "unet_features")
+KINDS = {"output": OutputGuide, "residual": ResidualGuide}  # the guide designs, by name
 TOKENS = 77
 
 
@@ -110,7 +110,7 @@ def flops_ceilings(config: dict, tokens: int) -> dict[str, float]:
     """2 x UNet / (UNet + guide) per guide kind, from FLOPs counted on the meta device (no memory, no compute)."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
-        guides = {kind: GuideModel.from_unet(unet, "tiny", reads=kind) for kind in KINDS}
+        guides = {kind: design.from_unet(unet) for kind, design in KINDS.items()}
     return {kind: 1 / step_cost(unet, guide, tokens=tokens, sample_size=config["sample_size"]).ratio for kind, guide in guides.items()}
 
 
@@ -120,8 +120,7 @@ def benchmark(name: str, config: dict, args, device: torch.device, dtype: torch.
     ceilings = flops_ceilings(config, tokens)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).to(device, dtype).eval()
-    guides = {kind: GuideModel.from_unet(unet, "tiny", reads=kind).to(device, dtype).eval() for kind in KINDS}
-    feature_tap(unet)  # registered eagerly: hooks cannot be added inside a compiled graph
+    guides = {kind: design.from_unet(unet).to(device, dtype).eval() for kind, design in KINDS.items()}
     rows = []
     for batch in args.batch_sizes:
         fns = step_functions(unet, guides, step_inputs(config, batch, device, dtype, tokens), args.compile_mode if args.compile else None)
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{where}, {args.dtype}, torch {torch.__version__}, compile={args.compile_mode if args.compile else False}, median of {args.repeats} rounds in turns "
           f"after {args.warmup} warm-up rounds{', TINY configs (smoke run)' if args.tiny else ''}\n")
-    print("| UNet | batch | guide reads | CFG step ms | guided step ms | plain UNet ms | speed-up | FLOPs ceiling | share of ceiling |")
+    print("| UNet | batch | guide design | CFG step ms | guided step ms | plain UNet ms | speed-up | FLOPs ceiling | share of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         config = tiny_config(CONFIGS[name]) if args.tiny else CONFIGS[name]

@@ -12,13 +12,13 @@ from pnpguide.cli import main
 from pnpguide.config_checks import ConfigError, check_base_configs, check_guide_config
 from pnpguide.distill_guidance import GuidanceDistillConfig
 from pnpguide.doctor import check_pair
-from pnpguide.guide import GuideModel
+from pnpguide.guide import OutputGuide, ResidualGuide
 from pnpguide.loading import load_guide, shipped_guide_dirs
 
 
-@pytest.fixture
-def guide_dir(tiny_components, tmp_path):
-    guide = GuideModel.from_unet(tiny_components["unet"], "tiny")
+@pytest.fixture(params=[OutputGuide, ResidualGuide], ids=["output", "residual"])
+def guide_dir(tiny_components, tmp_path, request):
+    guide = request.param.from_unet(tiny_components["unet"])
     guide.register_to_config(trained_guidance_range=(2.0, 9.0))
     guide.save_pretrained(tmp_path / "guide")
     return tmp_path / "guide"
@@ -34,6 +34,8 @@ BAD_GUIDE_FIELDS = [
     (dict(trained_guidance_range=[9, 2]), '"trained_guidance_range" is [9, 2]; expected'),
     (dict(default_guidance_interval=[1000, 500]), '"default_guidance_interval" is [1000, 500]; expected [t_low, t_high] with 0 <= t_low <= t_high or null'),
     (dict(unet_cross_attention_dim=True), '"unet_cross_attention_dim" is true; expected a positive integer'),
+    (dict(width=0), '"width" is 0; expected a positive integer'),
+    (dict(trained_timesteps=[999, "749"]), '"trained_timesteps" is [999, "749"]; expected a non-empty list of integers or null'),
     (dict(block_out_channels=[16]), "per-block fields have different lengths (block_out_channels: 1, unet_block_out_channels: 2"),
 ]
 
@@ -91,8 +93,9 @@ def test_the_cli_reports_a_malformed_guide_config_in_one_line_with_exit_code_2(t
     assert 'FAIL guide files: ' in capsys.readouterr().out
 
 
-def test_every_guide_argument_has_a_row_in_the_table():
-    arguments = set(inspect.signature(GuideModel.__init__).parameters) - {"self"}
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_every_guide_argument_has_a_row_in_the_table(design):
+    arguments = set(inspect.signature(design.__init__).parameters) - {"self"}
     assert arguments <= set(config_checks.GUIDE_FIELDS), arguments - set(config_checks.GUIDE_FIELDS)
 
 

@@ -38,7 +38,7 @@ def _assert_loadable(checkpoint: Path) -> None:
     """What `--resume` reads: step.json, the model's safetensors and accelerate's state files."""
     assert json.loads((checkpoint / "step.json").read_text())["step"] == int(checkpoint.name.split("-")[1])
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as weights:
-        assert any(key.startswith("mid_projection") for key in weights.keys())
+        assert any(key.startswith("output_head.conv_out") for key in weights.keys())  # the default design: an output guide
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):  # the last: EMA
         assert (checkpoint / name).is_file(), name
 

@@ -14,10 +14,10 @@ from pnpguide.cli import main
 from pnpguide.evaluation.evaluate import EvalConfig
 from pnpguide.devices import resolve_device, resolve_dtype
 from pnpguide.evaluation.speed import SD15, SDXL
-from pnpguide.guide import GuideModel
+from pnpguide.guide import GuideModel, OutputGuide, ResidualGuide
 from pnpguide.loading import shipped_guide_dirs
 from pnpguide.pipeline import PlugAndPlayPipeline
-from pnpguide.teacher import feature_tap, guided_noise_pred
+from pnpguide.teacher import guided_noise_pred
 
 
 def _pipe(tiny_components, dtype=torch.float32):
@@ -26,7 +26,7 @@ def _pipe(tiny_components, dtype=torch.float32):
 
 def test_from_pipe_keeps_the_dtype_and_casts_the_guide_to_it(tiny_components):
     sd = _pipe(tiny_components, torch.bfloat16)
-    guide = GuideModel.from_unet(sd.unet, "tiny")
+    guide = OutputGuide.from_unet(sd.unet)
     assert guide.dtype == torch.float32
     pipe = PlugAndPlayPipeline.from_pipe(sd, guide=guide)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.guide.dtype == torch.bfloat16  # diffusers alone: float32
@@ -36,13 +36,13 @@ def test_from_pipe_keeps_the_dtype_and_casts_the_guide_to_it(tiny_components):
 
 
 def test_pipe_to_moves_the_guide_with_the_unet(tiny_components):
-    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=OutputGuide.from_unet(tiny_components["unet"]))
     pipe.to(torch.bfloat16)
     assert pipe.guide.dtype == torch.bfloat16
 
 
 def test_a_guide_moved_apart_from_the_unet_is_one_line_naming_both_dtypes(tiny_components):
-    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=OutputGuide.from_unet(tiny_components["unet"]))
     pipe.unet.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"the guide is torch.float32 but the UNet is torch.bfloat16: move both with pipe.to"):
         pipe("a red circle", num_inference_steps=1, output_type="latent")
@@ -65,23 +65,22 @@ def test_devices_and_dtypes_resolve_or_fail_in_one_line():
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("name", ["tiny", "full", "tiny-16step", "tiny-8step"])
-def test_guide_from_pretrained_takes_the_shipped_names(name):
+@pytest.mark.parametrize("name, design", [("default", OutputGuide), ("16-step", OutputGuide), ("8-step", OutputGuide), ("paper", ResidualGuide)])
+def test_guide_from_pretrained_takes_the_shipped_names(name, design):
     assert name in [p.name for p in shipped_guide_dirs()]
-    guide = GuideModel.from_pretrained(name)
-    assert guide.config.size == name.split("-")[0]
+    assert type(GuideModel.from_pretrained(name)) is design
 
 
 def test_an_unknown_guide_name_lists_the_shipped_ones():
-    with pytest.raises(FileNotFoundError, match="no guide folder or shipped guide named 'tinny'.*tiny, tiny-16step, tiny-8step"):
-        GuideModel.from_pretrained("tinny")
+    with pytest.raises(FileNotFoundError, match="no guide folder or shipped guide named 'defualt'.*16-step, 8-step, default, paper"):
+        GuideModel.from_pretrained("defualt")
 
 
 @pytest.mark.parametrize("config", [SD15, SDXL], ids=["sd15", "sdxl"])
-@pytest.mark.parametrize("reads", ["latent", "unet_features"])
-def test_tiny_guide_attention_heads_are_multiples_of_8_wide(config, reads):
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_guide_attention_heads_are_multiples_of_8_wide(config, design):
     with torch.device("meta"):
-        guide = GuideModel.from_unet(UNet2DConditionModel(**config), "tiny", reads=reads)
+        guide = design.from_unet(UNet2DConditionModel(**config))
     attentions = [m for m in guide.modules() if isinstance(m, Attention)]
     assert attentions
     assert all(m.inner_dim // m.heads % 8 == 0 for m in attentions), [m.inner_dim // m.heads for m in attentions]
@@ -94,13 +93,12 @@ def _randomised(guide):
     return guide.eval()
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features"])
-def test_a_guided_step_compiles_as_one_graph(reads):
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_a_guided_step_compiles_as_one_graph(design):
     """fullgraph=True fails on any graph break; the "eager" backend proves that without a C++ toolchain (inductor
     compiles the same graph, but takes minutes on this CPU)."""
     unet = tiny_unet().eval()
-    guide = _randomised(GuideModel.from_unet(unet, "tiny", reads=reads))
-    feature_tap(unet)  # hooks are registered eagerly, once; inside the graph only their state changes
+    guide = _randomised(design.from_unet(unet))
 
     def step(sample, timestep, embeds):
         return guided_noise_pred(unet, guide, sample, timestep, embeds, 5.0)
@@ -116,7 +114,7 @@ def test_a_guided_step_compiles_as_one_graph(reads):
 
 
 def test_eval_samples_in_bfloat16_and_records_it(tiny_base_dir, tiny_components, tmp_path, capsys):
-    GuideModel.from_unet(tiny_components["unet"], "tiny").save_pretrained(tmp_path / "guide")
+    OutputGuide.from_unet(tiny_components["unet"]).save_pretrained(tmp_path / "guide")
     out = tmp_path / "eval"
     code = main(["--threads", "1", "eval", "--base", str(tiny_base_dir), "--guide", str(tmp_path / "guide"), "--methods", "cfg", "guide",
                  "--steps", "2", "--scales", "3", "--images", "2", "--no-speed", "--fid-features", "none", "--device", "cpu",
@@ -136,7 +134,7 @@ def test_bad_eval_device_or_dtype_fail_in_the_config(overrides, message):
 def test_the_loop_gives_schedulers_python_timesteps_and_the_unet_device_tensors(tiny_components, mode):
     """What keeps a GPU loop free of host round trips: a scheduler branching on a device tensor, or the UNet turning a
     Python number into a tensor, would each wait for the device at every step."""
-    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=OutputGuide.from_unet(tiny_components["unet"]))
     pipe.set_progress_bar_config(disable=True)
     seen = {"scheduler": [], "unet": []}
     step = pipe.scheduler.step
@@ -150,14 +148,15 @@ def test_the_loop_gives_schedulers_python_timesteps_and_the_unet_device_tensors(
 def test_from_pipe_keeps_an_fp32_vae_beside_a_half_precision_unet(tiny_components):
     sd = _pipe(tiny_components, torch.bfloat16)
     sd.vae.to(torch.float32)  # as SDXL users keep the VAE, whose fp16 decode overflows
-    pipe = PlugAndPlayPipeline.from_pipe(sd, guide=GuideModel.from_unet(sd.unet, "tiny"))
+    pipe = PlugAndPlayPipeline.from_pipe(sd, guide=OutputGuide.from_unet(sd.unet))
     assert (pipe.vae.dtype, pipe.unet.dtype, pipe.guide.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
     assert sd.vae.dtype == torch.float32  # the original pipeline's (shared) VAE too
 
 
-def test_a_pipeline_with_compiled_unet_and_feature_guide_samples_the_same_latents(tiny_components):
-    """Module-level compile, as a user would write it; the feature guide's hooks run inside the UNet's graph."""
-    guide = _randomised(GuideModel.from_unet(tiny_components["unet"], "tiny", reads="unet_features"))
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_a_pipeline_with_compiled_unet_and_guide_samples_the_same_latents(tiny_components, design):
+    """Module-level compile, as a user would write it."""
+    guide = _randomised(design.from_unet(tiny_components["unet"]))
     pipe = PlugAndPlayPipeline(**tiny_components, guide=guide)
     pipe.set_progress_bar_config(disable=True)
 

@@ -6,17 +6,16 @@ from diffusers import DDIMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import randomised
 from pnpguide.conditioning import encode_negative, encode_prompts
 from pnpguide.loading import load_pipeline
 from pnpguide.distill_guidance import (
-    RELATIVE_LOSS_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, squared_error, teacher_targets, timestep_bucket,
+    GAP_FLOOR, GuidanceDistillConfig, _noisy_batch, distillation_loss, squared_error, teacher_targets, timestep_bucket,
     timestep_gap_table, train_guide,
 )
-from pnpguide.guide import GuideModel
+from pnpguide.guide import GuideModel, OutputGuide, ResidualGuide
 from pnpguide.sources import teacher_trajectories
 from pnpguide.shards import ShardPool
-from pnpguide.teacher import cfg_and_conditional, cfg_combine, guided_noise_pred, output_guided
+from pnpguide.teacher import cfg_and_conditional, cfg_combine, output_guided
 from pnpguide.training import make_accelerator, shard_rows
 
 
@@ -40,15 +39,17 @@ def _held_out_batch(pipe, prompt_file, config, tmp_path) -> tuple[dict, object]:
 
 
 def test_distillation_brings_the_guided_unet_closer_to_the_teacher(tiny_base_dir, prompt_file, tmp_path):
-    config = _config(tiny_base_dir, prompt_file, tmp_path)
+    config = _config(tiny_base_dir, prompt_file, tmp_path, design="residual")
     pipe = load_pipeline(tiny_base_dir)
     batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
-    untrained = GuideModel.from_unet(pipe.unet, "tiny")
+    untrained = ResidualGuide.from_unet(pipe.unet)
     trained = train_guide(config)
     with torch.no_grad():
         before = distillation_loss(pipe.unet, untrained, batch, negative).item()
         after = distillation_loss(pipe.unet, trained, batch, negative).item()
     assert after < 0.7 * before
+    saved = json.loads((tmp_path / "run" / "guide" / "config.json").read_text())
+    assert saved["_class_name"] == "ResidualGuide" and "trained_first_steps" not in saved  # only an output guide has the field
 
 
 def test_teacher_states_carry_the_teachers_outputs_there(tiny_base_dir, prompt_file, tmp_path):
@@ -67,7 +68,7 @@ def test_teacher_states_carry_the_teachers_outputs_there(tiny_base_dir, prompt_f
 def test_an_output_guide_trains_on_teacher_states_without_calling_the_teacher(tiny_base_dir, prompt_file, tmp_path, monkeypatch):
     import pnpguide.distill_guidance as distill_guidance
 
-    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", max_steps=3, loss_weighting="timestep")
+    config = _config(tiny_base_dir, prompt_file, tmp_path, max_steps=3, loss_weighting="timestep")
     train_guide(config)  # writes the trajectories (the teacher runs there)
 
     def no_teacher(*args, **kwargs):
@@ -75,8 +76,10 @@ def test_an_output_guide_trains_on_teacher_states_without_calling_the_teacher(ti
 
     monkeypatch.setattr(distill_guidance, "cfg_and_conditional", no_teacher)
     train_guide(GuidanceDistillConfig(**(vars(config) | dict(max_steps=6, resume="latest"))))  # the shards are reused
-    # with negatives, each teacher run samples CFG with its own negative and records it: training calls no teacher either
-    train_guide(GuidanceDistillConfig(**(vars(config) | dict(output_dir=str(tmp_path / "neg"), negatives=True, negative_rate=1.0))))
+    # with negatives (a negative head), each teacher run samples CFG with its own negative and records it: training calls
+    # no teacher either
+    train_guide(GuidanceDistillConfig(**(vars(config) | dict(output_dir=str(tmp_path / "neg"), init_guide=str(tmp_path / "run" / "guide"),
+                                                              negative_head=True, negative_rate=1.0, resume=None))))
     with safe_open(str(tmp_path / "neg" / "trajectories" / "shard-00000.safetensors"), framework="pt") as f:
         assert "negative_ids" in f.keys()
     with safe_open(str(tmp_path / "run" / "trajectories" / "shard-00000.safetensors"), framework="pt") as f:
@@ -85,17 +88,17 @@ def test_an_output_guide_trains_on_teacher_states_without_calling_the_teacher(ti
 
 def test_an_output_guides_loss_is_in_units_of_cond_minus_uncond(tiny_base_dir, prompt_file, tmp_path):
     """An output guide predicts cond - uncond, which does not depend on w: the same prediction error weighs the
-    same at any w (in output space it grows with (w - 1)^2), and a latent guide's loss stays in output space."""
+    same at any w (in output space it grows with (w - 1)^2), and a residual guide's loss stays in output space."""
     config = _config(tiny_base_dir, prompt_file, tmp_path)
     pipe = load_pipeline(tiny_base_dir)
     batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
-    output_guide = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output")  # untrained: predicts 0, error |d|^2 (w - 1)^2
-    latent_guide = GuideModel.from_unet(pipe.unet, "tiny")
+    output_guide = OutputGuide.from_unet(pipe.unet)  # untrained: predicts 0, error |d|^2 (w - 1)^2
+    residual_guide = ResidualGuide.from_unet(pipe.unet)
     losses = {}
     for w in (2.0, 8.0):
         at_w = batch | {"guidance_scale": torch.full_like(batch["guidance_scale"], w)}
         with torch.no_grad():
-            losses[w] = [distillation_loss(pipe.unet, guide, at_w, negative).item() for guide in (output_guide, latent_guide)]
+            losses[w] = [distillation_loss(pipe.unet, guide, at_w, negative).item() for guide in (output_guide, residual_guide)]
     assert losses[2.0][0] == pytest.approx(losses[8.0][0], rel=1e-4)
     assert losses[8.0][1] == pytest.approx(49 * losses[2.0][1], rel=1e-3)
 
@@ -109,20 +112,24 @@ def test_distillation_trains_only_the_guide_and_saves_it(tiny_base_dir, prompt_f
     saved = GuideModel.from_pretrained(tmp_path / "run" / "guide")
     assert tuple(saved.config.trained_guidance_range) == (2.0, 9.0)
     assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "log.jsonl").is_file()
+    # an output guide on the teacher's first steps (here all 4 of its 4-step runs), its correction carried after them
+    assert isinstance(saved, OutputGuide) and saved.config.trained_first_steps == 4
+    assert saved.correction_carry is not None and saved.correction_carry.full_steps == 4 and len(saved.correction_carry.timesteps) == 4
+    assert saved.policy.carry == saved.correction_carry
+    assert (tmp_path / "run" / "guide" / "correction_carry.json").is_file() and (tmp_path / "run" / "guide" / "README.md").is_file()
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(w_min=0.5), "1 <= w_min <= w_max <= 14"),
     (dict(w_min=9.0, w_max=2.0), "1 <= w_min <= w_max <= 14"),
     (dict(source="pictures"), "source must be one of"),
-    (dict(size="medium"), "size must be one of"),
+    (dict(design="medium"), "design must be one of"),
+    (dict(loss_weighting="relative"), "loss_weighting must be one of"),
     (dict(max_steps=0), "max_steps must be >= 1"),
-    (dict(trajectory_first_steps=2), "use it with source 'trajectories', not 'shapes'"),
+    (dict(source="shapes", trajectory_first_steps=2), "use it with source 'trajectories', not 'shapes'"),
     (dict(source="trajectories", trajectory_first_steps=26), r"between 1 and trajectory_steps \(25\), got 26"),
-    (dict(validation_trajectories=8), "use it with source 'trajectories', not 'shapes'"),
+    (dict(source="shapes", validation_trajectories=8), "use it with source 'trajectories', not 'shapes'"),
     (dict(source="trajectories", validation_trajectories=0), "whole number of teacher runs >= 1, got 0"),
-    (dict(widen=2), "give --init-guide and a factor >= 2"),
-    (dict(widen=1, init_guide="runs/guide"), "give --init-guide and a factor >= 2"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -137,14 +144,14 @@ def test_trajectory_first_steps_trains_on_those_states_only_and_says_so(tiny_bas
     monkeypatch.setattr(distill_guidance, "distillation_loss", lambda unet, guide, batch, *rest: seen.append(batch["timesteps"]) or loss(unet, guide, batch, *rest))
     table = distill_guidance.timestep_gap_table
     bands = []
-    monkeypatch.setattr(distill_guidance, "timestep_gap_table", lambda *args, **kwargs: bands.append((args[4], kwargs)) or table(*args, **kwargs))
-    guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", trajectory_first_steps=2, max_steps=4,
+    monkeypatch.setattr(distill_guidance, "timestep_gap_table", lambda *args, **kwargs: bands.append((args[4], kwargs["per_unit_guidance"])) or table(*args, **kwargs))
+    guide = train_guide(_config(tiny_base_dir, prompt_file, tmp_path, trajectory_first_steps=2, max_steps=4,
                                 loss_weighting="timestep"))
     schedule = DDIMScheduler.from_config(load_pipeline(tiny_base_dir).scheduler.config)  # the teacher's trajectories' scheduler
     schedule.set_timesteps(4)
     assert set(torch.cat(seen).tolist()) == set(schedule.timesteps[:2].tolist())  # both first steps, none of the later two
     # the loss weights each of the schedule's timesteps by its own mean gap, in the output guide's unit (cond - uncond)
-    assert bands == [(1000, {"per_unit_guidance": True})]
+    assert bands == [(1000, True)]
     shards = sorted((tmp_path / "run" / "trajectories").glob("shard-*.safetensors"))
     rows = sum(load_file(shard)["timesteps"].numel() for shard in shards)
     assert rows == 2 * _config(tiny_base_dir, prompt_file, tmp_path).trajectories  # the teacher stopped after the two steps
@@ -154,8 +161,8 @@ def test_trajectory_first_steps_trains_on_those_states_only_and_says_so(tiny_bas
 def test_validation_trajectories_are_held_out_and_their_loss_is_logged_at_each_checkpoint(tiny_base_dir, prompt_file, tmp_path):
     """Held-out teacher runs (other noise) are scored before training and at every checkpoint; with EMA the figure
     is the EMA weights', the ones saved: the last one equals the saved guide's loss over every held-out state."""
-    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", trajectory_first_steps=2, max_steps=4,
-                     checkpointing_steps=2, log_every=1, validation_trajectories=3, use_ema=True)
+    config = _config(tiny_base_dir, prompt_file, tmp_path, trajectory_first_steps=2, max_steps=4,
+                     checkpointing_steps=2, log_every=1, validation_trajectories=3, use_ema=True, loss_weighting="none")
     guide = train_guide(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     validation = [(row["step"], row["validation_loss"]) for row in rows if "validation_loss" in row]
@@ -184,7 +191,7 @@ def test_empty_prompt_file_is_a_clear_error(tiny_base_dir, tmp_path):
 
 
 def test_init_guide_continues_from_a_trained_guide(tiny_base_dir, prompt_file, tmp_path):
-    start = GuideModel.from_unet(load_pipeline(tiny_base_dir).unet, "tiny")
+    start = OutputGuide.from_unet(load_pipeline(tiny_base_dir).unet)
     for p in start.parameters():
         torch.nn.init.normal_(p, std=0.05)
     start.save_pretrained(tmp_path / "start")
@@ -193,87 +200,34 @@ def test_init_guide_continues_from_a_trained_guide(tiny_base_dir, prompt_file, t
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
 
 
-def test_widen_trains_a_wider_copy_of_the_init_guide(tiny_base_dir, prompt_file, tmp_path):
-    """At a learning rate too small to move it, the widened guide still computes what the narrow one did."""
-    pipe = load_pipeline(tiny_base_dir)
-    start = randomised(GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output"))
-    start.save_pretrained(tmp_path / "start")
-    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", init_guide=str(tmp_path / "start"), widen=2, max_steps=1, learning_rate=1e-9)
-    guide = train_guide(config)
-    assert guide.config.block_out_channels[0] == 2 * start.config.block_out_channels[0]
-    assert GuideModel.from_pretrained(tmp_path / "run" / "guide").config.block_out_channels == guide.config.block_out_channels
-    batch, _ = _held_out_batch(pipe, prompt_file, config, tmp_path)
-    with torch.no_grad():
-        narrow, wide = (guided_noise_pred(pipe.unet, g, batch["sample"], batch["timesteps"], batch["conditioning"].prompt_embeds, batch["guidance_scale"]) for g in (start, guide))
-    torch.testing.assert_close(wide, narrow, atol=1e-4, rtol=1e-4)
-
-
-def test_widening_a_guide_that_does_not_read_the_unets_output_is_a_clear_error(tiny_base_dir, prompt_file, tmp_path):
-    GuideModel.from_unet(load_pipeline(tiny_base_dir).unet, "tiny").save_pretrained(tmp_path / "start")
-    with pytest.raises(ValueError, match="only an output guide .* can be widened; this one reads 'latent'"):
-        train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "start"), widen=2))
-
-
 def test_init_guide_for_another_unet_is_a_clear_error(tiny_base_dir, prompt_file, tmp_path):
     from conftest import tiny_unet
 
-    GuideModel.from_unet(tiny_unet(block_out_channels=(32, 32)), "tiny").save_pretrained(tmp_path / "other")
+    OutputGuide.from_unet(tiny_unet(block_out_channels=(32, 32))).save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="block_out_channels"):
         train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "other")))
 
 
 def test_init_guide_distilled_with_another_text_encoder_is_a_clear_error(tiny_base_dir, prompt_file, tmp_path):
     """Same UNet widths, other text encoder (the base-te3 case): training it further here would silently re-learn it."""
-    start = GuideModel.from_unet(load_pipeline(tiny_base_dir).unet, "tiny")
+    start = OutputGuide.from_unet(load_pipeline(tiny_base_dir).unet)
     start.register_to_config(trained_text_encoder="BertModel:other-weights")
     start.save_pretrained(tmp_path / "start")
     with pytest.raises(ValueError, match="trained for another base"):
         train_guide(_config(tiny_base_dir, prompt_file, tmp_path, init_guide=str(tmp_path / "start")))
 
 
-def test_a_feature_reading_guide_learns_with_the_relative_loss(tiny_base_dir, prompt_file, tmp_path):
-    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_features", scale_by_guidance=True, loss_weighting="relative")
-    pipe = load_pipeline(tiny_base_dir)
-    batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
-    trained = train_guide(config)
-    assert trained.config.reads == "unet_features" and trained.config.scale_by_guidance
-    untrained = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_features")
-    with torch.no_grad():
-        before = distillation_loss(pipe.unet, untrained, batch, negative, "relative").item()
-        after = distillation_loss(pipe.unet, trained, batch, negative, "relative").item()
-    assert before <= 1.0  # an untrained guide closes none of each sample's gap: error = gap, over gap + floor
-    assert after < 0.8 * before
-
-
 def test_an_output_guide_learns_with_the_timestep_loss(tiny_base_dir, prompt_file, tmp_path):
-    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_output", loss_weighting="timestep", learning_rate=1e-3)
+    config = _config(tiny_base_dir, prompt_file, tmp_path, loss_weighting="timestep", learning_rate=1e-3)
     pipe = load_pipeline(tiny_base_dir)
     batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
     trained = train_guide(config)
-    assert trained.config.reads == "unet_output"
-    untrained = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_output")
+    assert isinstance(trained, OutputGuide)
+    untrained = OutputGuide.from_unet(pipe.unet)
     with torch.no_grad():
         before = distillation_loss(pipe.unet, untrained, batch, negative, "none").item()
         after = distillation_loss(pipe.unet, trained, batch, negative, "none").item()
     assert after < 0.8 * before
-
-
-def test_relative_loss_divides_each_samples_error_by_its_own_gap(tiny_base_dir, prompt_file, tmp_path):
-    pipe = load_pipeline(tiny_base_dir)
-    conditioning = encode_prompts(pipe, ["a red circle on a black background"] * 2, "cpu", 16)
-    negative = encode_negative(pipe, "cpu", 16)
-    torch.manual_seed(0)
-    batch = {"sample": torch.randn(2, 4, 8, 8), "timesteps": torch.tensor([900, 100]), "conditioning": conditioning,
-             "guidance_scale": torch.tensor([3.0, 7.0])}
-    guide = GuideModel.from_unet(pipe.unet, "tiny")  # untrained: its output is the conditional one, error = gap
-    with torch.no_grad():
-        cfg, cond = cfg_and_conditional(pipe.unet, batch["sample"], batch["timesteps"], conditioning.prompt_embeds,
-                                        negative.expand(2).prompt_embeds, batch["guidance_scale"])
-        gap = (cfg - cond).pow(2).flatten(1).mean(1)
-        plain = distillation_loss(pipe.unet, guide, batch, negative, "none").item()
-        relative = distillation_loss(pipe.unet, guide, batch, negative, "relative").item()
-    assert plain == pytest.approx(gap.mean().item(), rel=1e-4)
-    assert relative == pytest.approx((gap / (gap + RELATIVE_LOSS_FLOOR)).mean().item(), rel=1e-4)
 
 
 def test_timestep_weighting_divides_by_the_mean_gap_of_each_samples_band_of_t(tiny_base_dir):
@@ -290,25 +244,25 @@ def test_timestep_weighting_divides_by_the_mean_gap_of_each_samples_band_of_t(ti
                                         negative.expand(3).prompt_embeds, batch["guidance_scale"])
         gap = (cfg - cond).pow(2).flatten(1).mean(1)
         gaps = timestep_gap_table(pipe.unet, [batch], negative, 1000)
-        loss = distillation_loss(pipe.unet, GuideModel.from_unet(pipe.unet, "tiny"), batch, negative, "timestep", gaps).item()
+        loss = distillation_loss(pipe.unet, ResidualGuide.from_unet(pipe.unet), batch, negative, "timestep", gaps).item()
     table = gaps.means
     last, low = timestep_bucket(torch.tensor([990, 100]), 1000).tolist()
-    assert table[last].item() == pytest.approx(gap[:2].mean().item() + RELATIVE_LOSS_FLOOR, rel=1e-5)
-    assert table[low].item() == pytest.approx(gap[2].item() + RELATIVE_LOSS_FLOOR, rel=1e-5)
+    assert table[last].item() == pytest.approx(gap[:2].mean().item() + GAP_FLOOR, rel=1e-5)
+    assert table[low].item() == pytest.approx(gap[2].item() + GAP_FLOOR, rel=1e-5)
     assert table[0].item() == table[low].item() and table[last - 1].item() == table[last].item()  # nearest measured band
     expected = torch.stack([gap[0] / table[last], gap[1] / table[last], gap[2] / table[low]]).mean().item()
     assert loss == pytest.approx(expected, rel=1e-4)
     with torch.no_grad():  # one band per timestep (trajectory states): 990 and 980 apart
         per_timestep = timestep_gap_table(pipe.unet, [batch], negative, 1000, buckets=1000)
-    assert per_timestep.at(torch.tensor([990, 980, 100])).tolist() == pytest.approx((gap + RELATIVE_LOSS_FLOOR).tolist(), rel=1e-5)
+    assert per_timestep.at(torch.tensor([990, 980, 100])).tolist() == pytest.approx((gap + GAP_FLOOR).tolist(), rel=1e-5)
 
 
 def test_distill_with_timestep_weighting_trains_and_records_it(tiny_base_dir, prompt_file, tmp_path):
-    config = _config(tiny_base_dir, prompt_file, tmp_path, reads="unet_features", scale_by_guidance=True, loss_weighting="timestep")
+    config = _config(tiny_base_dir, prompt_file, tmp_path, design="residual", loss_weighting="timestep")
     pipe = load_pipeline(tiny_base_dir)
     batch, negative = _held_out_batch(pipe, prompt_file, config, tmp_path)
     trained = train_guide(config)
-    untrained = GuideModel.from_unet(pipe.unet, "tiny", reads="unet_features")
+    untrained = ResidualGuide.from_unet(pipe.unet)
     with torch.no_grad():
         before = distillation_loss(pipe.unet, untrained, batch, negative, "none").item()
         after = distillation_loss(pipe.unet, trained, batch, negative, "none").item()
@@ -321,8 +275,8 @@ def test_mix_source_is_refused_with_a_prompt_file_and_a_batch_of_one():
         GuidanceDistillConfig(source="mix", prompts="p.txt")
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
         GuidanceDistillConfig(source="mix", batch_size=1)
-    with pytest.raises(ValueError, match="reads must be one of"):
-        GuidanceDistillConfig(reads="pixels")
+    with pytest.raises(ValueError, match="design must be one of"):
+        GuidanceDistillConfig(design="pixels")
 
 
 def test_timestep_weighting_resumes_to_the_uninterrupted_weights(tiny_base_dir, prompt_file, tmp_path, monkeypatch):

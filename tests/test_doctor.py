@@ -6,25 +6,26 @@ import torch
 from conftest import tiny_unet
 from pnpguide import doctor
 from pnpguide.doctor import Check, check_pair, format_checks
-from pnpguide.guide import GuideModel, text_encoder_signature
+from pnpguide.guide import OutputGuide, ResidualGuide
+from pnpguide.guides import text_encoder_signature
 
 ALL_CHECKS = [
     "base folder", "guide files", "base loads offline", "prediction type", "trained guidance range", "guide fits the UNet",
-    "guide fits the text encoder", "residuals", "text encoders", "conditioning kind",
+    "guide fits the text encoder", "residuals", "text encoders", "conditioning kind", "sampling policy",
 ]
 
 
-def _save_guide(unet, path, trained_guidance_range=(2.0, 9.0), trained_text_encoder=None):
-    guide = GuideModel.from_unet(unet, "tiny")
+def _save_guide(unet, path, trained_guidance_range=(2.0, 9.0), trained_text_encoder=None, design=OutputGuide):
+    guide = design.from_unet(unet)
     guide.register_to_config(trained_guidance_range=trained_guidance_range, trained_text_encoder=trained_text_encoder)
     guide.save_pretrained(path)
     return path
 
 
-@pytest.fixture
-def guide_dir(tiny_components, tmp_path):
+@pytest.fixture(params=[OutputGuide, ResidualGuide], ids=["output", "residual"])
+def guide_dir(tiny_components, tmp_path, request):
     signature = text_encoder_signature(tiny_components["text_encoder"])
-    return _save_guide(tiny_components["unet"], tmp_path / "guide", trained_text_encoder=signature)
+    return _save_guide(tiny_components["unet"], tmp_path / "guide", trained_text_encoder=signature, design=request.param)
 
 
 def _by_name(checks: list[Check]) -> dict[str, Check]:
@@ -37,6 +38,20 @@ def test_a_matching_pair_passes_every_check(tiny_base_dir, guide_dir):
     assert all(c.ok for c in checks), format_checks(checks)
     assert _by_name(checks)["trained guidance range"].detail == "w in [2.0, 9.0]; negative prompts ignored (distilled against the empty prompt)"
     assert _by_name(checks)["prediction type"].detail == "v_prediction"
+    assert _by_name(checks)["sampling policy"].detail == "the full correction at every step of the scheduler's grid"
+
+
+def test_the_sampling_policy_line_says_how_the_guide_samples_by_default(tiny_base_dir, tiny_components, tmp_path):
+    from pnpguide import CorrectionCarry
+
+    guide = OutputGuide.from_unet(tiny_components["unet"]).with_negative_head()
+    guide.register_to_config(trained_guidance_range=(2.0, 9.0), trained_first_steps=2, negative_first_steps=3)
+    guide.correction_carry = CorrectionCarry(2, [999.0, 749.0, 499.0, 249.0], [1.0, 0.9, 0.8, 0.7])
+    guide.save_pretrained(tmp_path / "first-steps")
+    check = _by_name(check_pair(tiny_base_dir, tmp_path / "first-steps"))["sampling policy"]
+    assert check.ok
+    assert check.detail == ("4 steps by default; the first 2 run the full correction, then it is carried on (other step counts read the "
+                            "carry at their own timesteps); with a negative prompt it runs the first 3 steps in full")
 
 
 def test_a_guide_for_another_unet_fails_naming_the_mismatch(tiny_base_dir, tmp_path):
@@ -51,7 +66,7 @@ def test_a_guide_for_another_unet_fails_naming_the_mismatch(tiny_base_dir, tmp_p
 
 def test_residual_widths_that_do_not_match_the_unet_fail(unet):
     """A second line of defence behind check_compatible: the projections the guide really has, against the UNet."""
-    guide = GuideModel.from_unet(unet, "tiny")
+    guide = ResidualGuide.from_unet(unet)
     assert doctor._residuals(guide, unet).ok
     guide.down_projections[-1] = torch.nn.Conv2d(guide.down_projections[-1].in_channels, 48, 1)
     check = doctor._residuals(guide, unet)
@@ -96,9 +111,12 @@ def test_an_untrained_guide_has_no_guidance_range(tiny_base_dir, tiny_components
     assert not check.ok and "not recorded" in check.detail
 
 
-def test_defaults_are_the_embedded_base_and_the_shipped_tiny_guide(monkeypatch, tiny_base_dir, guide_dir):
+def test_defaults_are_the_embedded_base_and_the_shipped_default_guide(monkeypatch, tiny_base_dir, guide_dir):
+    from pnpguide.loading import default_guide_dir
+
+    assert default_guide_dir().name == "default"
     monkeypatch.setattr(doctor, "default_base_dir", lambda: tiny_base_dir)
-    monkeypatch.setattr(doctor, "default_guide_dir", lambda size: guide_dir if size == "tiny" else None)
+    monkeypatch.setattr(doctor, "default_guide_dir", lambda name="default": guide_dir if name == "default" else None)
     assert all(c.ok for c in check_pair())
 
 
@@ -108,7 +126,7 @@ def test_the_report_has_one_line_per_check():
 
 
 def test_a_guide_trained_with_another_text_encoder_fails_naming_both(tiny_base_dir, tiny_components, tmp_path):
-    guide = GuideModel.from_unet(tiny_components["unet"], "tiny")
+    guide = OutputGuide.from_unet(tiny_components["unet"])
     guide.register_to_config(trained_guidance_range=(2.0, 9.0), trained_text_encoder="BertModel (6 layers, 32 wide, vocab 60)")
     guide.save_pretrained(tmp_path / "old-base-guide")
     check = _by_name(check_pair(tiny_base_dir, tmp_path / "old-base-guide"))["guide fits the text encoder"]
@@ -125,8 +143,10 @@ def test_a_trained_guide_that_does_not_record_its_text_encoder_fails_naming_this
     assert text_encoder_signature(tiny_components["text_encoder"]) in check.detail and "\n" not in check.detail
 
 
-def test_a_feature_reading_guide_passes_the_residual_check(unet):
-    guide = GuideModel.from_unet(unet, "tiny", reads="unet_features")
-    assert doctor._residuals(guide, unet).ok
-    guide.skip_heads[-1].proj_out = torch.nn.Conv2d(guide.skip_heads[-1].proj_out.in_channels, 48, 1)
-    assert not doctor._residuals(guide, unet).ok
+def test_an_output_guide_passes_the_residual_check_and_one_for_another_output_width_fails(unet):
+    guide = OutputGuide.from_unet(unet)
+    check = doctor._residuals(guide, unet)
+    assert check.ok and "corrects the UNet's 4-channel output" in check.detail
+    guide.output_head.conv_out = torch.nn.Conv2d(guide.output_head.conv_out.in_channels, 3, 3, padding=1)
+    check = doctor._residuals(guide, unet)
+    assert not check.ok and "the guide corrects a 3-channel output, the UNet's has 4" in check.detail

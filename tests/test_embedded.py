@@ -10,6 +10,7 @@ from pnpguide.embedded import shapes
 from pnpguide.demo import run_demo
 from pnpguide.embedded.adherence import adherence
 from pnpguide.evaluation.sampling import generate_images, psnr
+from pnpguide.guides import OutputGuide
 from pnpguide.loading import default_guide_dir, load_plug_and_play
 
 pytestmark = pytest.mark.integration
@@ -21,13 +22,14 @@ def pipe():
 
 
 def test_shipped_guides_fit_the_embedded_base(pipe):
-    for size in ("tiny", "full"):
-        assert (default_guide_dir(size) / "config.json").is_file()
+    for name in ("default", "16-step", "8-step", "paper"):
+        assert (default_guide_dir(name) / "config.json").is_file()
+    assert pipe.guide.config._name_or_path == str(default_guide_dir()) and pipe.guide.correction_carry is not None
     low, high = pipe.guide.config.trained_guidance_range
     assert low <= 7.5 <= high
 
 
-def test_shipped_tiny_guide_is_closer_to_the_teacher_than_no_guidance(pipe):
+def test_shipped_default_guide_is_closer_to_the_teacher_than_no_guidance(pipe):
     captions = shapes.heldout_captions(6, objects=1) + shapes.heldout_captions(6, objects=2)
     teacher = generate_images(pipe, captions, 7.5, 16, seed=3, mode="cfg", progress=False)
     guided = generate_images(pipe, captions, 7.5, 16, seed=3, mode="guide", progress=False)
@@ -42,14 +44,15 @@ def test_demo_writes_a_grid_and_counts_unet_evaluations(tmp_path):
     lines = []
     grid, timings = run_demo(tmp_path, steps=4, progress=lines.append)
     assert grid.is_file()
-    assert lines[0] == "loading the embedded base and the tiny guide" and lines[-1] == f"writing the grid to {grid}"
+    assert lines[0] == "loading the embedded base and the default guide" and lines[-1] == f"writing the grid to {grid}"
     assert len(lines) == len(timings) + 2 and lines[1].startswith(f"[1/{len(timings)}] no guidance (w=1), 4 steps: sampling")
     evals = {t.label: t.unet_images_per_image for t in timings[:3]}
-    assert evals == {"no guidance (w=1)": 4, "CFG teacher": 8, "guide": 4}
-    assert all(t.unet_images_per_image == t.steps for t in timings[3:])  # step-distilled guides, at their own counts
+    assert evals == {"no guidance (w=1)": 4, "CFG": 8, "guide default": 4}  # the default guide's carry: one pass a step
+    others = {t.label: (t.steps, t.unet_images_per_image) for t in timings[3:]}
+    assert others == {"guide 16-step": (16, 16), "guide 8-step": (8, 8), "guide paper": (4, 4)}  # distilled ones at their own counts
 
 
-def test_a_feature_reading_guide_trains_on_the_mixed_source(tmp_path):
+def test_a_guide_trains_on_the_mixed_source(tmp_path):
     """`--source mix`: half of each batch noised dataset latents, half CFG-trajectory states (only the embedded
     model has the shapes images, so this runs on it)."""
     from pnpguide.loading import load_pipeline
@@ -59,7 +62,7 @@ def test_a_feature_reading_guide_trains_on_the_mixed_source(tmp_path):
 
     assert _split(5, 2) == [3, 2] and _split(4, 1) == [4]
     config = GuidanceDistillConfig(
-        output_dir=str(tmp_path / "run"), source="mix", reads="unet_features", scale_by_guidance=True, num_samples=32,
+        output_dir=str(tmp_path / "run"), source="mix", num_samples=32,
         trajectories=4, trajectory_steps=2, max_steps=2, batch_size=4, lr_warmup_steps=0, checkpointing_steps=2,
     )
     pools = training_pools(load_pipeline(), dataclasses.replace(config, output_dir=str(tmp_path / "pools")), make_accelerator(config), "states", 7)
@@ -68,6 +71,6 @@ def test_a_feature_reading_guide_trains_on_the_mixed_source(tmp_path):
     assert data.timesteps is None and states.timesteps is not None
     assert set(states.prompts) <= set(pools[0].prompts)  # trajectories are sampled from the data's captions
     guide = train_guide(config)
-    assert guide.config.reads == "unet_features"
+    assert isinstance(guide, OutputGuide) and guide.config.trained_first_steps is None  # every state: not trajectories alone
     assert guide.config.trained_text_encoder.startswith("BertModel (")
     assert (tmp_path / "run" / "guide" / "config.json").is_file()

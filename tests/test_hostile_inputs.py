@@ -1,7 +1,7 @@
 """Bad and hostile inputs at every boundary end in one clear error, never in a traceback from deep inside
-diffusers or in code execution. Complements test_loading.py, test_pipeline.py, test_guide.py and
-test_distill_guidance.py, which cover the first cases of each kind (truncated weights, a `.bin` pickle, a
-missing component folder, NaN and 0 guidance scales, an empty prompt file)."""
+diffusers or in code execution. Complements test_loading.py, test_guide.py and test_distill_guidance.py, which
+cover the first cases of each kind (truncated weights, a `.bin` pickle, a missing component folder, an empty prompt
+file)."""
 
 import pickle
 import shutil
@@ -15,7 +15,7 @@ from conftest import tiny_unet
 from pnpguide.sources import read_prompt_file
 from pnpguide.loading import load_pipeline
 from pnpguide.embedded.base import prediction_target
-from pnpguide.guide import GuideModel
+from pnpguide.guide import OutputGuide, ResidualGuide
 from pnpguide.loading import GUIDE_WEIGHTS, load_guide, load_plug_and_play
 from pnpguide.pipeline import PlugAndPlayPipeline
 
@@ -26,9 +26,9 @@ OTHER_UNETS = [
 ]
 
 
-@pytest.fixture
-def guide_dir(tiny_components, tmp_path):
-    GuideModel.from_unet(tiny_components["unet"], "tiny").save_pretrained(tmp_path / "guide")
+@pytest.fixture(params=[OutputGuide, ResidualGuide], ids=["output", "residual"])
+def guide_dir(tiny_components, tmp_path, request):
+    request.param.from_unet(tiny_components["unet"]).save_pretrained(tmp_path / "guide")
     return tmp_path / "guide"
 
 
@@ -36,15 +36,16 @@ def guide_dir(tiny_components, tmp_path):
 # a guide built for another UNet
 
 
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
 @pytest.mark.parametrize("unet_change, match", OTHER_UNETS)
-def test_a_pipeline_refuses_a_guide_built_for_another_unet(tiny_components, unet_change, match):
-    foreign = GuideModel.from_unet(tiny_unet(**unet_change), "tiny")
+def test_a_pipeline_refuses_a_guide_built_for_another_unet(tiny_components, unet_change, match, design):
+    foreign = design.from_unet(tiny_unet(**unet_change))
     with pytest.raises(ValueError, match=match):
         PlugAndPlayPipeline(**tiny_components, guide=foreign)
 
 
 def test_loading_a_base_with_another_unets_guide_names_the_mismatch(tiny_base_dir, tmp_path):
-    GuideModel.from_unet(tiny_unet(cross_attention_dim=48), "tiny").save_pretrained(tmp_path / "foreign")
+    OutputGuide.from_unet(tiny_unet(cross_attention_dim=48)).save_pretrained(tmp_path / "foreign")
     with pytest.raises(ValueError, match="guide built for cross_attention_dim=48, this UNet has 32; retrain or pick"):
         load_plug_and_play(tiny_base_dir, tmp_path / "foreign")
 
@@ -73,11 +74,15 @@ def test_a_guide_folder_without_weights_is_a_clear_error(guide_dir):
         load_guide(guide_dir)
 
 
-def test_weights_of_another_guide_name_the_tensor_that_does_not_fit(guide_dir, tmp_path):
-    other = GuideModel.from_unet(tiny_unet(block_out_channels=(16, 48)), "tiny")
-    save_file(other.state_dict(), str(guide_dir / GUIDE_WEIGHTS))  # valid safetensors, wrong shapes
-    with pytest.raises(ValueError, match=r"down_projections\.\d+\.\w+ expected shape"):
-        load_guide(guide_dir)
+@pytest.mark.parametrize("design, other, match", [
+    (ResidualGuide, lambda: ResidualGuide.from_unet(tiny_unet(block_out_channels=(16, 48))), r"down_projections\.\d+\.\w+ expected shape"),
+    (OutputGuide, lambda: OutputGuide.from_unet(tiny_unet(), width=16), r"output_head\.[\w.]+ expected shape"),
+], ids=["residual", "output"])
+def test_weights_of_another_guide_name_the_tensor_that_does_not_fit(tiny_components, tmp_path, design, other, match):
+    design.from_unet(tiny_components["unet"]).save_pretrained(tmp_path / "guide")
+    save_file(other().state_dict(), str(tmp_path / "guide" / GUIDE_WEIGHTS))  # valid safetensors, wrong shapes
+    with pytest.raises(ValueError, match=match):
+        load_guide(tmp_path / "guide")
 
 
 def test_a_corrupt_guide_config_is_a_clear_error(guide_dir):
@@ -139,14 +144,12 @@ def test_a_missing_prompt_file_is_a_clear_error(tmp_path):
 
 @pytest.fixture
 def pipe(tiny_components):
-    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=OutputGuide.from_unet(tiny_components["unet"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(guidance_scale=-3.0), "guidance_scale must be a finite number > 0"),
-    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number > 0"),
     (dict(num_inference_steps=-1), "num_inference_steps must be >= 1"),
     (dict(height=20), "`height` and `width` have to be divisible by 8 but are 20 and 16"),
 ])

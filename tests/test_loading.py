@@ -2,18 +2,18 @@ import pytest
 import torch
 
 from pnpguide.loading import check_model_dir
-from pnpguide.guide import GuideModel
+from pnpguide.guide import GuideModel, OutputGuide, ResidualGuide
 from pnpguide.loading import GUIDE_WEIGHTS, load_guide
 
 
 @pytest.fixture
 def guide_dir(unet, tmp_path):
-    GuideModel.from_unet(unet, "tiny").save_pretrained(tmp_path / "guide")
+    OutputGuide.from_unet(unet).save_pretrained(tmp_path / "guide")
     return tmp_path / "guide"
 
 
 def test_load_guide_round_trip(guide_dir):
-    assert isinstance(load_guide(guide_dir), GuideModel)
+    assert isinstance(load_guide(guide_dir), OutputGuide)
 
 
 def test_truncated_safetensors_is_a_clear_error(guide_dir):
@@ -48,8 +48,13 @@ def test_model_dir_missing_a_component_is_named(tmp_path):
 
 
 def test_shipped_guides_load_by_name_and_step_distilled_ones_say_their_step_counts(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no folder called "tiny-8step" here
-    assert tuple(load_guide("tiny-8step").config.trained_step_counts) == (8,)
-    assert load_guide("tiny").config.trained_step_counts is None
-    with pytest.raises(FileNotFoundError, match="shipped guides: .*tiny-16step"):
-        load_guide("tiny-7step")
+    from pnpguide.loading import default_guide_dir
+
+    monkeypatch.chdir(tmp_path)  # no folder called "8-step" here
+    assert len(load_guide("8-step").config.trained_timesteps) == 8 and load_guide("8-step").policy.num_inference_steps == 8
+    default = load_guide("default")
+    assert isinstance(default, OutputGuide) and default.config.trained_timesteps is None and default.correction_carry is not None
+    assert default_guide_dir().name == "default" and load_guide(default_guide_dir()).correction_carry == default.correction_carry
+    assert isinstance(load_guide("paper"), ResidualGuide) and isinstance(GuideModel.from_pretrained("paper"), ResidualGuide)
+    with pytest.raises(FileNotFoundError, match="shipped guides: .*16-step"):
+        load_guide("7-step")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import distill_flags
 from pnpguide.cli import main
-from pnpguide.guide import GuideModel, GuideOutput
+from pnpguide.guide import GuideModel, GuideOutput, OutputGuide
 
 
 @pytest.fixture(autouse=True)
@@ -27,14 +27,13 @@ def test_a_guide_output_can_be_rebuilt_from_a_mapping_as_accelerate_does():
     assert len(rebuilt.down_block_additional_residuals) == 2
 
 
-@pytest.mark.parametrize("reads", ["latent", "unet_features", "unet_output"])
-def test_distill_with_bf16_mixed_precision_trains_an_fp32_guide(tiny_base_dir, prompt_file, tmp_path, reads):
+@pytest.mark.parametrize("design", ["residual", "output"])
+def test_distill_with_bf16_mixed_precision_trains_an_fp32_guide(tiny_base_dir, prompt_file, tmp_path, design):
     out = tmp_path / "run"
-    assert main(distill_flags(tiny_base_dir, prompt_file, out, mixed_precision="bf16", reads=reads)) == 0
+    assert main(distill_flags(tiny_base_dir, prompt_file, out, mixed_precision="bf16", design=design)) == 0
     guide = GuideModel.from_pretrained(str(out / "guide"))
     assert guide.dtype == torch.float32
-    projections = {"unet_features": lambda: guide.skip_heads[0].proj_out, "latent": lambda: guide.down_projections[0],
-                   "unet_output": lambda: guide.output_head.conv_out}[reads]()
+    projections = {"residual": lambda: guide.down_projections[0], "output": lambda: guide.output_head.conv_out}[design]()
     assert projections.weight.abs().sum() > 0  # moved away from the zero init
     assert all(torch.isfinite(p).all() for p in guide.parameters())
 
@@ -46,7 +45,7 @@ def test_distill_steps_with_bf16_mixed_precision_runs(tiny_components, prompt_fi
 
     pipe = StableDiffusionPipeline(**tiny_components)
     pipe.save_pretrained(tmp_path / "base")
-    GuideModel.from_unet(pipe.unet, "tiny").save_pretrained(tmp_path / "guide")
+    OutputGuide.from_unet(pipe.unet).save_pretrained(tmp_path / "guide")
     config = StepDistillConfig(
         output_dir=str(tmp_path / "steps"), base=str(tmp_path / "base"), guide=str(tmp_path / "guide"), teacher_steps=4,
         student_steps=2, max_steps=2, batch_size=4, prompts=str(prompt_file), trajectories=4, trajectory_steps=2,

@@ -1,24 +1,22 @@
-"""Negative prompts in guide mode (issue 15): the guide's input, the pipelines, both distillation stages."""
+"""Negative prompts in guide mode: an output guide's negative head, the pipelines, both distillation stages."""
 
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 
 from conftest import distill_flags
 from pnpguide.conditioning import encode_negative, encode_negatives, encode_prompts
 from pnpguide.distill_guidance import GuidanceDistillConfig
 from pnpguide.distill_steps import StepDistillConfig, distill_steps
-from pnpguide.evaluation.speed import SD15, step_cost
-from pnpguide.guide import GuideModel
+from pnpguide.guide import GuideModel, OutputGuide, ResidualGuide
 from pnpguide.negatives import NegativeSampler, attribute_spans
 from pnpguide.pipeline import PlugAndPlayPipeline
 from pnpguide.teacher import guided_noise_pred
 
 PROMPTS = ["a red circle on a black background", "a blue square above a green triangle on a white background"]
-READS = ["latent", "unet_features"]
 
 
 def _inputs(batch=2, dim=32):
@@ -33,84 +31,44 @@ def _randomised(guide, seed=3, std=0.05):
     return guide
 
 
-@pytest.mark.parametrize("reads", READS)
-def test_an_untrained_negative_reading_guide_leaves_the_unet_output_unchanged(unet, reads):
-    guide = GuideModel.from_unet(unet, reads=reads, reads_negative=True)
-    sample, t, embeds, negative = _inputs()
-    assert torch.equal(guide.negative_segment, torch.zeros(32))
-    assert torch.equal(unet(sample, t, embeds).sample, guided_noise_pred(unet, guide, sample, t, embeds, 5.0, negative_prompt_embeds=negative))
+def _headed(unet, std=0.05):
+    """An output guide with a negative head, every weight random (as if trained)."""
+    return _randomised(OutputGuide.from_unet(unet).with_negative_head(), std=std)
 
 
-@pytest.mark.parametrize("reads", READS)
-def test_the_negative_prompt_changes_the_residuals_of_a_guide_that_reads_it_only(unet, reads):
+@pytest.mark.parametrize("positive_only", [OutputGuide, ResidualGuide])
+def test_the_negative_prompt_changes_the_output_of_a_guide_with_a_negative_head_only(unet, positive_only):
     sample, t, embeds, negative = _inputs()
-    reading = _randomised(GuideModel.from_unet(unet, reads=reads, reads_negative=True))
+    reading = _headed(unet)
     a = guided_noise_pred(unet, reading, sample, t, embeds, 5.0, negative_prompt_embeds=negative)
     b = guided_noise_pred(unet, reading, sample, t, embeds, 5.0, negative_prompt_embeds=negative + 1)
     assert (a - b).abs().max() > 1e-4
-    positive_only = _randomised(GuideModel.from_unet(unet, reads=reads))
+    positive_only = _randomised(positive_only.from_unet(unet))
+    assert reading.reads_negative_prompt and not positive_only.reads_negative_prompt
     c = guided_noise_pred(unet, positive_only, sample, t, embeds, 5.0, negative_prompt_embeds=negative)
     assert torch.equal(c, guided_noise_pred(unet, positive_only, sample, t, embeds, 5.0, negative_prompt_embeds=negative + 1))
 
 
 def test_one_negative_row_serves_the_whole_batch(unet):
-    guide = _randomised(GuideModel.from_unet(unet, reads_negative=True))
+    guide = _headed(unet)
     sample, t, embeds, negative = _inputs()
     one = guided_noise_pred(unet, guide, sample, t, embeds, 5.0, negative_prompt_embeds=negative[:1])
     both = guided_noise_pred(unet, guide, sample, t, embeds, 5.0, negative_prompt_embeds=negative[:1].expand(2, -1, -1))
     torch.testing.assert_close(one, both)
 
 
-def test_a_negative_reading_guide_without_the_negative_says_what_to_pass(unet):
-    guide = GuideModel.from_unet(unet, reads_negative=True)
-    sample, t, embeds, _ = _inputs()
-    with pytest.raises(ValueError, match="this guide reads the negative prompt: pass negative_encoder_hidden_states"):
-        guide(sample, t, embeds, 5.0)
-
-
-@pytest.mark.parametrize("reads", READS)
-def test_with_negative_input_keeps_every_trained_weight(unet, reads):
-    guide = _randomised(GuideModel.from_unet(unet, reads=reads))
-    reading = guide.with_negative_input()
-    assert reading.config.reads_negative and torch.equal(reading.negative_segment, torch.zeros(32))
-    state = reading.state_dict()
-    assert all(torch.equal(value, state[name]) for name, value in guide.state_dict().items())
-    assert reading.with_negative_input() is reading
-
-
-def test_a_guide_saved_before_negatives_existed_learns_to_read_them(unet, tmp_path):
-    guide = _randomised(GuideModel.from_unet(unet))
+def test_a_guide_saved_before_negative_heads_existed_gets_one(unet, tmp_path):
+    guide = _randomised(OutputGuide.from_unet(unet))
     guide.save_pretrained(tmp_path / "old")
     config = tmp_path / "old" / "config.json"
-    config.write_text(config.read_text().replace('"reads_negative": false,', ""))  # as guides saved before the field
+    assert '"negative_head": false,' in config.read_text()
+    config.write_text(config.read_text().replace('"negative_head": false,', ""))  # as guides saved before the field
     old = GuideModel.from_pretrained(tmp_path / "old")
-    assert "reads_negative" in old.config["_use_default_values"]
-    reading = old.with_negative_input()
-    assert reading.config.reads_negative and torch.equal(reading.negative_segment, torch.zeros(32))
-
-
-def test_a_negative_reading_guide_saves_and_loads(unet, tmp_path):
-    guide = _randomised(GuideModel.from_unet(unet, reads="unet_features", reads_negative=True))
-    guide.save_pretrained(tmp_path / "guide")
-    loaded = GuideModel.from_pretrained(tmp_path / "guide")
-    assert loaded.config.reads_negative
-    sample, t, embeds, negative = _inputs()
-    assert torch.equal(guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=negative),
-                       guided_noise_pred(unet, loaded, sample, t, embeds, 4.0, negative_prompt_embeds=negative))
-
-
-@pytest.mark.parametrize("reads", READS)
-def test_reading_the_negative_keeps_the_tiny_guide_in_budget_on_sd15(reads):
-    with torch.device("meta"):
-        sd15 = UNet2DConditionModel(**SD15)
-        guide = GuideModel.from_unet(sd15, "tiny", reads=reads, reads_negative=True)
-    ratio = sum(p.numel() for p in guide.parameters()) / sum(p.numel() for p in sd15.parameters())
-    assert ratio <= 0.01
-    cost = step_cost(sd15, guide, tokens=77)
-    with torch.device("meta"):
-        positive_only = step_cost(sd15, GuideModel.from_unet(sd15, "tiny", reads=reads), tokens=77)
-    assert cost.guide > positive_only.guide  # the negative's keys and values are counted
-    assert cost.ratio <= 0.505
+    assert "negative_head" in old.config["_use_default_values"] and not old.reads_negative_prompt
+    reading = old.with_negative_head()
+    assert reading.config.negative_head and not reading.negative_output_head.conv_out.weight.any()
+    state = reading.state_dict()
+    assert all(torch.equal(value, state[name]) for name, value in old.state_dict().items())  # every trained weight kept
 
 
 # --- pipelines ---------------------------------------------------------------------------------------------------------
@@ -127,7 +85,7 @@ def _run(pipe, **kwargs):
 
 
 def test_guide_mode_uses_the_negative_prompt_with_a_guide_that_reads_it(tiny_components):
-    pipe = _pipe(tiny_components, _randomised(GuideModel.from_unet(tiny_components["unet"], reads_negative=True), std=0.3))
+    pipe = _pipe(tiny_components, _headed(tiny_components["unet"], std=0.3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "ignored" warning
         plain, negated = _run(pipe), _run(pipe, negative_prompt=["red", "blue square"])
@@ -135,15 +93,16 @@ def test_guide_mode_uses_the_negative_prompt_with_a_guide_that_reads_it(tiny_com
     np.testing.assert_array_equal(plain, _run(pipe, negative_prompt=["", ""]))  # no negative = the empty prompt, as CFG
 
 
-def test_guide_mode_with_an_older_guide_warns_and_ignores_the_negative(tiny_components):
-    pipe = _pipe(tiny_components, _randomised(GuideModel.from_unet(tiny_components["unet"])))
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_guide_mode_with_a_guide_without_a_negative_head_warns_and_ignores_the_negative(tiny_components, design):
+    pipe = _pipe(tiny_components, _randomised(design.from_unet(tiny_components["unet"])))
     with pytest.warns(UserWarning, match="negative_prompt is ignored in guide mode"):
         negated = _run(pipe, negative_prompt=["red", "blue square"])
     np.testing.assert_array_equal(negated, _run(pipe))
 
 
 def test_negative_prompt_embeds_work_like_the_negative_prompt(tiny_components):
-    pipe = _pipe(tiny_components, _randomised(GuideModel.from_unet(tiny_components["unet"], reads="unet_features", reads_negative=True)))
+    pipe = _pipe(tiny_components, _headed(tiny_components["unet"], std=0.3))
     _, negative_embeds = pipe.encode_prompt(PROMPTS, "cpu", 1, True, ["red", "green"])
     np.testing.assert_array_equal(_run(pipe, negative_prompt=["red", "green"]), _run(pipe, negative_prompt_embeds=negative_embeds))
 
@@ -189,9 +148,11 @@ def test_distill_with_negatives_saves_a_guide_that_reads_them(tiny_base_dir, pro
 
     negatives = tmp_path / "negatives.txt"
     negatives.write_text("red\ngreen triangle\n")
-    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "run", negative_prompts=negatives, reads="unet_features")) == 0
+    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "a", max_steps=2)) == 0
+    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "run", init_guide=tmp_path / "a" / "guide", negative_head=True,
+                              negative_prompts=negatives)) == 0
     guide = GuideModel.from_pretrained(tmp_path / "run" / "guide")
-    assert guide.config.reads_negative and guide.negative_segment.abs().sum() > 0  # trained: the segment moved
+    assert guide.reads_negative_prompt and guide.negative_output_head.conv_out.weight.abs().sum() > 0  # trained: the head moved
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -203,36 +164,43 @@ def test_bad_negative_settings_are_one_line_errors(overrides, match):
         GuidanceDistillConfig(**overrides)
 
 
-def test_a_negatives_file_implies_negatives(tmp_path):
+def test_a_negatives_file_is_drawn_for_a_negative_head(tmp_path):
     path = tmp_path / "n.txt"
     path.write_text("blurry\n")
-    assert GuidanceDistillConfig(negative_prompts=str(path)).negatives
+    with pytest.raises(ValueError, match="--negative-prompts are drawn for a negative head: pass --negative-head"):
+        GuidanceDistillConfig(negative_prompts=str(path))
+    assert GuidanceDistillConfig(negative_prompts=str(path), negative_head=True, init_guide="default").negatives
 
 
 def test_a_positive_only_guide_learns_negatives_from_where_it_stands(tiny_base_dir, prompt_file, tmp_path):
     from pnpguide.cli import main
 
     assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "a", max_steps=2)) == 0
-    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "b", max_steps=2, init_guide=tmp_path / "a" / "guide", negatives=True)) == 0
-    assert GuideModel.from_pretrained(tmp_path / "b" / "guide").config.reads_negative
-    code = main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "c", max_steps=2, init_guide=tmp_path / "b" / "guide"))
-    assert code != 0  # training a negative-reading guide on the empty prompt alone would unlearn its negatives
+    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "b", max_steps=2, init_guide=tmp_path / "a" / "guide",
+                              negative_head=True)) == 0
+    headed = GuideModel.from_pretrained(tmp_path / "b" / "guide")
+    assert headed.reads_negative_prompt
+    # training it further on the empty prompt alone leaves its negative head as it was: without a negative the head is skipped
+    assert main(distill_flags(tiny_base_dir, prompt_file, tmp_path / "c", max_steps=2, init_guide=tmp_path / "b" / "guide")) == 0
+    further = GuideModel.from_pretrained(tmp_path / "c" / "guide")
+    assert further.reads_negative_prompt and not torch.equal(further.output_head.conv_out.weight, headed.output_head.conv_out.weight)
+    assert all(torch.equal(a, b) for a, b in zip(further.negative_output_head.state_dict().values(), headed.negative_output_head.state_dict().values()))
 
 
 def test_step_distillation_keeps_the_negatives(tiny_components, prompt_file, tmp_path):
     pipe = StableDiffusionPipeline(**tiny_components)
     pipe.save_pretrained(tmp_path / "base")
-    GuideModel.from_unet(pipe.unet, "tiny", reads_negative=True).save_pretrained(tmp_path / "guide")
+    OutputGuide.from_unet(pipe.unet).with_negative_head().save_pretrained(tmp_path / "guide")
     config = StepDistillConfig(
         output_dir=str(tmp_path / "steps"), base=str(tmp_path / "base"), guide=str(tmp_path / "guide"), teacher_steps=4, student_steps=2,
         max_steps=2, batch_size=4, prompts=str(prompt_file), trajectories=4, trajectory_steps=2, lr_warmup_steps=0, negative_rate=1.0,
     )
     saved = distill_steps(config)
-    assert GuideModel.from_pretrained(saved[2]).config.reads_negative
+    assert GuideModel.from_pretrained(saved[2]).reads_negative_prompt
 
 
 def test_step_distillation_refuses_a_negatives_file_for_a_positive_only_guide(tiny_components, prompt_file, tmp_path):
-    GuideModel.from_unet(tiny_components["unet"], "tiny").save_pretrained(tmp_path / "guide")
+    OutputGuide.from_unet(tiny_components["unet"]).save_pretrained(tmp_path / "guide")
     negatives = tmp_path / "n.txt"
     negatives.write_text("blurry\n")
     config = StepDistillConfig(output_dir=str(tmp_path / "steps"), guide=str(tmp_path / "guide"), prompts=str(prompt_file),

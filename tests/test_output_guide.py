@@ -7,20 +7,19 @@ from diffusers import UNet2DConditionModel
 
 from conftest import guide_inputs, randomised
 from pnpguide.evaluation.speed import SD15, SDXL, step_cost
-from pnpguide.guide import GuideModel, OutputCorrection
+from pnpguide.guide import GuideModel, OutputCorrection, OutputGuide, ResidualGuide
 from pnpguide.teacher import guided_noise_pred
 
 
-@pytest.mark.parametrize("size", ["tiny", "full"])
-def test_an_untrained_output_guide_leaves_the_unet_output_unchanged(unet, size):
-    guide = GuideModel.from_unet(unet, size=size, reads="unet_output")
+def test_an_untrained_output_guide_leaves_the_unet_output_unchanged(unet):
+    guide = OutputGuide.from_unet(unet)
     sample, t, embeds = guide_inputs()
     assert torch.equal(unet(sample, t, embeds).sample, guided_noise_pred(unet, guide, sample, t, embeds, torch.tensor([3.0, 8.0])))
 
 
 def test_the_correction_has_cfgs_form_in_w(unet):
     """cond + (w - 1) * d: w = 1 is exactly the unguided UNet, and the correction grows linearly in w, as CFG's does."""
-    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    guide = randomised(OutputGuide.from_unet(unet))
     sample, t, embeds = guide_inputs()
     plain = unet(sample, t, embeds).sample
     assert torch.equal(plain, guided_noise_pred(unet, guide, sample, t, embeds, 1.0))
@@ -31,7 +30,7 @@ def test_the_correction_has_cfgs_form_in_w(unet):
 
 
 def test_the_guide_reads_the_unets_output_and_the_prompt(unet):
-    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    guide = randomised(OutputGuide.from_unet(unet))
     sample, t, embeds = guide_inputs()
     output = unet(sample, t, embeds).sample
     correction = guide(sample, t, embeds, 4.0, unet_output=output)
@@ -42,24 +41,24 @@ def test_the_guide_reads_the_unets_output_and_the_prompt(unet):
 
 @pytest.mark.parametrize("height, width", [(9, 9), (5, 12)])
 def test_odd_latent_sizes_come_back_at_their_size(unet, height, width):
-    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    guide = randomised(OutputGuide.from_unet(unet))
     sample = torch.randn(1, 4, height, width)
     out = guided_noise_pred(unet, guide, sample, 500, torch.randn(1, 6, 32), 3.0)
     assert out.shape == sample.shape and torch.isfinite(out).all()
 
 
-def test_an_output_guide_called_without_the_output_says_how_to_call_it(unet):
-    guide = GuideModel.from_unet(unet, reads="unet_output")
+def test_an_output_guide_called_without_the_output_names_the_missing_argument(unet):
+    guide = OutputGuide.from_unet(unet)
     sample, t, embeds = guide_inputs()
-    with pytest.raises(ValueError, match="reads the UNet's output: call it through pnpguide.guided_noise_pred"):
+    with pytest.raises(TypeError, match="unet_output"):
         guide(sample, t, embeds, 3.0)
 
 
 @pytest.mark.parametrize("config", ["sd15", "sdxl"])
-def test_tiny_output_guide_fits_the_budget_on_sd15_and_sdxl(config):
+def test_the_output_guide_fits_the_budget_on_sd15_and_sdxl(config):
     with torch.device("meta"):
         base = UNet2DConditionModel(**(SD15 if config == "sd15" else SDXL))
-        guide = GuideModel.from_unet(base, "tiny", reads="unet_output")
+        guide = OutputGuide.from_unet(base)
     ratio = sum(p.numel() for p in guide.parameters()) / sum(p.numel() for p in base.parameters())
     assert ratio <= 0.01
     cost = step_cost(base, guide, tokens=77)
@@ -68,16 +67,16 @@ def test_tiny_output_guide_fits_the_budget_on_sd15_and_sdxl(config):
 
 
 def test_output_guide_save_and_load_round_trip(unet, tmp_path):
-    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
+    guide = randomised(OutputGuide.from_unet(unet))
     guide.save_pretrained(tmp_path / "guide")
     loaded = GuideModel.from_pretrained(tmp_path / "guide")
-    assert loaded.config.reads == "unet_output" and loaded.config.unet_out_channels == 4
+    assert isinstance(loaded, OutputGuide) and loaded.config.unet_out_channels == 4
     sample, t, embeds = guide_inputs()
     assert torch.equal(guided_noise_pred(unet, guide, sample, t, embeds, 4.0), guided_noise_pred(unet, loaded, sample, t, embeds, 4.0))
 
 
-def test_an_output_guide_reading_negatives_sees_them(unet):
-    guide = randomised(GuideModel.from_unet(unet, reads="unet_output", reads_negative=True))
+def test_an_output_guide_with_a_negative_head_sees_the_negative(unet):
+    guide = randomised(OutputGuide.from_unet(unet).with_negative_head())
     sample, t, embeds = guide_inputs()
     one = guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=torch.zeros(1, 6, 32))
     other = guided_noise_pred(unet, guide, sample, t, embeds, 4.0, negative_prompt_embeds=torch.ones(1, 6, 32))
@@ -88,7 +87,7 @@ def test_the_pipeline_samples_with_an_output_guide_and_doctor_passes_it(tiny_com
     from pnpguide.doctor import _residuals
     from pnpguide.pipeline import PlugAndPlayPipeline
 
-    guide = randomised(GuideModel.from_unet(tiny_components["unet"], reads="unet_output"))
+    guide = randomised(OutputGuide.from_unet(tiny_components["unet"]))
     pipe = PlugAndPlayPipeline(**tiny_components, guide=guide)
     images = lambda g: pipe("a red circle", num_inference_steps=3, guidance_scale=g, output_type="np",  # noqa: E731
                             generator=torch.Generator().manual_seed(0)).images
@@ -97,8 +96,8 @@ def test_the_pipeline_samples_with_an_output_guide_and_doctor_passes_it(tiny_com
     assert check.ok and "output" in check.detail and "does not plug into fine-tunes or LoRAs" in check.detail
 
 
-@pytest.mark.parametrize("reads, warned", [("unet_output", True), ("latent", False)])
-def test_an_output_guide_warns_that_it_does_not_plug_into_loaded_lora_weights(tiny_components, reads, warned):
+@pytest.mark.parametrize("design, warned", [(OutputGuide, True), (ResidualGuide, False)])
+def test_an_output_guide_warns_that_it_does_not_plug_into_loaded_lora_weights(tiny_components, design, warned):
     """Only an output guide adds its base's CFG correction after the UNet, which LoRA weights change; once the LoRA
     is unloaded the warning goes too."""
     import copy
@@ -108,7 +107,7 @@ def test_an_output_guide_warns_that_it_does_not_plug_into_loaded_lora_weights(ti
     from pnpguide.pipeline import PlugAndPlayPipeline
 
     unet = copy.deepcopy(tiny_components["unet"])
-    pipe = PlugAndPlayPipeline(**(tiny_components | {"unet": unet}), guide=GuideModel.from_unet(unet, reads=reads))
+    pipe = PlugAndPlayPipeline(**(tiny_components | {"unet": unet}), guide=design.from_unet(unet))
 
     def lora_warnings():
         with warnings.catch_warnings(record=True) as caught:
@@ -129,8 +128,8 @@ def test_the_shipped_output_guide_brings_the_embedded_models_output_most_of_the_
     from pnpguide.loading import load_guide, load_pipeline
     from pnpguide.teacher import cfg_noise_pred
 
-    pipe, guide = load_pipeline(None), load_guide("output")
-    assert guide.reads_unet_output
+    pipe, guide = load_pipeline(None), load_guide("default")
+    assert isinstance(guide, OutputGuide)
     prompts = ["a red circle on a black background", "a blue triangle above a yellow square on a white background"] * 4
     conditioning, negative = encode_prompts(pipe, prompts, "cpu", 64), encode_negative(pipe, "cpu", 64)
     sample = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -140,26 +139,3 @@ def test_the_shipped_output_guide_brings_the_embedded_models_output_most_of_the_
         guided = guided_noise_pred(pipe.unet, guide, sample, 999, conditioning.prompt_embeds, 7.5)
     gap_closed = 1 - (guided - cfg).pow(2).mean() / (plain - cfg).pow(2).mean()
     assert gap_closed > 0.7, f"closed {gap_closed:.3f} of the first step's gap"
-
-
-@pytest.mark.parametrize("factor", [2, 3])
-def test_a_widened_output_guide_computes_what_the_narrow_one_did_and_its_copies_part_in_training(unet, factor, tmp_path):
-    guide = randomised(GuideModel.from_unet(unet, reads="unet_output"))
-    wide = guide.widened(factor, torch.Generator().manual_seed(0))
-    width = guide.config.block_out_channels[0]
-    assert wide.config.block_out_channels[0] == factor * width and wide.output_head.conv_in.out_channels == factor * width
-    wide.save_pretrained(tmp_path / "wide")  # a widened guide is an ordinary guide, described by its config
-    wide = GuideModel.from_pretrained(tmp_path / "wide")
-    sample, t, embeds = guide_inputs()
-    torch.testing.assert_close(guided_noise_pred(unet, wide, sample, t, embeds, 4.0), guided_noise_pred(unet, guide, sample, t, embeds, 4.0),
-                               atol=1e-5, rtol=1e-4)
-    copies = lambda: wide.output_head.conv_in.weight.detach().clone().unflatten(0, (factor, width))  # noqa: E731
-    assert all(torch.equal(copies()[0], copy) for copy in copies()[1:])
-    guided_noise_pred(unet, wide, sample, t, embeds, 4.0).square().mean().backward()
-    torch.optim.SGD(wide.parameters(), lr=0.1).step()
-    assert not any(torch.allclose(copies()[0], copy) for copy in copies()[1:])
-
-
-def test_only_an_output_guide_is_widened(unet):
-    with pytest.raises(ValueError, match="only an output guide"):
-        GuideModel.from_unet(unet, reads="unet_features").widened(2)

@@ -9,7 +9,7 @@ from conftest import distill_flags
 from pnpguide import cli, distill_guidance, loading
 from pnpguide.embedded import finetune
 from pnpguide.cli import main
-from pnpguide.guide import GuideModel
+from pnpguide.guide import OutputGuide
 from pnpguide.pipeline import PlugAndPlayPipeline
 
 LONG_PROMPT = " ".join(["a red circle above a blue square"] * 6)  # 36 words, the tiny tokenizer's limit is 16
@@ -39,7 +39,10 @@ def _blank(tmp_path):
 BAD_DISTILL = [
     (lambda tmp: dict(trajectories=0), "trajectories must be >= 1, got 0"),
     (lambda tmp: dict(trajectory_steps=-3), "trajectory_steps must be >= 1, got -3"),
-    (lambda tmp: dict(width_divisor=0), "width_divisor must be >= 1, got 0"),
+    (lambda tmp: dict(design="latent"), "design must be one of output, residual, got 'latent'"),
+    (lambda tmp: dict(loss_weighting="relative"), "loss_weighting must be one of"),
+    (lambda tmp: dict(negative_prompts=tmp / "prompts.txt"), "--negative-prompts are drawn for a negative head: pass --negative-head"),
+    (lambda tmp: dict(negative_head=True), "negative_head adds a head for the negative prompt to a trained output guide: give --init-guide"),
     (lambda tmp: dict(prompts=_non_utf8(tmp)), "is not UTF-8 text"),
     (lambda tmp: dict(prompts=_blank(tmp)), "has no prompts"),
     (lambda tmp: dict(prompts=tmp / "missing.txt"), "does not exist"),
@@ -61,12 +64,12 @@ def test_bad_distill_input_is_refused_before_loading_or_writing(tiny_base_dir, p
 
 
 @pytest.mark.parametrize("command, flags, message", [
-    (["finetune", "--num-images", "0"], [], "num_images must be >= 1, got 0"),
-    (["finetune", "--caption-dropout", "1.5"], [], "caption_dropout must be in [0, 1], got 1.5"),
-    (["train-base", "--vae-dir"], ["missing-vae"], "is not a saved model folder"),
+    (["embedded", "finetune", "--num-images", "0"], [], "num_images must be >= 1, got 0"),
+    (["embedded", "finetune", "--caption-dropout", "1.5"], [], "caption_dropout must be in [0, 1], got 1.5"),
+    (["embedded", "train-base", "--vae-dir"], ["missing-vae"], "is not a saved model folder"),
     (["distill-steps", "--teacher-steps", "0"], [], "teacher_steps must be >= 1, got 0"),
     (["distill-steps", "--guide"], ["missing-guide"], "does not exist"),
-    (["train-features", "--degraded-fraction", "2"], [], "degraded_fraction must be in [0, 1], got 2.0"),
+    (["embedded", "train-features", "--degraded-fraction", "2"], [], "degraded_fraction must be in [0, 1], got 2.0"),
     (["distill", "--trajectories", "many"], [], "argument --trajectories: invalid int value: 'many'"),
 ])
 def test_other_training_commands_check_their_input_first(tmp_path, capsys, no_model_loading, command, flags, message):
@@ -112,7 +115,7 @@ def test_prompts_cut_by_the_tokenizer_get_one_notice_of_ours(tiny_components, ca
 
 
 def test_generate_shows_a_progress_bar_and_the_cut_notice(tiny_components, tmp_path, capsys, caplog, monkeypatch):
-    pipe = PlugAndPlayPipeline(**tiny_components, guide=GuideModel.from_unet(tiny_components["unet"], "tiny"))
+    pipe = PlugAndPlayPipeline(**tiny_components, guide=OutputGuide.from_unet(tiny_components["unet"]))
     pipe.set_progress_bar_config(disable=True)  # as load_plug_and_play returns it
     monkeypatch.setattr(loading, "load_plug_and_play", lambda *args: pipe)
     monkeypatch.setattr(cli, "PROGRESS_DELAY_S", 0)  # the bar appears after this long; the tiny model is quicker

@@ -233,9 +233,9 @@ def test_a_run_saved_before_an_option_existed_resumes_and_a_changed_option_still
     from pnpguide.run_folder import OutputFolderError, check_folder_owner, config_as_json
 
     config = GuidanceDistillConfig(output_dir=str(tmp_path), resume="latest")
-    older = {name: value for name, value in config_as_json(config).items() if name != "widen"}
+    older = {name: value for name, value in config_as_json(config).items() if name != "negative_prompts"}
     (tmp_path / "config.json").write_text(json.dumps(older))
     check_folder_owner(config, tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(older | {"widen": 2}))
-    with pytest.raises(OutputFolderError, match=r"widen 2 -> None"):
+    (tmp_path / "config.json").write_text(json.dumps(older | {"negative_prompts": "negatives.txt"}))
+    with pytest.raises(OutputFolderError, match=r"negative_prompts 'negatives.txt' -> None"):
         check_folder_owner(config, tmp_path)

@@ -13,7 +13,7 @@ from pnpguide import distill_guidance, distill_steps, sources
 from pnpguide.cli import main
 from pnpguide.conditioning import encode_negative, encode_prompts
 from pnpguide.distill_guidance import GuidanceDistillConfig
-from pnpguide.guide import GuideModel
+from pnpguide.guide import GuideModel, OutputGuide
 from pnpguide.loading import load_pipeline
 from pnpguide.shards import INDEX, ShardPool
 from pnpguide.training import make_accelerator
@@ -76,18 +76,18 @@ def test_stage1_from_prompts_at_another_resolution(sd15_dir, prompts, tmp_path):
 
 
 def test_stage2_from_prompts_noises_teacher_samples(sd15_dir, prompts, tmp_path):
-    GuideModel.from_unet(load_pipeline(sd15_dir).unet, "tiny").save_pretrained(tmp_path / "stage1")
+    OutputGuide.from_unet(load_pipeline(sd15_dir).unet).save_pretrained(tmp_path / "stage1")
     run = tmp_path / "steps"
     flags = ["--threads", "1", "distill-steps", "--base", str(sd15_dir), "--guide", str(tmp_path / "stage1"), "--prompts", str(prompts),
              "--teacher-steps", "4", "--student-steps", "2", "--output-dir", str(run), *FAST]
     assert main(flags) == 0
-    assert GuideModel.from_pretrained(run / "guide-2").config.trained_step_counts == [2]
+    assert len(GuideModel.from_pretrained(run / "guide-2").config.trained_timesteps) == 2
     shard = run / "trajectories" / "shard-00000.safetensors"
     assert _shard(shard, "latents").shape == (2, 4, 8, 8) and _shard(shard, "timesteps") is None  # final latents only
 
 
 def test_stage2_on_sdxl_from_prompts(sdxl_dir, prompts, tmp_path):
-    GuideModel.from_unet(load_pipeline(sdxl_dir).unet, "tiny").save_pretrained(tmp_path / "stage1")
+    OutputGuide.from_unet(load_pipeline(sdxl_dir).unet).save_pretrained(tmp_path / "stage1")
     run = tmp_path / "steps"
     flags = ["--threads", "1", "distill-steps", "--base", str(sdxl_dir), "--guide", str(tmp_path / "stage1"), "--prompts", str(prompts),
              "--teacher-steps", "4", "--student-steps", "2", "--output-dir", str(run), "--resolution", "48", *FAST]
@@ -98,7 +98,7 @@ def test_stage2_on_sdxl_from_prompts(sdxl_dir, prompts, tmp_path):
 
 def test_stage2_on_sdxl_keeps_a_negative_head_and_drops_the_first_steps(sdxl_dir, prompts, tmp_path):
     """SDXL's empty negative is zeros, not an encoded prompt: the head still trains on the samples with a negative."""
-    guide = GuideModel.from_unet(load_pipeline(sdxl_dir).unet, "tiny", reads="unet_output").with_negative_head()
+    guide = OutputGuide.from_unet(load_pipeline(sdxl_dir).unet).with_negative_head()
     guide.register_to_config(trained_first_steps=2)
     guide.save_pretrained(tmp_path / "stage1")
     run = tmp_path / "steps"
@@ -253,9 +253,14 @@ def test_bad_stage2_data_is_refused_before_loading_or_writing(sd15_dir, prompts,
     assert not run.exists()
 
 
-def test_the_embedded_base_defaults_to_shapes_and_prompts_to_trajectories(prompts):
-    assert GuidanceDistillConfig().source == "shapes"
+def test_the_embedded_base_defaults_to_trajectories_in_stage_1_and_shapes_in_stage_2(prompts):
+    from pnpguide.distill_steps import StepDistillConfig
+
+    assert GuidanceDistillConfig().source == "trajectories" and StepDistillConfig().source == "shapes"
+    assert GuidanceDistillConfig().trajectory_first_steps == 5  # an output guide learns the first 5 steps, then carries
+    assert GuidanceDistillConfig(design="residual").trajectory_first_steps is None  # a residual guide: every step
+    assert GuidanceDistillConfig(source="shapes").source == "shapes"
     assert GuidanceDistillConfig(prompts=str(prompts)).source == "trajectories"
     assert GuidanceDistillConfig(images="x").source == "images"
     with pytest.raises(ValueError, match="leave out --resolution"):
-        GuidanceDistillConfig(resolution=128)
+        GuidanceDistillConfig(source="shapes", resolution=128)

@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from pnpguide.evaluation.speed import UNetCallCounter, count_flops, median_seconds_each, plain_attention, step_cost
-from pnpguide.guide import GuideModel
+from pnpguide.guide import OutputGuide, ResidualGuide
 
 
 def test_plain_attention_makes_attention_flops_visible(unet):
@@ -19,8 +20,10 @@ def test_plain_attention_restores_the_processors(unet):
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 
 
-def test_guided_step_costs_about_half_of_cfg(unet):
-    cost = step_cost(unet, GuideModel.from_unet(unet, "tiny"), tokens=6)
+@pytest.mark.parametrize("make_guide", [ResidualGuide.from_unet, lambda unet: OutputGuide.from_unet(unet, width=8)], ids=["residual", "output"])
+def test_guided_step_costs_about_half_of_cfg(unet, make_guide):
+    """(An output guide's width does not follow the UNet's: on this 16-channel test UNet it is made 8 wide.)"""
+    cost = step_cost(unet, make_guide(unet), tokens=6)
     assert cost.cfg == 2 * cost.unet
     assert 0 < cost.guide < cost.unet
     assert 0.5 < cost.ratio < 1.0

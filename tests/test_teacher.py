@@ -32,3 +32,11 @@ def test_teacher_matches_two_separate_unet_calls(unet):
         expected = cfg_combine(unet(sample, t, negative).sample, unet(sample, t, embeds).sample, 5.0)
         got = cfg_noise_pred(unet, sample, t, embeds, negative, 5.0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_unet_takes_as_many_residuals_as_a_residual_guide_emits(unet):
+    from pnpguide.guides import ResidualGuide
+    from pnpguide.teacher import expected_residuals
+
+    widths, _ = ResidualGuide.from_unet(unet).residual_widths()
+    assert expected_residuals(unet) == len(widths) == 1 + 2 * 1 + 1  # conv_in, one resnet per block, one downsampler
