@@ -1,4 +1,4 @@
-"""`pnpguide eval --negative-prompts` (issue 15): where negatives come from, the avoidance rate, and that every
+"""`pnpguide eval --negative-prompts`: where negatives come from, the avoidance rate, and that every
 method is compared with CFG *with the same negative*."""
 
 import warnings

@@ -11,7 +11,8 @@ CARD = "README.md"
 
 def write_model_card(folder: str | Path, guide, config=None, command: str = "distill", measured: str | None = None) -> Path:
     """Write `folder/README.md` for `guide` (saved in `folder`): `config` is the training config the command ran with (its
-    non-default fields become the command line), `measured` a markdown table of measured figures (None: not measured)."""
+    non-default fields become the command line; without it, `command` is the whole command line), `measured` a markdown
+    table of measured figures (None: not measured)."""
     folder = Path(folder)
     base = getattr(config, "base", None) or "pnpguide's embedded base"
     design = type(guide).__name__
@@ -47,7 +48,7 @@ def write_model_card(folder: str | Path, guide, config=None, command: str = "dis
         "## How it was made",
         "",
         "```bash",
-        command_line(command, config) if config is not None else f"pnpguide {command}",
+        command_line(command, config) if config is not None else command if command.startswith("pnpguide") else f"pnpguide {command}",
         "```",
         "",
         "## Measured",

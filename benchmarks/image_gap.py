@@ -1,0 +1,92 @@
+"""How close a shipped guide's images come to diffusers' CFG, measured as a user gets them.
+
+The guide is loaded with `GuideModel.from_pretrained(name)` and sampled by `PlugAndPlayPipeline` with no argument but the
+prompt, the seed and w: its folder's own policy and step count. CFG and no guidance are diffusers' own
+`StableDiffusionPipeline` at the same steps and seeds. Image gap closed = 1 - MSE(guide, CFG) / MSE(no guidance, CFG),
+pooled over the images, on [0, 1] pixels.
+
+    python benchmarks/image_gap.py --guide default --prompts 48 --scales 3 5 7.5 --out gap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from pnpguide import GuideModel, PlugAndPlayPipeline
+from pnpguide.embedded import shapes
+from pnpguide.loading import default_base_dir
+from pnpguide.quiet import quiet_component_types
+
+
+def held_out_prompts(count: int) -> list[str]:
+    """Half one-object, half two-object captions of combinations the embedded base never trained on (the 18 one-object
+    ones repeat, each image with its own seed)."""
+    return shapes.heldout_captions(count // 2, objects=1) + shapes.heldout_captions(count - count // 2, objects=2)
+
+
+def sample(pipe, prompts: list[str], w: float, steps: int | None, batch_size: int, seed: int) -> np.ndarray:
+    """Image i from the generator seeded seed + i, whatever the batch."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        extra = {} if steps is None else {"num_inference_steps": steps}
+        images.append(pipe(batch, guidance_scale=w, generator=generators, output_type="np", **extra).images)
+    return np.concatenate(images)
+
+
+def gap_closed(method: np.ndarray, cfg: np.ndarray, unguided: np.ndarray) -> float:
+    return float(1 - np.mean((method - cfg) ** 2) / np.mean((unguided - cfg) ** 2))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--guide", nargs="+", default=["default"], help="shipped guide names or folders (default: default)")
+    parser.add_argument("--prompts", type=int, default=48, help="held-out captions, half with one object and half with two (default: 48)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales w (default: 3 5 7.5)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = held_out_prompts(args.prompts)
+    with quiet_component_types():
+        diffusers_pipe = StableDiffusionPipeline.from_pretrained(default_base_dir())
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    results = {"prompts": len(prompts), "seed": args.seed, "rows": []}
+    passes = []
+    diffusers_pipe.unet.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0].shape[0]))
+    print("| guide | steps | UNet passes / CFG's | " + " | ".join(f"image gap closed, w = {w:g}" for w in args.scales) + " | s |")
+    print("|---|---|---|" + "---|" * len(args.scales) + "---|")
+    for name in args.guide:
+        guide = GuideModel.from_pretrained(name)
+        pipe = PlugAndPlayPipeline.from_pipe(diffusers_pipe, guide=guide)
+        pipe.set_progress_bar_config(disable=True)
+        steps = guide.policy.num_inference_steps or 50
+        start, gaps = time.perf_counter(), {}
+        for w in args.scales:
+            cfg = sample(diffusers_pipe, prompts, w, steps, args.batch_size, args.seed)
+            unguided = sample(diffusers_pipe, prompts, 1.0, steps, args.batch_size, args.seed)
+            passes.clear()
+            guided = sample(pipe, prompts, w, None, args.batch_size, args.seed)  # the guide's own policy and step count
+            gaps[w] = gap_closed(guided, cfg, unguided)
+            ratio = sum(passes) / (2 * steps * len(prompts))
+        results["rows"].append({"guide": str(name), "steps": steps, "unet_passes_over_cfg": ratio, "image_gap_closed": gaps})
+        print(f"| {name} | {steps} | {ratio:.2f} | " + " | ".join(f"{gaps[w]:.3f}" for w in args.scales) + f" | {time.perf_counter() - start:.0f} |",
+              flush=True)
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(results, file, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
