@@ -27,15 +27,6 @@ from pnpguide.embedded import shapes
 from pnpguide.loading import load_pipeline
 
 
-def held_out_prompts(count: int) -> list[str]:
-    """Half one-object, half two-object captions of combinations the embedded base never trained on."""
-    one, two = [], []
-    for i in range(100 * count):
-        scene = shapes.sample_scene(i, seed=777, split="heldout")
-        (one if len(scene.objects) == 1 else two).append(scene.caption)
-        if len(one) >= count // 2 and len(two) >= count - count // 2:
-            break
-    return one[: count // 2] + two[: count - count // 2]
 
 
 @torch.no_grad()
@@ -94,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines = [line.strip() for line in open(args.prompt_file, encoding="utf-8") if line.strip()]
         prompts = [lines[i % len(lines)] for i in range(args.prompts)]
     else:
-        prompts = held_out_prompts(args.prompts)
+        prompts = shapes.evaluation_captions(args.prompts)
     sd = load_pipeline(args.base, args.lora)
     pipe = (PlugAndPlayXLPipeline if "XL" in type(sd).__name__ else PlugAndPlayPipeline).from_pipe(sd)
     pipe.set_progress_bar_config(disable=True)

@@ -24,10 +24,6 @@ from pnpguide.loading import default_base_dir
 from pnpguide.quiet import quiet_component_types
 
 
-def held_out_prompts(count: int) -> list[str]:
-    """Half one-object, half two-object captions of combinations the embedded base never trained on (the 18 one-object
-    ones repeat, each image with its own seed)."""
-    return shapes.heldout_captions(count // 2, objects=1) + shapes.heldout_captions(count - count // 2, objects=2)
 
 
 def sample(pipe, prompts: list[str], w: float, steps: int | None, batch_size: int, seed: int) -> np.ndarray:
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = held_out_prompts(args.prompts)
+    prompts = shapes.evaluation_captions(args.prompts)
     with quiet_component_types():
         diffusers_pipe = StableDiffusionPipeline.from_pretrained(default_base_dir())
     diffusers_pipe.set_progress_bar_config(disable=True)

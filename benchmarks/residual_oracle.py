@@ -34,15 +34,6 @@ from pnpguide.loading import default_base_dir
 from pnpguide.quiet import quiet_component_types
 
 
-def held_out_prompts(count: int) -> list[str]:
-    """Half one-object, half two-object captions of combinations the embedded base never trained on."""
-    one, two = [], []
-    for i in range(100 * count):
-        scene = shapes.sample_scene(i, seed=777, split="heldout")
-        (one if len(scene.objects) == 1 else two).append(scene.caption)
-        if len(one) >= count // 2 and len(two) >= count - count // 2:
-            break
-    return one[: count // 2] + two[: count - count // 2]
 
 
 def load(folder, lora=None) -> StableDiffusionPipeline:
@@ -130,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         lines = [line.strip() for line in open(args.prompt_file, encoding="utf-8") if line.strip()]
         prompts = [lines[i % len(lines)] for i in range(args.prompts)]
     else:
-        prompts = held_out_prompts(args.prompts)
+        prompts = shapes.evaluation_captions(args.prompts)
     base_dir = args.base or default_base_dir()
     base_pipe = load(base_dir)
     base = Model(base_pipe, prompts)

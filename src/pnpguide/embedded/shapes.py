@@ -227,6 +227,11 @@ def heldout_captions(count: int, seed: int = 1234, objects: int | None = None) -
     return split_captions(count, "heldout", seed, objects)
 
 
+def evaluation_captions(count: int) -> list[str]:
+    """`count` held-out captions, half with one object and half with two: the prompts fidelity is measured on."""
+    return heldout_captions(count // 2, objects=1) + heldout_captions(count - count // 2, objects=2)
+
+
 def split_captions(count: int, split: str = "heldout", seed: int = 1234, objects: int | None = None) -> list[str]:
     """`count` captions of the `train` or `heldout` combinations, as :func:`heldout_captions` picks them.
 
