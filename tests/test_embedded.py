@@ -57,6 +57,7 @@ def test_a_guide_trains_on_the_mixed_source(tmp_path):
     model has the shapes images, so this runs on it)."""
     from pnpguide.loading import load_pipeline
     from pnpguide.distill_guidance import GuidanceDistillConfig, _split, train_guide
+    from pnpguide.embedded.source import ShapesData
     from pnpguide.sources import training_pools
     from pnpguide.training import make_accelerator
 
@@ -65,12 +66,13 @@ def test_a_guide_trains_on_the_mixed_source(tmp_path):
         output_dir=str(tmp_path / "run"), source="mix", num_samples=32,
         trajectories=4, trajectory_steps=2, max_steps=2, batch_size=4, lr_warmup_steps=0, checkpointing_steps=2,
     )
-    pools = training_pools(load_pipeline(), dataclasses.replace(config, output_dir=str(tmp_path / "pools")), make_accelerator(config), "states", 7)
+    pools = training_pools(load_pipeline(), dataclasses.replace(config, output_dir=str(tmp_path / "pools")), make_accelerator(config), "states", 7,
+                           base_data=ShapesData())
     assert [len(p) for p in pools] == [32, 4 * 2]
     data, states = (p.rows(torch.arange(4)) for p in pools)
     assert data.timesteps is None and states.timesteps is not None
     assert set(states.prompts) <= set(pools[0].prompts)  # trajectories are sampled from the data's captions
-    guide = train_guide(config)
+    guide = train_guide(config, ShapesData())
     assert isinstance(guide, OutputGuide) and guide.config.trained_first_steps is None  # every state: not trajectories alone
     assert guide.config.trained_text_encoder.startswith("BertModel (")
     assert (tmp_path / "run" / "guide" / "config.json").is_file()

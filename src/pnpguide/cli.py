@@ -5,17 +5,14 @@ model when no --base is given."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
-import re
 import shlex
 import signal
 import sys
 import threading
-import types
-import typing
 import warnings
 from pathlib import Path
+
+from .cli_args import add_config_flags, add_device_flags, config_from_args, count, guidance_scale, placement
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # OSError covers missing and unreadable files
 PROGRESS_DELAY_S = 2  # sampling shows its progress bar once it has run this long
@@ -27,79 +24,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def count(text: str) -> int:
-    """An argparse type: an integer >= 1 (images, prompts, steps)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def whole_number(text: str) -> int:
-    """An argparse type: an integer >= 0 (steps of a kind, where none is allowed)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def guidance_scale(text: str) -> float:
-    """An argparse type: a finite w > 0 (diffusers' convention: 1 = no guidance)."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (1 = no guidance), got {text}")
-    return value
-
-
-def field_comments(config_class) -> dict[str, str]:
-    """The `# comment` beside each field in the config's source: the field's documentation, written once."""
-    comments: dict[str, str] = {}
-    for klass in reversed(config_class.__mro__):
-        if dataclasses.is_dataclass(klass):
-            for match in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(klass), re.MULTILINE):
-                comments[match.group(1)] = match.group(2)
-    return comments
-
-
-def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
-    """One flag per dataclass field, so each default lives in the config alone (guided-diffusion's idea).
-
-    List fields take one or more values and may be repeated (`--base a --base b` = `--base a b`)."""
-    hints = typing.get_type_hints(config_class)
-    comments = field_comments(config_class)
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        default = _default(field)
-        comment = comments.get(field.name, field.name.replace("_", " "))
-        help_text = (comment if "(default:" in comment else f"{comment} (default: {default})").replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            continue
-        base = _without_none(kind)
-        if typing.get_origin(base) is list:
-            parser.add_argument(flag, type=typing.get_args(base)[0], nargs="+", action="extend", default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=base, default=default, help=help_text)
-
-
-def _without_none(kind):
-    """`X | None` -> X; anything else unchanged."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        return next(t for t in typing.get_args(kind) if t is not type(None))
-    return kind
-
-
-def _default(field: dataclasses.Field):
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-
-
-def config_from_args(config_class, args: argparse.Namespace):
-    """The config from parsed flags; list flags left out keep the config's default."""
-    fields = dataclasses.fields(config_class)
-    return config_class(**{f.name: _default(f) if getattr(args, f.name) is None else getattr(args, f.name) for f in fields})
 
 
 def _threads(args) -> None:
@@ -115,7 +39,7 @@ def cmd_distill(args) -> None:
     from accelerate import PartialState
 
     config = config_from_args(GuidanceDistillConfig, args)
-    train_guide(config)
+    train_guide(config, base_data(config))
     if PartialState().is_main_process:  # under `accelerate launch`, say it once
         print(f"guide saved to {Path(config.output_dir) / 'guide'}")
 
@@ -123,8 +47,20 @@ def cmd_distill(args) -> None:
 def cmd_distill_steps(args) -> None:
     from .distill_steps import StepDistillConfig, distill_steps
 
-    for steps, folder in distill_steps(config_from_args(StepDistillConfig, args)).items():
+    config = config_from_args(StepDistillConfig, args)
+    for steps, folder in distill_steps(config, base_data(config)).items():
         print(f"{steps}-step guide saved to {folder}")
+
+
+def base_data(config):
+    """The embedded world's own data on the embedded base, for a run given neither --prompts nor --images; else None."""
+    from .sources import is_embedded
+
+    if not is_embedded(config.base):
+        return None
+    from .embedded.source import ShapesData
+
+    return ShapesData()
 
 
 def cmd_generate(args) -> None:
@@ -141,14 +77,6 @@ def cmd_generate(args) -> None:
     pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)
     paths = generate(pipe, request)
     print(f"image{'s' if len(paths) > 1 else ''} written to {', '.join(map(str, paths))}")
-
-
-def placement(args):
-    """(torch.device, torch.dtype) from --device and --dtype, checked to run here before any model loads."""
-    from .devices import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    return device, resolve_dtype(args.dtype, device)
 
 
 def cmd_demo(args) -> None:
@@ -272,7 +200,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--negative-prompts", default=None, help="a file of negatives (one per line, cycled over the columns) or "
                    "caption-attributes (each caption's first colour, shape or coloured shape): adds rows of CFG and the guide with them")
-    _add_device_flags(p)
+    add_device_flags(p)
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("generate", help="images from a prompt: the guide (default), CFG or no guidance")
@@ -284,7 +212,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--width", type=count, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--scheduler", default=None, metavar="NAME", help=f"sampler, built from the base's scheduler config: {', '.join(_scheduler_names())} (default: the base's own)")
     _add_pipeline_flags(p)
-    _add_device_flags(p)
+    add_device_flags(p)
     p.add_argument("--mode", choices=["guide", "cfg", "none"], default="guide", help="guide: one UNet pass per step; cfg: two (diffusers' CFG); none: w = 1 (default: guide)")
     p.add_argument("--steps", type=count, default=None, help="sampling steps (default: the guide's own, 25 for the default guide; else 50)")
     p.add_argument("--w", type=guidance_scale, default=7.5, help="guidance scale, diffusers' convention (default: 7.5)")
@@ -319,7 +247,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--height", type=count, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=count, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--out", default="carry.json", help="JSON file to write (default: carry.json)")
-    _add_device_flags(p)
+    add_device_flags(p)
     p.set_defaults(handler=cmd_fit_carry)
 
     p = sub.add_parser("eval", help="FID, adherence, fidelity to CFG, compute and speed of none | cfg | guides; report + plots")
@@ -356,12 +284,6 @@ def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
                    "16-step, 8-step, paper (the paper's residual design) (default: default with the embedded model; with --base, none)")
     if lora:
         p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
-
-
-def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                   help="weights and activations; bfloat16 also speeds up CPU sampling (default: float32)")
 
 
 def _scheduler_names() -> list[str]:

@@ -33,7 +33,7 @@ from .model_card import write_model_card
 from .loading import load_guide, load_pipeline
 from .negatives import NegativeSampler, check_negative_settings
 from .shards import Rows
-from .sources import SourceConfig, training_pools, training_resolution, validation_pool
+from .sources import BaseData, SourceConfig, training_pools, training_resolution, validation_pool
 from .teacher import cfg_and_conditional, cfg_combine, guided_noise_pred, output_guided
 from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
@@ -255,8 +255,9 @@ def _split(batch_size: int, parts: int) -> list[int]:
 
 
 @training_run
-def train_guide(config: GuidanceDistillConfig) -> GuideModel:
-    """Distill CFG into a new guide for `config.base`; saves it to `output_dir/guide` and returns it.
+def train_guide(config: GuidanceDistillConfig, base_data: BaseData | None = None) -> GuideModel:
+    """Distill CFG into a new guide for `config.base`; saves it to `output_dir/guide` and returns it. `base_data`: the
+    base's own images and captions, for a run given neither --prompts nor --images (the embedded base's: ShapesData).
 
     Runs as one process or data-parallel under `accelerate launch`: the ranks collect disjoint shards of
     the training states, all read the same pools, and :func:`shard_rows` gives them disjoint rows at each step.
@@ -267,7 +268,8 @@ def train_guide(config: GuidanceDistillConfig) -> GuideModel:
     pipe.to(accelerator.device)  # the text encoders run per batch; the VAE encodes image folders up front
     guide = _initial_guide(pipe, config)
     negatives = NegativeSampler.from_config(config) if config.negatives else None
-    pools = training_pools(pipe, config, accelerator, record="states", shapes_seed=config.seed + 7, first_steps=config.trajectory_first_steps,
+    pools = training_pools(pipe, config, accelerator, record="states", data_seed=config.seed + 7, base_data=base_data,
+                           first_steps=config.trajectory_first_steps,
                            negatives=negatives)
     resolution = training_resolution(pipe, config)
     negative = encode_negative(pipe, accelerator.device, resolution)

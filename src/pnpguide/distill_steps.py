@@ -30,7 +30,7 @@ from .guides import GuideModel
 from .loading import default_guide_dir, load_guide, load_pipeline
 from .model_card import write_model_card
 from .negatives import NegativeSampler, check_negative_settings
-from .sources import SourceConfig, training_pools, training_resolution
+from .sources import BaseData, SourceConfig, training_pools, training_resolution
 from .teacher import cfg_noise_pred, guided_noise_pred
 from .run_folder import training_run
 from .training import copy_ema_into, make_accelerator, run_training, shard_rows
@@ -167,8 +167,9 @@ def _round_batch(rows, scheduler, student_grid, steps: int, config, generator) -
 
 
 @training_run
-def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
-    """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}."""
+def distill_steps(config: StepDistillConfig, base_data: BaseData | None = None) -> dict[int, Path]:
+    """Run the halving rounds; save each student to `output_dir/guide-<steps>`; return {steps: folder}. `base_data`: the
+    base's own images and captions, for a run given neither --prompts nor --images (the embedded base's: ShapesData)."""
     accelerator = make_accelerator(config)  # for the device and rank; each round's loop prepares its own (one model each)
     stage1 = load_guide(config.guide or default_guide_dir()).eval().requires_grad_(False)
     if config.negative_prompts is not None and not stage1.reads_negative_prompt:
@@ -181,7 +182,7 @@ def distill_steps(config: StepDistillConfig) -> dict[int, Path]:
     stage1.check_text_encoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     stage1.to(accelerator.device)
     negatives = NegativeSampler.from_config(config) if stage1.reads_negative_prompt else None
-    (pool,) = training_pools(pipe, config, accelerator, record="samples", shapes_seed=config.seed + 13)
+    (pool,) = training_pools(pipe, config, accelerator, record="samples", data_seed=config.seed + 13, base_data=base_data)
     resolution = training_resolution(pipe, config)
     ddim = DDIMScheduler.from_config(pipe.scheduler.config)  # students sample with DDIM, whatever the base ships
     schedule_config = {key: value for key, value in ddim.config.items() if not key.startswith("_")}

@@ -21,13 +21,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .config_checks import read_json_object
+from .shards import TensorPool
 from .training import TrainingConfig
 
 SOURCES = ("shapes", "trajectories", "images", "mix")
@@ -172,21 +173,36 @@ def training_resolution(pipe, config: SourceConfig) -> int:
     return config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def training_pools(pipe, config: SourceConfig, accelerator, record: str, shapes_seed: int, first_steps: int | None = None,
-                   negatives=None) -> list:
+class BaseData(Protocol):
+    """A base model's own captioned images, for a run given neither --prompts nor --images: the embedded model's world
+    supplies one (`pnpguide.embedded.source.ShapesData`), which the CLI hands to the stages on the embedded base."""
+
+    def captions(self, count: int, seed: int) -> list[str]:
+        """Distinct captions of `count` images drawn with `seed`: the prompts of teacher trajectories."""
+
+    def pool(self, pipe, count: int, seed: int) -> TensorPool:
+        """`count` images encoded by the pipeline's VAE, with their captions."""
+
+
+def training_pools(pipe, config: SourceConfig, accelerator, record: str, data_seed: int, first_steps: int | None = None,
+                   negatives=None, base_data: BaseData | None = None) -> list:
     """The pools `config.source` trains on: one, or for `mix` the data and trajectories over its captions.
 
     record: "states" (stage 1: every x_t of each trajectory, or its `first_steps` first ones) or "samples" (stage 2:
     the final latents). `negatives` (a NegativeSampler): teacher runs draw a negative prompt each (see
-    :func:`teacher_trajectories`)."""
+    :func:`teacher_trajectories`). `base_data`: the base's own images and captions, used when the config names neither
+    prompts nor images (source "shapes", or trajectories over its captions)."""
     output = Path(config.output_dir)
+    if config.prompts is None and config.images is None and base_data is None:
+        raise ValueError(f"source {config.source!r} without --prompts or --images reads the base's own data: on the embedded base, "
+                         "pass base_data=pnpguide.embedded.source.ShapesData() (the CLI does)")
     if config.source == "trajectories":
-        prompts = read_prompt_file(config.prompts) if config.prompts else shapes_captions(config.num_samples, config.seed + 7)
+        prompts = read_prompt_file(config.prompts) if config.prompts else base_data.captions(config.num_samples, config.seed + 7)
         return [teacher_trajectories(pipe, prompts, output / "trajectories", config, accelerator, record, first_steps, negatives)]
     if config.images is not None:
         data = image_pool(pipe, read_image_folder(config.images), output / "image-latents", training_resolution(pipe, config), accelerator)
     else:
-        data = shapes_pool(pipe, config.num_samples, shapes_seed)
+        data = base_data.pool(pipe, config.num_samples, data_seed)
     if config.source != "mix":
         return [data]
     return [data, teacher_trajectories(pipe, data.prompts, output / "trajectories", config, accelerator, record, negatives=negatives)]
@@ -199,26 +215,6 @@ def validation_pool(pipe, prompts: list[str], config: SourceConfig, accelerator,
     held_out = dataclasses.replace(config, trajectories=runs, seed=config.seed + VALIDATION_SEED)
     folder = Path(config.output_dir) / "validation-trajectories"
     return teacher_trajectories(pipe, prompts, folder, held_out, accelerator, "states", first_steps, negatives)
-
-
-def shapes_captions(num_samples: int, seed: int) -> list[str]:
-    from .embedded import shapes  # the embedded world is imported only when its data is asked for
-
-    dataset = shapes.ShapesDataset(num_samples, seed=seed)
-    return sorted({dataset.scene(i).caption for i in range(num_samples)})
-
-
-def shapes_pool(pipe, num_samples: int, seed: int):
-    """The embedded model's shapes images (flat style), encoded once and held in memory, with their captions."""
-    from .embedded import shapes
-    from .embedded.base import encode_images
-    from .shards import TensorPool
-
-    dataset = shapes.ShapesDataset(num_samples, style="flat", seed=seed)
-    captions = [dataset.scene(i).caption for i in range(num_samples)]
-    unique = sorted(set(captions))
-    lookup = {caption: i for i, caption in enumerate(unique)}
-    return TensorPool(encode_images(pipe.vae, dataset).cpu(), torch.tensor([lookup[c] for c in captions]), unique)
 
 
 def _digest(texts: list[str]) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def cmd_train_vae(args) -> None:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from .base import VAETrainConfig, train_vae
 
     config = config_from_args(VAETrainConfig, args)
@@ -18,7 +18,7 @@ def cmd_train_vae(args) -> None:
 
 
 def cmd_train_base(args) -> None:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from .base import BaseTrainConfig, train_base
 
     config = config_from_args(BaseTrainConfig, args)
@@ -27,7 +27,7 @@ def cmd_train_base(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from .finetune import FinetuneConfig, finetune
 
     config = config_from_args(FinetuneConfig, args)
@@ -36,7 +36,7 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_train_features(args) -> None:
-    from ..cli import config_from_args
+    from ..cli_args import config_from_args
     from .features import FeatureTrainConfig, attribute_accuracy, train_features
 
     config = config_from_args(FeatureTrainConfig, args)
@@ -56,7 +56,7 @@ def cmd_judge_accuracy(args) -> None:
 
 
 def cmd_base_grid(args) -> None:
-    from ..cli import placement
+    from ..cli_args import placement
     from .base_report import base_grid
 
     device, dtype = placement(args)
@@ -65,7 +65,7 @@ def cmd_base_grid(args) -> None:
 
 
 def cmd_base_adherence(args) -> None:
-    from ..cli import placement
+    from ..cli_args import placement
     from .base_report import base_adherence_table
 
     device, dtype = placement(args)
@@ -74,7 +74,7 @@ def cmd_base_adherence(args) -> None:
 
 def add_embedded_commands(parser: argparse.ArgumentParser, add_flags) -> None:
     """The `embedded` group's subcommands; `add_flags(p, name)` adds a training command's config flags."""
-    from ..cli import _add_device_flags, count, guidance_scale
+    from ..cli_args import add_device_flags, count, guidance_scale
 
     sub = parser.add_subparsers(dest="embedded_command", required=True, metavar="COMMAND")
     for name, help_text, handler in (
@@ -98,7 +98,7 @@ def add_embedded_commands(parser: argparse.ArgumentParser, add_flags) -> None:
         p.add_argument("--style", default="flat", help="style the model draws, for the judge's palette (default: flat)")
         p.add_argument("--steps", type=count, default=25, help="sampling steps (default: 25)")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-        _add_device_flags(p)
+        add_device_flags(p)
 
     p = sub.add_parser("base-grid", help="image grid of a base or fine-tune at w = 1 and w = 7.5")
     add_model_flags(p)

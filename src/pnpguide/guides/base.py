@@ -42,6 +42,11 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
     folder's config names (:class:`pnpguide.OutputGuide` or :class:`pnpguide.ResidualGuide`), with its policy."""
 
     correction_carry: CorrectionCarry | None = None  # loaded from the folder (a guide trained on the first steps)
+    designs: dict[str, type["GuideModel"]] = {}  # every design by class name, filled as each is defined
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        GuideModel.designs[cls.__name__] = cls
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GuideModel":
@@ -116,23 +121,21 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         return self.time_embedding(self.time_proj(per_sample(timestep, batch, self.device)).to(dtype))
 
 
+OLDER_DESIGNS = {"unet_output": "OutputGuide", "latent": "ResidualGuide"}  # an older pnpguide's `reads` -> the design
+
+
 def design_class(config: dict) -> type[GuideModel]:
     """The design a config describes: its `_class_name`, or for an older pnpguide's `GuideModel`, its `reads`."""
-    from .output import OutputGuide
-    from .residual import ResidualGuide
-
-    designs = {"OutputGuide": OutputGuide, "ResidualGuide": ResidualGuide}
     name = config.get("_class_name")
     if name == "GuideModel":
         reads = config.get("reads", "latent")
-        older = {"unet_output": OutputGuide, "latent": ResidualGuide}
-        if reads not in older:
+        if reads not in OLDER_DESIGNS:
             raise ValueError(f"this guide reads {reads!r}, a design pnpguide no longer has (the output design replaced it): "
                              "retrain it with pnpguide distill")
-        return older[reads]
-    if name not in designs:
-        raise ValueError(f"config names {name!r}, not a pnpguide guide ({', '.join(designs)})")
-    return designs[name]
+        name = OLDER_DESIGNS[reads]
+    if name not in GuideModel.designs:
+        raise ValueError(f"config names {name!r}, not a pnpguide guide ({', '.join(GuideModel.designs)})")
+    return GuideModel.designs[name]
 
 
 def resolve_guide_folder(name_or_path: str | os.PathLike) -> Path:
