@@ -6,6 +6,11 @@ prompt, the seed and w: its folder's own policy and step count. CFG and no guida
 pooled over the images, on [0, 1] pixels.
 
     python benchmarks/image_gap.py --guide default --prompts 48 --scales 3 5 7.5 --out gap.json
+    python benchmarks/image_gap.py --guide default --policies carry:5 ag:0.99 ag+carry:0.99   # and the training-free paths
+
+`--policies` adds CFG-mode rows with no guide: `carry:K` (CFG for K steps, then its correction carried, with a carry fitted on
+16 training captions as `pnpguide fit-carry` fits it), `ag:T` (Adaptive Guidance at cosine threshold T), `ag+carry:T`
+(Adaptive Guidance, the correction carried after each image's CFG steps). They sample the guide's step count (25).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pnpguide import GuideModel, PlugAndPlayPipeline
+from pnpguide import CorrectionCarry, GuidancePolicy, GuideModel, PlugAndPlayPipeline
 from pnpguide.embedded import shapes
 from pnpguide.loading import default_base_dir
 from pnpguide.quiet import quiet_component_types
@@ -26,15 +31,25 @@ from pnpguide.quiet import quiet_component_types
 
 
 
-def sample(pipe, prompts: list[str], w: float, steps: int | None, batch_size: int, seed: int) -> np.ndarray:
+def sample(pipe, prompts: list[str], w: float, steps: int | None, batch_size: int, seed: int, **call) -> np.ndarray:
     """Image i from the generator seeded seed + i, whatever the batch."""
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
         extra = {} if steps is None else {"num_inference_steps": steps}
-        images.append(pipe(batch, guidance_scale=w, generator=generators, output_type="np", **extra).images)
+        images.append(pipe(batch, guidance_scale=w, generator=generators, output_type="np", **extra, **call).images)
     return np.concatenate(images)
+
+
+def training_free(spec: str, carry: CorrectionCarry) -> GuidancePolicy:
+    """A `--policies` entry as the policy a user would pass: carry:K, ag:T or ag+carry:T."""
+    kind, _, value = spec.partition(":")
+    if kind == "carry":
+        return GuidancePolicy(carry=carry.with_full_steps(int(value)))
+    if kind in ("ag", "ag+carry"):
+        return GuidancePolicy(adaptive_threshold=float(value), carry=carry if kind == "ag+carry" else None)
+    raise ValueError(f"--policies takes carry:K, ag:T or ag+carry:T, got {spec!r}")
 
 
 def gap_closed(method: np.ndarray, cfg: np.ndarray, unguided: np.ndarray) -> float:
@@ -46,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guide", nargs="+", default=["default"], help="shipped guide names or folders (default: default)")
     parser.add_argument("--prompts", type=int, default=48, help="held-out captions, half with one object and half with two (default: 48)")
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales w (default: 3 5 7.5)")
+    parser.add_argument("--policies", nargs="*", default=[], help="training-free CFG-mode rows: carry:K, ag:T, ag+carry:T (default: none)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -60,24 +76,36 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"prompts": len(prompts), "seed": args.seed, "rows": []}
     passes = []
     diffusers_pipe.unet.register_forward_hook(lambda module, inputs, output: passes.append(inputs[0].shape[0]))
-    print("| guide | steps | UNet passes / CFG's | " + " | ".join(f"image gap closed, w = {w:g}" for w in args.scales) + " | s |")
+    print("| method | steps | UNet passes / CFG's | " + " | ".join(f"image gap closed, w = {w:g}" for w in args.scales) + " | s |")
     print("|---|---|---|" + "---|" * len(args.scales) + "---|")
+    references: dict = {}  # (steps, w) -> (CFG's images, no guidance's)
+
+    def measure(label: str, pipe, steps: int, call_steps: int | None, **call) -> None:
+        start, gaps = time.perf_counter(), {}
+        for w in args.scales:
+            if (steps, w) not in references:
+                references[(steps, w)] = (sample(diffusers_pipe, prompts, w, steps, args.batch_size, args.seed),
+                                          sample(diffusers_pipe, prompts, 1.0, steps, args.batch_size, args.seed))
+            cfg, unguided = references[(steps, w)]
+            passes.clear()
+            images = sample(pipe, prompts, w, call_steps, args.batch_size, args.seed, **call)
+            gaps[w] = gap_closed(images, cfg, unguided)
+            ratio = sum(passes) / (2 * steps * len(prompts))
+        results["rows"].append({"method": label, "steps": steps, "unet_passes_over_cfg": ratio, "image_gap_closed": gaps})
+        print(f"| {label} | {steps} | {ratio:.2f} | " + " | ".join(f"{gaps[w]:.3f}" for w in args.scales) + f" | {time.perf_counter() - start:.0f} |",
+              flush=True)
+
     for name in args.guide:
         guide = GuideModel.from_pretrained(name)
         pipe = PlugAndPlayPipeline.from_pipe(diffusers_pipe, guide=guide)
         pipe.set_progress_bar_config(disable=True)
-        steps = guide.policy.num_inference_steps or 50
-        start, gaps = time.perf_counter(), {}
-        for w in args.scales:
-            cfg = sample(diffusers_pipe, prompts, w, steps, args.batch_size, args.seed)
-            unguided = sample(diffusers_pipe, prompts, 1.0, steps, args.batch_size, args.seed)
-            passes.clear()
-            guided = sample(pipe, prompts, w, None, args.batch_size, args.seed)  # the guide's own policy and step count
-            gaps[w] = gap_closed(guided, cfg, unguided)
-            ratio = sum(passes) / (2 * steps * len(prompts))
-        results["rows"].append({"guide": str(name), "steps": steps, "unet_passes_over_cfg": ratio, "image_gap_closed": gaps})
-        print(f"| {name} | {steps} | {ratio:.2f} | " + " | ".join(f"{gaps[w]:.3f}" for w in args.scales) + f" | {time.perf_counter() - start:.0f} |",
-              flush=True)
+        measure(f"guide {name}", pipe, guide.policy.num_inference_steps or 50, None)  # the guide's own policy and step count
+    if args.policies:
+        plain = PlugAndPlayPipeline.from_pipe(diffusers_pipe)
+        plain.set_progress_bar_config(disable=True)
+        carry = CorrectionCarry.fit(plain, shapes.split_captions(16, split="train", seed=7), num_inference_steps=25)
+        for spec in args.policies:
+            measure(f"cfg {spec}", plain, 25, 25, mode="cfg", policy=training_free(spec, carry))
     if args.out:
         with open(args.out, "w") as file:
             json.dump(results, file, indent=1)
