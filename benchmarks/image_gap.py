@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", type=int, default=48, help="held-out captions, half with one object and half with two (default: 48)")
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5], help="guidance scales w (default: 3 5 7.5)")
     parser.add_argument("--policies", nargs="*", default=[], help="training-free CFG-mode rows: carry:K, ag:T, ag+carry:T (default: none)")
+    parser.add_argument("--steps", type=int, default=None, help="sample every row at this many steps instead of the guide's own "
+                        "(a guide's carry is then read at these steps' timesteps) (default: the guide's own; 25 for --policies)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -99,13 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
         guide = GuideModel.from_pretrained(name)
         pipe = PlugAndPlayPipeline.from_pipe(diffusers_pipe, guide=guide)
         pipe.set_progress_bar_config(disable=True)
-        measure(f"guide {name}", pipe, guide.policy.num_inference_steps or 50, None)  # the guide's own policy and step count
+        steps = args.steps or guide.policy.num_inference_steps or 50  # by default the guide's own policy and step count
+        measure(f"guide {name}", pipe, steps, args.steps)
     if args.policies:
         plain = PlugAndPlayPipeline.from_pipe(diffusers_pipe)
         plain.set_progress_bar_config(disable=True)
-        carry = CorrectionCarry.fit(plain, shapes.split_captions(16, split="train", seed=7), num_inference_steps=25)
+        carry = CorrectionCarry.fit(plain, shapes.split_captions(16, split="train", seed=7), num_inference_steps=args.steps or 25)
         for spec in args.policies:
-            measure(f"cfg {spec}", plain, 25, 25, mode="cfg", policy=training_free(spec, carry))
+            measure(f"cfg {spec}", plain, args.steps or 25, args.steps or 25, mode="cfg", policy=training_free(spec, carry))
     if args.out:
         with open(args.out, "w") as file:
             json.dump(results, file, indent=1)
