@@ -39,6 +39,7 @@ from .sampling import as_plug_and_play
 
 CARRY_FIT_PROMPTS = 16  # training captions CorrectionCarry.fit samples CFG on (half of them naming the new shape, if any)
 FID_REFERENCE_IMAGES = 1000
+ANGLE_IMAGES = 16  # images whose CFG corrections are compared with the base's at every step (the cosine varies little between images)
 PROMPT_SEED = 777  # the held-out prompts `pnpguide eval` uses
 DEFAULT_GUIDES = ("output-first5-neg", "tiny")  # the default guide (first 5 steps, then carried) and the paper's design
 
@@ -137,25 +138,30 @@ def _sample(pipe, prompts: list[str], w: float, steps: int, seed: int, batch_siz
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(batch))]
-        hook = hook_factory(batch) if hook_factory is not None else None
+        hook = hook_factory(batch, start) if hook_factory is not None else None
         images += pipe(batch, guidance_scale=w, num_inference_steps=steps, generator=generators, mode=mode, correction_carry=carry,
                        on_model_output=hook).images
     return images
 
 
 class _CorrectionAngles:
-    """At each state of the fine-tune's CFG run: cos(d_ft, d_base) and |d_ft| / |d_base| per image, summed per step."""
+    """At each state of the fine-tune's CFG run: cos(d_ft, d_base) and |d_ft| / |d_base| per image, summed per step, over
+    the first `images` images (three more UNet passes per step and image)."""
 
-    def __init__(self, finetune, base, w: float):
-        self.finetune, self.base, self.w = finetune, base, w
+    def __init__(self, finetune, base, w: float, images: int):
+        self.finetune, self.base, self.w, self.images = finetune, base, w, images
         self.cosines, self.ratios, self.counts = {}, {}, {}
 
-    def __call__(self, batch: list[str]):
-        cond_base, empty_base = self.base.encode_prompt(batch, self.base.device, 1, True)
+    def __call__(self, batch: list[str], start: int):
+        rows = min(len(batch), self.images - start)
+        if rows <= 0:
+            return None
+        cond_base, empty_base = self.base.encode_prompt(batch[:rows], self.base.device, 1, True)
         step = iter(range(10**9))
 
         def hook(t, model_input, output, prompt_embeds, added_cond_kwargs=None):
             k = next(step)
+            model_input, output, prompt_embeds = model_input[:rows], output[:rows], prompt_embeds[:rows]
             cond_ft = self.finetune.mode_noise_pred("none", model_input, t, prompt_embeds, None, 1.0)
             d_ft = ((output - cond_ft) / (self.w - 1)).flatten(1).float()
             base_cfg, base_cond = self.base.cfg_outputs(model_input, t, cond_base, empty_base, self.w)
@@ -206,9 +212,10 @@ def _adherence(images, prompts, style: str, new_shapes: tuple[str, ...]) -> floa
 
 def transfer_curve(finetunes: list, scales: list[float], guidance_scales: list[float], guides: list[str], carry_steps: list[int],
                    images: int, steps: int = 25, seed: int = 0, base: str | None = None, batch_size: int = 48, fid: bool = True,
-                   device: str = "cpu", log=print) -> tuple[list[TransferRow], str]:
+                   device: str = "cpu", angle_images: int = ANGLE_IMAGES, log=print) -> tuple[list[TransferRow], str]:
     """Rows of the transfer curve for `finetunes` (evaluate.ModelSpec) at each LoRA scale, and a markdown table.
-    `base`: the folder the guides were trained on (default: a LoRA's own base, otherwise the embedded model)."""
+    `base`: the folder the guides were trained on (default: a LoRA's own base, otherwise the embedded model);
+    `angle_images`: the cosines are measured on the first this many images of each prompt group."""
     scorer = _Fid() if fid else None
     methods = _guide_methods(guides, carry_steps)
     for method in methods:
@@ -247,7 +254,7 @@ def transfer_curve(finetunes: list, scales: list[float], guidance_scales: list[f
                     none_base = references[(base_dir, group)]
                     for w in guidance_scales:
                         cfg_base = references[(base_dir, group, w)]
-                        angles = _CorrectionAngles(pipe, base_pipe, w)
+                        angles = _CorrectionAngles(pipe, base_pipe, w, angle_images)
                         cfg_ft = _sample(pipe, prompts, w, steps, seed, batch_size, "cfg", hook_factory=angles)
                         cosines, ratios = angles.per_step()
                         row = TransferRow(spec.name, scale, w, group, len(prompts), image_mse(cfg_ft, cfg_base) / image_mse(none_base, cfg_base),
