@@ -268,13 +268,15 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_judge_accuracy(args) -> None:
-    from .embedded.shapes import STYLES
+    from .embedded.shapes import STYLES, check_concept
     from .embedded.adherence import judge_accuracy
 
+    if args.concept is not None:
+        check_concept(args.concept)
     print("| style | images | accepts true captions | rejects wrong captions |\n|---|---|---|---|")
     for style in args.styles or STYLES:
-        result = judge_accuracy(style, args.images)
-        print(f"| {style} | {result.images} | {result.accepts_true_captions:.3f} | {result.rejects_wrong_captions:.3f} |")
+        result = judge_accuracy(style, args.images, concept=args.concept)
+        print(f"| {style}{f' (every scene shows a {args.concept})' if args.concept else ''} | {result.images} | {result.accepts_true_captions:.3f} | {result.rejects_wrong_captions:.3f} |")
 
 
 def cmd_sample_grid(args) -> None:
@@ -451,6 +453,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
     p.add_argument("--styles", nargs="*", help="styles to measure (default: all)")
     p.add_argument("--images", type=count, default=500, help="images per style")
+    p.add_argument("--concept", default=None, help="scenes that show this new shape, e.g. bar (a fine-tune's concept), "
+                   "judged with it in the judge's vocabulary; wrong captions may swap it for a base shape (default: the base's scenes)")
     p.set_defaults(handler=cmd_judge_accuracy)
 
     p = sub.add_parser("base-grid", help="image grid of a base or fine-tune at w = 1 and w = 7.5")
