@@ -40,6 +40,7 @@ from .sampling import as_plug_and_play
 CARRY_FIT_PROMPTS = 16  # training captions CorrectionCarry.fit samples CFG on (half of them naming the new shape, if any)
 FID_REFERENCE_IMAGES = 1000
 ANGLE_IMAGES = 16  # images whose CFG corrections are compared with the base's at every step (the cosine varies little between images)
+BASE_STYLE = "flat"  # the style the embedded base draws, in which its own CFG images are judged
 PROMPT_SEED = 777  # the held-out prompts `pnpguide eval` uses
 DEFAULT_GUIDES = ("output-first5-neg", "tiny")  # the default guide (first 5 steps, then carried) and the paper's design
 
@@ -55,7 +56,7 @@ class TransferRow:
     cosine_per_step: list[float]  # cos(d_ft, d_base) per sampling step, d = cond - uncond at the fine-tune's CFG states
     norm_ratio_per_step: list[float]  # |d_ft| / |d_base| per step
     image_gap_closed: dict[str, float | None] = field(default_factory=dict)  # method -> 1 - MSE(m, CFG_ft) / MSE(none_ft, CFG_ft)
-    adherence: dict[str, float | None] = field(default_factory=dict)  # method (and "cfg", "none", "base cfg") -> judge's pass rate
+    adherence: dict[str, float | None] = field(default_factory=dict)  # method (and "cfg", "none", "base cfg": the base's CFG images, judged in its flat style) -> judge's pass rate
     fid: dict[str, float | None] = field(default_factory=dict)  # method (and "cfg", "none") -> FID against real images of the group
 
     @property
@@ -271,7 +272,7 @@ def transfer_curve(finetunes: list, scales: list[float], guidance_scales: list[f
                                 row.image_gap_closed[name] = gap_closed(image_mse(result, cfg_ft), unguided)
                             row.adherence[name] = _adherence(result, prompts, spec.style, new_shapes)
                             row.fid[name] = fid_here(result) if fid_here is not None else None
-                        row.adherence["base cfg"] = _adherence(cfg_base, prompts, spec.style, ())
+                        row.adherence["base cfg"] = _adherence(cfg_base, prompts, BASE_STYLE, ())  # the base draws flat shapes
                         rows.append(row)
                         log(f"{spec.name} scale {scale:g} w {w:g} {group}: distance {row.distance:.3f}, cosine "
                             f"{' / '.join(f'{c:.2f}' for c in row.cosine_summary)}, gap closed "
