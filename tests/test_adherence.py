@@ -80,3 +80,24 @@ def test_base_adherence_table_counts_every_two_object_image_once(tiny_base_dir):
     for row in rows:
         two_objects, failures = float(row.split("|")[3]), row.split("|")[5]
         assert round(two_objects * 3) + sum(int(n) for n in failures.split("/")) == 3
+
+
+def test_the_judge_tells_a_bar_from_the_base_shapes_only_where_asked():
+    """A bar reads as a square to the three-shape judge; with the bar in its vocabulary (named in the caption, or a model
+    that learnt it) it is a bar, and verdicts on the base's own images do not change."""
+    scene = next(s for s in (shapes.sample_concept_scene(i, 3) for i in range(100)) if len(s.objects) == 1)
+    image = shapes.render(scene)
+    as_square = scene.caption.replace(" bar ", " square ")
+    assert adherence.judge(image, scene.caption).ok
+    assert adherence.judge(image, as_square).ok and not adherence.judge(image, as_square, new_shapes=("bar",)).ok
+    for index in range(50):
+        base_scene = shapes.sample_scene(index, 3)
+        base_image = shapes.render(base_scene)
+        assert adherence.judge(base_image, base_scene.caption, new_shapes=("bar",)) == adherence.judge(base_image, base_scene.caption)
+
+
+def test_judge_accuracy_on_bar_scenes():
+    result = adherence.judge_accuracy("flat", images=60, concept="bar")
+    assert result.accepts_true_captions >= 0.95 and result.rejects_wrong_captions >= 0.95
+    assert all(" bar " in shapes.sample_concept_scene(i, 99, "heldout").caption for i in range(20))
+    assert not any(o.shape == "bar" for i in range(500) for o in shapes.sample_scene(i, 0).objects)  # the base's data has none

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -40,5 +42,28 @@ def test_lora_finetune_loads_with_diffusers_lora_loading_and_changes_images(tiny
 
 @pytest.mark.parametrize("bad, match", [(dict(style="sepia"), "unknown style"), (dict(method="dora"), "method must be")])
 def test_bad_finetune_config_is_a_clear_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(**bad)
+
+
+def test_a_concept_lora_with_prior_preservation_trains_on_the_new_shape_and_the_bases_own_samples(tiny_base_dir, tmp_path):
+    """DreamBooth-style: the concept's images and, half of every batch, the base's own samples of its captions, made
+    once and kept in the output folder for a resumed run."""
+    from safetensors import safe_open
+
+    from pnpguide.embedded.finetune import PRIOR_FILE
+
+    config = _config(tiny_base_dir, tmp_path, "lora")
+    config.style, config.concept, config.prior_images = "flat", "bar", 6
+    folder = finetune(config)
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    with safe_open(str(tmp_path / "lora" / PRIOR_FILE), framework="pt") as prior:
+        assert prior.get_tensor("latents").shape == (6, 4, 32, 32)  # 64-px shapes images through the tiny VAE, as the data
+        assert all(" bar" not in caption for caption in json.loads(prior.metadata()["captions"]))
+
+
+@pytest.mark.parametrize("bad, match", [(dict(concept="star"), "unknown concept"), (dict(prior_images=1), "prior_images must be >= 2"),
+                                        (dict(prior_guidance_scale=0.5), "prior_guidance_scale must be >= 1")])
+def test_bad_concept_settings_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         FinetuneConfig(**bad)

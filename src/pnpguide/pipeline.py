@@ -176,7 +176,8 @@ class GuidedSamplingMixin:
     def run_unet(self, sample: torch.Tensor, t, prompt_embeds: torch.Tensor, added: dict | None, timestep_cond=None) -> torch.Tensor:
         timestep = per_sample(t, sample.shape[0], sample.device)  # filled in on the device: no host-to-device copy per step
         return self.unet(sample, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
-                         cross_attention_kwargs=self.cross_attention_kwargs, added_cond_kwargs=added, return_dict=False)[0]
+                         cross_attention_kwargs=getattr(self, "_cross_attention_kwargs", None), added_cond_kwargs=added,
+                         return_dict=False)[0]
 
     def unconditional_and_conditional(self, sample: torch.Tensor, t, branches: Branches, rows: torch.Tensor | None = None):
         """CFG's two passes in one call of B + n rows, [uncond of `rows` (None: all); cond], as diffusers batches them."""
@@ -207,7 +208,7 @@ class GuidedSamplingMixin:
                                     negative_rows=branches.negative_rows).sample.to(cond.dtype)
             return cond + correction, cond, correction / (guidance_scale - 1)
         output = guided_noise_pred(self.unet, self.guide, sample, t, branches.prompt_embeds, guidance_scale, branches.added,
-                                   self.cross_attention_kwargs)
+                                   getattr(self, "_cross_attention_kwargs", None))  # (None outside a call: replays at stored states)
         return output, None, None
 
     def adaptive_cfg(self, sample: torch.Tensor, t, branches: Branches, w: float, active: torch.Tensor, correction, factor: float,

@@ -29,6 +29,10 @@ RELATION_MARGIN = 6.0  # centroids must differ by this many pixels along the rel
 # RGB distance from the background colour that counts as foreground: below the closest object/background
 # pair of each style (pastel purple on pastel gray: 60; others: 108), above the textured style's stripes (~50)
 FOREGROUND_DISTANCE = {"flat": 48.0, "outline": 48.0, "pastel": 40.0, "textured": 75.0}
+# A new shape (shapes.NEW_SHAPES) is only looked for where it can be meant: when the caption names it, or when the judge
+# is told the model draws it (`new_shapes`, a fine-tune that learnt it). Verdicts on the base's captions without it are
+# those of the three-shape judge, to the bit.
+BAR_ASPECT = 1.5  # a bar's bounding box is 3x as wide as tall (1.8 or more in 95% of VAE reconstructions); base shapes' ~1
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def parse_caption(caption: str) -> CaptionSpec:
     if parts["relation"]:
         objects.append(ObjectSpec(parts["colour2"], parts["shape2"]))
     for spec in objects:
-        if spec.colour not in shapes.COLOURS or spec.shape not in shapes.SHAPES:
+        if spec.colour not in shapes.COLOURS or spec.shape not in shapes.SHAPES + shapes.NEW_SHAPES:
             raise ValueError(f"unknown colour or shape in {caption!r}: {spec.colour!r} {spec.shape!r}")
     if parts["background"] not in shapes.BACKGROUNDS:
         raise ValueError(f"unknown background {parts['background']!r} in {caption!r}")
@@ -94,9 +98,14 @@ def _nearest(colour: np.ndarray, palette: tuple[list[str], np.ndarray]) -> str:
     return names[int(np.argmin(np.linalg.norm(values - colour, axis=1)))]
 
 
-def _classify_shape(filled: np.ndarray, fill_ratio: float) -> str:
-    """Triangles point up: their top third holds far fewer pixels than their bottom third."""
+def _classify_shape(filled: np.ndarray, fill_ratio: float, vocabulary: tuple[str, ...] = shapes.SHAPES) -> str:
+    """Triangles point up: their top third holds far fewer pixels than their bottom third. A bar (when `vocabulary`
+    has it) is much wider than tall."""
     rows = np.nonzero(filled.any(axis=1))[0]
+    if "bar" in vocabulary:
+        columns = np.nonzero(filled.any(axis=0))[0]
+        if len(columns) >= BAR_ASPECT * len(rows):
+            return "bar"
     third = max(len(rows) // 3, 1)
     top, bottom = filled[rows[:third]].sum(), filled[rows[-third:]].sum()
     if top < 0.6 * bottom:
@@ -104,8 +113,14 @@ def _classify_shape(filled: np.ndarray, fill_ratio: float) -> str:
     return "square" if fill_ratio > 0.88 else "circle"
 
 
-def detect(image: Image.Image, style: str = "flat") -> tuple[str, list[DetectedObject]]:
-    """Return the background name and the objects found in a 64x64 image of `style`."""
+def vocabulary_for(spec: CaptionSpec | None = None, new_shapes: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The shapes the judge tells apart: the base's, plus each new shape the caption names or `new_shapes` lists."""
+    named = [o.shape for o in spec.objects] if spec is not None else []
+    return shapes.SHAPES + tuple(s for s in shapes.NEW_SHAPES if s in named or s in new_shapes)
+
+
+def detect(image: Image.Image, style: str = "flat", vocabulary: tuple[str, ...] = shapes.SHAPES) -> tuple[str, list[DetectedObject]]:
+    """Return the background name and the objects found in a 64x64 image of `style`, shapes named from `vocabulary`."""
     shapes.check_style(style)
     pixels = ndimage.median_filter(np.asarray(image.convert("RGB"), dtype=np.float64), size=(3, 3, 1))
     border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3), pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
@@ -125,7 +140,7 @@ def detect(image: Image.Image, style: str = "flat") -> tuple[str, list[DetectedO
         height, width = np.ptp(ys) + 1, np.ptp(xs) + 1
         fill_ratio = filled.sum() / (height * width)
         colour = _nearest(np.median(pixels[stroke], axis=0), colours)
-        objects.append(DetectedObject(colour, _classify_shape(filled, fill_ratio), (xs.mean(), ys.mean()), float(max(height, width)), float(fill_ratio)))
+        objects.append(DetectedObject(colour, _classify_shape(filled, fill_ratio, vocabulary), (xs.mean(), ys.mean()), float(max(height, width)), float(fill_ratio)))
     return background, objects
 
 
@@ -139,10 +154,12 @@ def _relation_holds(first: DetectedObject, second: DetectedObject, relation: str
     return along > RELATION_MARGIN
 
 
-def judge(image: Image.Image, caption: str, style: str = "flat") -> Verdict:
-    """Decide whether `image` satisfies `caption`: background, object count, attributes, relation."""
+def judge(image: Image.Image, caption: str, style: str = "flat", new_shapes: tuple[str, ...] = ()) -> Verdict:
+    """Decide whether `image` satisfies `caption`: background, object count, attributes, relation. `new_shapes`: the new
+    shapes (shapes.NEW_SHAPES) the model has learnt to draw, so that one drawn for another caption is not taken for a
+    base shape (a bar for a square); a shape the caption names is always looked for."""
     spec = parse_caption(caption)
-    background, found = detect(image, style)
+    background, found = detect(image, style, vocabulary_for(spec, new_shapes))
     if background != spec.background:
         return Verdict(False, f"background is {background}, wanted {spec.background}", "background")
     if len(found) != len(spec.objects):
@@ -157,18 +174,18 @@ def judge(image: Image.Image, caption: str, style: str = "flat") -> Verdict:
     return Verdict(False, f"found {described}", "attributes")
 
 
-def adherence(images: list[Image.Image], captions: list[str], style: str = "flat") -> float:
+def adherence(images: list[Image.Image], captions: list[str], style: str = "flat", new_shapes: tuple[str, ...] = ()) -> float:
     """Fraction of images that satisfy their captions."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    return failure_counts(images, captions, style)["ok"] / max(len(images), 1)
+    return failure_counts(images, captions, style, new_shapes)["ok"] / max(len(images), 1)
 
 
-def failure_counts(images: list[Image.Image], captions: list[str], style: str = "flat") -> dict[str, int]:
+def failure_counts(images: list[Image.Image], captions: list[str], style: str = "flat", new_shapes: tuple[str, ...] = ()) -> dict[str, int]:
     """How many images pass ("ok") and how many fail at each check, in FAILURE_KINDS order."""
     counts = dict.fromkeys(("ok",) + FAILURE_KINDS, 0)
     for image, caption in zip(images, captions, strict=True):
-        counts[judge(image, caption, style).kind] += 1
+        counts[judge(image, caption, style, new_shapes).kind] += 1
     return counts
 
 
@@ -182,8 +199,9 @@ def relation_accuracy(counts: dict[str, int]) -> float | None:
     return counts["ok"] / placed if placed else None
 
 
-def _wrong_caption(scene: shapes.Scene, rng: np.random.Generator) -> str:
-    """The scene's caption with one attribute changed: what a judge must reject."""
+def _wrong_caption(scene: shapes.Scene, rng: np.random.Generator, new_shapes: tuple[str, ...] = ()) -> str:
+    """The scene's caption with one attribute changed: what a judge must reject (a shape changed among the base's and
+    `new_shapes`)."""
     objects = list(scene.objects)
     background, relation = scene.background, scene.relation
     what = rng.choice(["colour", "shape", "background"] + (["relation"] if relation else []))
@@ -192,7 +210,7 @@ def _wrong_caption(scene: shapes.Scene, rng: np.random.Generator) -> str:
         taken = {o.colour for o in objects}
         objects[0] = shapes.ShapeObject(first.shape, str(rng.choice([c for c in shapes.COLOURS if c not in taken])), first.center, first.extent, first.size)
     elif what == "shape":
-        objects[0] = shapes.ShapeObject(str(rng.choice([s for s in shapes.SHAPES if s != first.shape])), first.colour, first.center, first.extent, first.size)
+        objects[0] = shapes.ShapeObject(str(rng.choice([s for s in shapes.SHAPES + new_shapes if s != first.shape])), first.colour, first.center, first.extent, first.size)
     elif what == "background":
         background = str(rng.choice([b for b in shapes.BACKGROUNDS if b != background]))
     else:
@@ -212,13 +230,17 @@ class JudgeAccuracy:
         return (self.accepts_true_captions + self.rejects_wrong_captions) / 2
 
 
-def judge_accuracy(style: str, images: int = 500, seed: int = 99, split: str = "heldout") -> JudgeAccuracy:
-    """Measure the judge on real dataset images of one style (true and one-attribute-wrong captions)."""
+def judge_accuracy(style: str, images: int = 500, seed: int = 99, split: str = "heldout", concept: str | None = None,
+                   new_shapes: tuple[str, ...] = ()) -> JudgeAccuracy:
+    """Measure the judge on real dataset images of one style (true and one-attribute-wrong captions). With `concept`
+    (one of shapes.NEW_SHAPES), on scenes that show it (shapes.sample_concept_scene), a wrong shape drawn from the base's
+    and the concept; `new_shapes`: judge as for a model that draws these (see :func:`judge`)."""
     rng = np.random.default_rng(seed)
+    new_shapes = tuple(dict.fromkeys(new_shapes + ((concept,) if concept else ())))
     accepted = rejected = 0
     for index in range(images):
-        scene = shapes.sample_scene(index, seed, split)
+        scene = shapes.sample_scene(index, seed, split) if concept is None else shapes.sample_concept_scene(index, seed, split, concept)
         image = shapes.render(scene, style, noise_seed=index)
-        accepted += judge(image, scene.caption, style).ok
-        rejected += not judge(image, _wrong_caption(scene, rng), style).ok
+        accepted += judge(image, scene.caption, style, new_shapes).ok
+        rejected += not judge(image, _wrong_caption(scene, rng, new_shapes if concept else ()), style, new_shapes).ok
     return JudgeAccuracy(style, images, accepted / images, rejected / images)

@@ -131,8 +131,8 @@ class CaptionedLatents:
         return {"latents": self.latents[rows], "prompt_embeds": self.embeddings[caption_ids]}
 
 
-def cache_dataset(pipe: StableDiffusionPipeline, num_images: int, style: str, seed: int) -> CaptionedLatents:
-    dataset = shapes.ShapesDataset(num_images, style=style, seed=seed)
+def cache_dataset(pipe: StableDiffusionPipeline, num_images: int, style: str, seed: int, concept: str | None = None) -> CaptionedLatents:
+    dataset = shapes.ShapesDataset(num_images, style=style, seed=seed, concept=concept)
     captions = [dataset.scene(i).caption for i in range(num_images)]
     unique = sorted(set(captions))
     lookup = {c: i for i, c in enumerate(unique)}

@@ -47,12 +47,15 @@ def cmd_train_features(args) -> None:
 
 def cmd_judge_accuracy(args) -> None:
     from .adherence import judge_accuracy
-    from .shapes import STYLES
+    from .shapes import STYLES, check_concept
 
+    if args.concept is not None:
+        check_concept(args.concept)
     print("| style | images | accepts true captions | rejects wrong captions |\n|---|---|---|---|")
     for style in args.styles or STYLES:
-        result = judge_accuracy(style, args.images)
-        print(f"| {style} | {result.images} | {result.accepts_true_captions:.3f} | {result.rejects_wrong_captions:.3f} |")
+        result = judge_accuracy(style, args.images, concept=args.concept)
+        shown = f" (every scene shows a {args.concept})" if args.concept else ""
+        print(f"| {style}{shown} | {result.images} | {result.accepts_true_captions:.3f} | {result.rejects_wrong_captions:.3f} |")
 
 
 def cmd_base_grid(args) -> None:
@@ -90,6 +93,8 @@ def add_embedded_commands(parser: argparse.ArgumentParser, add_flags) -> None:
     p = sub.add_parser("judge-accuracy", help="measure the prompt-adherence judge on real dataset images")
     p.add_argument("--styles", nargs="*", help="styles to measure (default: all)")
     p.add_argument("--images", type=count, default=500, help="images per style (default: 500)")
+    p.add_argument("--concept", default=None, help="scenes that show this new shape, e.g. bar (a fine-tune's concept), judged with it "
+                   "in the judge's vocabulary; wrong captions may swap it for a base shape (default: the base's scenes)")
     p.set_defaults(handler=cmd_judge_accuracy)
 
     def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,11 @@ import torch
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle")  # the base's shapes: its data (sample_scene) draws these and no others
+# Shapes the renderer and the judge know but the base never saw: each is a concept a fine-tune can teach
+# (sample_concept_scene), with the base's data and its judge's verdicts on SHAPES captions unchanged.
+NEW_SHAPES = ("bar",)
+BAR_HEIGHT = 1 / 3  # a bar is a horizontal rectangle this many times as tall as it is wide: its shape survives the VAE at every size
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),
@@ -140,6 +144,35 @@ def sample_scene(index: int, seed: int = 0, split: str = "train", two_object_fra
             return scene
 
 
+def check_concept(concept: str) -> str:
+    if concept not in NEW_SHAPES:
+        raise ValueError(f"unknown concept {concept!r}; a concept is a shape the base never drew: {', '.join(NEW_SHAPES)}")
+    return concept
+
+
+def sample_concept_scene(index: int, seed: int = 0, split: str = "train", concept: str = "bar", two_object_fraction: float = 0.5) -> Scene:
+    """Like :func:`sample_scene`, but every scene shows `concept` (one of NEW_SHAPES): alone, or as one of two objects
+    (the other a base shape, or the concept again one time in four). Deterministic for (seed, split, concept, index) and
+    split into training and held-out combinations the same way; the base's own scenes never come from here."""
+    check_concept(concept)
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"{seed}:{split}:{concept}:{index}")
+    while True:
+        background = rng.choice(list(BACKGROUNDS))
+        if rng.random() < two_object_fraction:
+            other = concept if rng.random() < 0.25 else rng.choice(SHAPES)
+            pair = [concept, other] if rng.random() < 0.5 else [other, concept]
+            colours = rng.sample(list(COLOURS), 2)
+            relation = rng.choice(RELATIONS)
+            scene = Scene(_place_pair(rng, relation, pair, colours), background, relation, mention_size=False)
+        else:
+            obj = _place_single(rng, concept, rng.choice(list(COLOURS)))
+            scene = Scene((obj,), background, None, mention_size=rng.random() < 0.5)
+        if is_held_out(scene.combination) == (split == "heldout"):
+            return scene
+
+
 def style_colour(rgb: tuple[int, int, int], style: str) -> tuple[int, int, int]:
     if style == "pastel":
         return tuple(int(0.55 * c + 0.45 * 255) for c in rgb)
@@ -151,6 +184,8 @@ def _shape_polygon(obj: ShapeObject, scale: float):
     half = obj.extent * scale / 2
     if obj.shape == "triangle":
         return [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+    if obj.shape == "bar":
+        return [(cx - half, cy - half * BAR_HEIGHT), (cx + half, cy + half * BAR_HEIGHT)]
     return [(cx - half, cy - half), (cx + half, cy + half)]
 
 
@@ -161,7 +196,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, style: str, scale:
     geometry = _shape_polygon(obj, scale)
     if obj.shape == "circle":
         draw.ellipse(geometry, **kwargs)
-    elif obj.shape == "square":
+    elif obj.shape in ("square", "bar"):
         draw.rectangle(geometry, **kwargs)
     else:
         draw.polygon(geometry, **kwargs)
@@ -200,16 +235,20 @@ class ShapesDataset(torch.utils.data.Dataset):
     """`length` deterministic (image, caption) pairs of one style and split.
 
     Items are dicts with `pixel_values` (3, 64, 64) in [-1, 1] and `caption`, as diffusers' training
-    examples expect. Rendering is cheap (~20k images/s), so nothing is cached on disk.
+    examples expect. Rendering is cheap (~20k images/s), so nothing is cached on disk. With `concept` (one of
+    NEW_SHAPES), every scene shows that shape (:func:`sample_concept_scene`): the data of a fine-tune that teaches it.
     """
 
-    def __init__(self, length: int, style: str = "flat", split: str = "train", seed: int = 0):
+    def __init__(self, length: int, style: str = "flat", split: str = "train", seed: int = 0, concept: str | None = None):
         self.length, self.style, self.split, self.seed = length, check_style(style), split, seed
+        self.concept = None if concept is None else check_concept(concept)
 
     def __len__(self) -> int:
         return self.length
 
     def scene(self, index: int) -> Scene:
+        if self.concept is not None:
+            return sample_concept_scene(index, self.seed, self.split, self.concept)
         return sample_scene(index, self.seed, self.split)
 
     def __getitem__(self, index: int) -> dict:
@@ -232,15 +271,16 @@ def evaluation_captions(count: int) -> list[str]:
     return heldout_captions(count // 2, objects=1) + heldout_captions(count - count // 2, objects=2)
 
 
-def split_captions(count: int, split: str = "heldout", seed: int = 1234, objects: int | None = None) -> list[str]:
-    """`count` captions of the `train` or `heldout` combinations, as :func:`heldout_captions` picks them.
+def split_captions(count: int, split: str = "heldout", seed: int = 1234, objects: int | None = None, concept: str | None = None) -> list[str]:
+    """`count` captions of the `train` or `heldout` combinations, as :func:`heldout_captions` picks them (with
+    `concept`, captions that name that new shape: :func:`sample_concept_scene`).
 
     Judging a model on training captions as well tells what it failed to learn from what it failed
     to generalise.
     """
     distinct: list[str] = []
     for index in range(200 * count):
-        scene = sample_scene(index, seed, split)
+        scene = sample_scene(index, seed, split) if concept is None else sample_concept_scene(index, seed, split, concept)
         if (objects is None or len(scene.objects) == objects) and scene.caption not in distinct:
             distinct.append(scene.caption)
             if len(distinct) == count:

@@ -40,35 +40,44 @@ METHODS = ("none", "cfg", "guide")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to evaluate: an SD folder (None: embedded), optional LoRA weights, and the style it draws."""
+    """A model to evaluate: an SD folder (None: embedded), optional LoRA weights, the style it draws, and the new shape
+    it learnt (shapes.NEW_SHAPES), which the judge then looks for in its images."""
 
     name: str
     base: str | None = None
     lora: str | None = None
     style: str = "flat"
+    concept: str | None = None
+
+    @property
+    def new_shapes(self) -> tuple[str, ...]:
+        return (self.concept,) if self.concept else ()
 
 
 SHIPPED_MODELS = {
     "embedded": ModelSpec("embedded"),
     "pastel-full": ModelSpec("pastel-full", str(ASSETS_DIR / "finetunes" / "pastel-full"), None, "pastel"),
     "outline-lora": ModelSpec("outline-lora", None, str(ASSETS_DIR / "finetunes" / "outline-lora"), "outline"),
+    "bar-lora": ModelSpec("bar-lora", None, str(ASSETS_DIR / "finetunes" / "bar-lora"), "flat", "bar"),
 }
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """`embedded`, `pastel-full`, `outline-lora` (shipped), or `PATH[,lora=PATH][,style=STYLE][,name=NAME]`."""
+    """`embedded`, `pastel-full`, `outline-lora`, `bar-lora` (shipped), or `PATH[,lora=PATH][,style=STYLE][,name=NAME][,concept=SHAPE]`."""
     if text in SHIPPED_MODELS:
         return SHIPPED_MODELS[text]
     path, *options = text.split(",")
     values = {"name": Path(path).name, "base": path, "lora": None, "style": "flat"}
     for option in options:
         key, sep, value = option.partition("=")
-        if not sep or key not in ("lora", "style", "name"):
-            raise ValueError(f"bad model option {option!r} in {text!r}; write PATH[,lora=PATH][,style=STYLE][,name=NAME]")
+        if not sep or key not in ("lora", "style", "name", "concept"):
+            raise ValueError(f"bad model option {option!r} in {text!r}; write PATH[,lora=PATH][,style=STYLE][,name=NAME][,concept=SHAPE]")
         values[key] = value
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder {path!r} does not exist (shipped models: {', '.join(SHIPPED_MODELS)})")
     shapes.check_style(values["style"])
+    if "concept" in values:
+        shapes.check_concept(values["concept"])
     return ModelSpec(**values)
 
 
@@ -95,6 +104,9 @@ class EvalConfig:
     device: str = "auto"  # cpu, cuda, cuda:N, mps; auto: cuda when available, else cpu
     dtype: str = "float32"  # float32, float16 or bfloat16: base and guides are loaded in it
     out_dir: str = "pnpguide-eval"  # where report.json, report.md, plots and grids go
+    transfer: bool = False  # instead: the transfer curve of each --base fine-tune (evaluation/transfer.py): distance from the base, cosine of the CFG corrections, image gap closed by the guides and the training-free carry
+    lora_scales: list[float] = field(default_factory=lambda: [1.0])  # with --transfer: LoRA weights (a full fine-tune: share of the way from the base)
+    transfer_base: str | None = None  # with --transfer: the base the guides were trained on (default: a LoRA's own base, else the embedded model)
 
     def __post_init__(self):
         self.device = str(resolve_device(self.device))  # "auto" resolved, so the report names the device used
@@ -195,8 +207,8 @@ class Row:
     peak_memory_mb_b8: float | None = None
 
 
-def _adherence_split(images, prompts, style) -> tuple[float, float | None, float | None]:
-    verdicts = [judge(im, p, style).ok for im, p in zip(images, prompts)]
+def _adherence_split(images, prompts, style, new_shapes: tuple[str, ...] = ()) -> tuple[float, float | None, float | None]:
+    verdicts = [judge(im, p, style, new_shapes).ok for im, p in zip(images, prompts)]
     counts = [len(parse_caption(p).objects) for p in prompts]
     by = {n: [v for v, c in zip(verdicts, counts) if c == n] for n in (1, 2)}
     return float(np.mean(verdicts)), *(float(np.mean(by[n])) if by[n] else None for n in (1, 2))
@@ -283,7 +295,7 @@ def evaluate_model(spec: ModelSpec, methods: list[Method], config: EvalConfig, s
             if scorer is not None:
                 per_seed["fid"].append(scorer.score(images))
             if judgeable:
-                per_seed["adh"].append(_adherence_split(images, prompts, spec.style))
+                per_seed["adh"].append(_adherence_split(images, prompts, spec.style, spec.new_shapes))
             if avoidable:
                 per_seed["avoid"].append(avoidance_rate(images, negatives, spec.style))
             _compare_with_cfg(per_seed, row, pipe, method, images, references, (steps, teacher_scale, seed), negative)
@@ -416,6 +428,11 @@ def run_eval(config: EvalConfig) -> dict:
     """Evaluate; write report.json, report.md, plots and grids to `out_dir`; return the report."""
     from . import report as report_module
 
+    if config.transfer:
+        from .transfer import run_transfer
+
+        return run_transfer(config)
+
     specs = [parse_model_spec(m) for m in config.base]  # bad specs fail before anything slow
     if "guide" in config.methods:  # a guide for another kind of base (SDXL vs SD 1.x/2.x): one line, nothing loaded
         for spec in specs:
@@ -447,6 +464,8 @@ def run_eval(config: EvalConfig) -> dict:
 
 def summary(result: dict) -> list[dict]:
     """The headline numbers per row, for scripts (`pnpguide eval --json`)."""
+    if result.get("kind") == "transfer":
+        return result["rows"]
     keys = ("model", "method", "steps", "guidance_scale", "fid", "fid_per_seed", "adherence", "avoids_negative", "psnr_vs_cfg_db", "image_gap_closed", "step_gap_closed",
             "unet_evals_per_image", "gflops_per_image", "seconds_per_image_b8")
     return [{k: row[k] for k in keys} for row in result["rows"]]
