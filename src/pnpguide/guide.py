@@ -153,6 +153,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
         negative_head: bool = False,  # an output guide's second head, reading the negative prompt (see the module)
         negative_first_steps: int | None = None,  # its negative head was trained on the first N steps: with a negative, it runs that many before carrying on
         default_guidance_interval: tuple[float, float] | None = None,  # (t_low, t_high) where its guidance was measured to pay: the pipeline's interval when a call gives none
+        trained_timesteps: tuple[int, ...] | None = None,  # step-distilled on this explicit grid (descending, one per UNet call; DDIM from each to the next, the last to the end)
     ):
         super().__init__()
         if reads not in GUIDE_INPUTS:
