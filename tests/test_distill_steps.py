@@ -130,7 +130,7 @@ def test_only_the_main_rank_writes_the_students(tiny_pair, prompt_file, tmp_path
 def _output_guide_with_head(unet):
     from conftest import randomised
 
-    return randomised(GuideModel.from_unet(unet, reads="unet_output")).with_negative_head()
+    return randomised(GuideModel.from_unet(unet, reads="unet_output").with_negative_head())
 
 
 def _grid_config(tmp_path, base, guide, prompt_file, **overrides):
@@ -234,3 +234,26 @@ def test_a_student_timestep_off_the_teachers_grid_is_refused_before_the_teachers
 def test_grid_settings_are_checked_before_anything_loads(overrides, message):
     with pytest.raises(ValueError, match=message):
         StepDistillConfig(**overrides)
+
+
+def test_a_negative_head_runs_on_the_rows_with_a_negative_only_and_gives_the_masked_output(unet):
+    """The grid loss calls an output guide twice (rows with and without a negative): the same as one call whose head is masked."""
+    from conftest import guide_inputs
+
+    from pnpguide.conditioning import Conditioning
+    from pnpguide.distill_steps import _output_student
+    from pnpguide.teacher import output_guided
+
+    guide = _output_guide_with_head(unet)
+    sample, _, embeds = guide_inputs(batch=2)
+    sample, embeds = torch.cat([sample, sample.flip(0)]), torch.cat([embeds, embeds.flip(0)])
+    cond, t, w = torch.randn_like(sample), torch.tensor([999, 500, 250, 20]), torch.tensor([2.0, 7.5, 5.0, 3.0])
+    negative, rows = torch.randn(4, 6, 32), torch.tensor([True, False, False, True])
+    batch = {"sample": sample, "conditional": cond, "t": t, "w": w, "conditioning": Conditioning(embeds)}
+    with torch.no_grad():
+        split = _output_student(guide, batch, Conditioning(negative), rows)
+        masked = output_guided(guide, cond, sample, t, embeds, w, negative, rows)
+        without = output_guided(guide, cond, sample, t, embeds, w, None)
+    torch.testing.assert_close(split, masked, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(split[rows], without[rows])
+    torch.testing.assert_close(split[~rows], without[~rows], rtol=1e-5, atol=1e-6)

@@ -263,6 +263,21 @@ def segment_target(batch: dict, schedule, final_alpha: float) -> torch.Tensor:
     return (batch["end"] - ratio * z) / (a_next - ratio * a_t)
 
 
+def _output_student(student, batch: dict, negative, negative_rows) -> torch.Tensor:
+    """An output guide's step from the recorded conditional output. A negative head runs on the rows with a negative
+    only (the pipeline's rule; the head's output is zero on the others anyway), so those rows go in a second call."""
+    unwrapped = getattr(student, "module", student)
+    z, cond, t, w, embeds = batch["sample"], batch["conditional"], batch["t"], batch["w"], batch["conditioning"].prompt_embeds
+    if not unwrapped.config.negative_head or negative is None or negative_rows is None:
+        return output_guided(student, cond, z, t, embeds, w, None if negative is None or unwrapped.config.negative_head else negative.prompt_embeds)
+    output = torch.empty_like(cond)
+    for rows, with_negative in ((negative_rows, True), (~negative_rows, False)):
+        if rows.any():
+            output[rows] = output_guided(student, cond[rows], z[rows], t[rows], embeds[rows], w[rows],
+                                         negative.prompt_embeds[rows] if with_negative else None)
+    return output
+
+
 def grid_student_loss(denoiser: Denoiser, student, batch: dict, schedule, final_alpha: float) -> torch.Tensor:
     """x0-space MSE with truncated-SNR weights max(SNR, 1), as :func:`student_loss`; the target is the x0 whose one DDIM
     step from the segment's start lands where the teacher's run is at its end (:func:`segment_target`). An output
@@ -273,14 +288,22 @@ def grid_student_loss(denoiser: Denoiser, student, batch: dict, schedule, final_
     negative, negative_rows = batch.get("negative"), batch.get("negative_rows")
     unwrapped = getattr(student, "module", student)
     if unwrapped.reads_unet_output:
-        negative_embeds = None if negative is None or (unwrapped.config.negative_head and negative_rows is None) else negative.prompt_embeds
-        output = output_guided(student, batch["conditional"], z, t, batch["conditioning"].prompt_embeds, batch["w"], negative_embeds,
-                               negative_rows if unwrapped.config.negative_head else None)
+        output = _output_student(student, batch, negative, negative_rows)
         prediction = predicted_x0(output.float(), z, a_t, s_t, denoiser.scheduler_config["prediction_type"])
     else:
         prediction = denoiser.x0(student, z, t, batch["conditioning"], batch["w"], a_t, s_t, negative, negative_rows)
     weight = torch.clamp(a_t**2 / s_t**2, min=1.0)
     return (weight * (prediction - target) ** 2).mean()
+
+
+def _encoded_once(texts: list[str], encode, chunk: int = 256):
+    """(Conditioning of each distinct text, (len(texts),) index of each text's row in it)."""
+    distinct = sorted(set(texts))
+    row = {text: i for i, text in enumerate(distinct)}
+    parts = [encode(distinct[i : i + chunk]) for i in range(0, len(distinct), chunk)]
+    table = Conditioning(*(None if first is None else torch.cat([dataclasses.astuple(part)[k] for part in parts])
+                           for k, first in enumerate(dataclasses.astuple(parts[0]))))
+    return table, torch.tensor([row[text] for text in texts])
 
 
 def _distill_grid(config: StepDistillConfig, accelerator, stage1: GuideModel, pipe, ddim: DDIMScheduler, schedule_config: dict,
@@ -300,6 +323,14 @@ def _distill_grid(config: StepDistillConfig, accelerator, stage1: GuideModel, pi
     schedule = {"alphas_cumprod": ddim.alphas_cumprod.float().to(accelerator.device)}
     final_alpha = float(ddim.final_alpha_cumprod)
     student = copy.deepcopy(stage1).train().requires_grad_(True)
+    # every run's prompt (and negative: the one it sampled CFG with) encoded once: rows are fixed-length, so batching
+    # does not change them, and re-encoding them at every step took a third of it
+    prompts_table, prompt_of_run = _encoded_once(segments.prompts, lambda texts: encode_prompts(pipe, texts, accelerator.device, resolution))
+    with_negatives = stage1.reads_negative_prompt and segments.negatives is not None
+    if with_negatives:
+        negatives_table, negative_of_run = _encoded_once(
+            segments.negatives, lambda texts: encode_negatives(pipe, texts, denoiser.negative, accelerator.device, resolution))
+        has_negative = torch.tensor([bool(negative) for negative in segments.negatives])
 
     def make_batch(step, generator):
         rows = segments.pairs[shard_rows(len(segments.pairs), config.batch_size, step, config.seed, accelerator.process_index,
@@ -308,12 +339,10 @@ def _distill_grid(config: StepDistillConfig, accelerator, stage1: GuideModel, pi
         batch = {"sample": segments.starts[segment, run], "conditional": segments.conditional[segment, run], "end": segments.ends[segment, run],
                  "t": torch.tensor(grid)[segment], "t_next": next_timesteps[segment], "w": segments.w[run]}
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        run_prompts = [segments.prompts[i] for i in run.tolist()]
-        batch["conditioning"] = encode_prompts(pipe, run_prompts, accelerator.device, resolution)
-        if stage1.reads_negative_prompt and segments.negatives is not None:
-            drawn = [segments.negatives[i] for i in run.tolist()]  # the negative the teacher's run sampled with
-            batch["negative"] = encode_negatives(pipe, drawn, denoiser.negative, accelerator.device, resolution)
-            batch["negative_rows"] = torch.tensor([bool(negative) for negative in drawn], device=accelerator.device)
+        batch["conditioning"] = prompts_table._map(lambda x: x[prompt_of_run[run].to(x.device)])
+        if with_negatives:
+            batch["negative"] = negatives_table._map(lambda x: x[negative_of_run[run].to(x.device)])
+            batch["negative_rows"] = has_negative[run].to(accelerator.device)
         return batch
 
     def compute_loss(model, batch):
