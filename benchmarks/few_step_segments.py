@@ -14,6 +14,7 @@ Usage: python benchmarks/few_step_segments.py --grid 999 939 879 819 759 639 499
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,10 @@ def main(argv=None) -> dict:
     p.add_argument("--negative-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=99, help="the runs' draws (training used 0)")
     p.add_argument("--runs-dir", required=True, help="where the held-out runs are written (reused when they exist with these settings)")
+    p.add_argument("--training-runs", default=None, help="instead: a training teacher-runs folder (shapes captions of --num-samples scenes, "
+                   "negatives at 0.5), its runs without a negative and with |w - W| <= --w-band: the states the student was fitted on")
+    p.add_argument("--num-samples", type=int, default=20000)
+    p.add_argument("--w-band", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="4 runs at 10 teacher steps: checks the script runs")
     p.add_argument("--out", required=True)
@@ -61,10 +66,23 @@ def main(argv=None) -> dict:
     grid = args.grid or [int(t) for t in next(iter(guides.values())).config.trained_timesteps]
     config = StepDistillConfig(output_dir=args.runs_dir, trajectories=args.count, trajectory_steps=args.teacher_steps, seed=args.seed,
                                w_min=args.w, w_max=args.w, negative_rate=args.negative_rate)
-    prompts = sorted(set(eval_prompts(EvalConfig(images=300))))
-    negatives = NegativeSampler(args.negative_rate) if args.negative_rate > 0 else None
-    pool = teacher_trajectories(pipe, prompts, Path(args.runs_dir), config, make_accelerator(config), "states", None, negatives)
+    if args.training_runs:
+        from pnpguide.shards import ShardPool
+        from pnpguide.sources import shapes_captions
+
+        prompts = shapes_captions(args.num_samples, 7)
+        pool = ShardPool(args.training_runs, prompts, NegativeSampler(0.5).table(prompts))
+    else:
+        prompts = sorted(set(eval_prompts(EvalConfig(images=300))))
+        negatives = NegativeSampler(args.negative_rate) if args.negative_rate > 0 else None
+        pool = teacher_trajectories(pipe, prompts, Path(args.runs_dir), config, make_accelerator(config), "states", None, negatives)
     segments = grid_segments(pool, teacher, grid)
+    if args.training_runs:  # keep the runs without a negative near W
+        keep = torch.tensor([not n and abs(float(w) - args.w) <= args.w_band for n, w in zip(segments.negatives, segments.w)])
+        segments = dataclasses.replace(segments, starts=segments.starts[:, keep], conditional=segments.conditional[:, keep],
+                                       unconditional=segments.unconditional[:, keep], ends=segments.ends[:, keep], w=segments.w[keep],
+                                       prompts=[p for p, k in zip(segments.prompts, keep.tolist()) if k],
+                                       negatives=[n for n, k in zip(segments.negatives, keep.tolist()) if k])
     acp, final = teacher.alphas_cumprod.float(), float(teacher.final_alpha_cumprod)
     kind = teacher.config.prediction_type
     embeds = encode_prompts(pipe, segments.prompts, "cpu", 64).prompt_embeds
@@ -73,7 +91,7 @@ def main(argv=None) -> dict:
     negative = encode_negatives(pipe, drawn, empty, "cpu", 64).prompt_embeds
     rows = torch.tensor([bool(n) for n in drawn])
     w = segments.w
-    result = {"grid": grid, "w": args.w, "runs": len(segments.prompts), "runs_with_negative": int(rows.sum()), "teacher_steps": args.teacher_steps,
+    result = {"grid": grid, "w": args.w, "runs_from": args.training_runs or "held-out", "runs": len(segments.prompts), "runs_with_negative": int(rows.sum()), "teacher_steps": args.teacher_steps,
               "segments": []}
     with torch.no_grad():
         for i, (t, t_next) in enumerate(zip(grid, grid[1:] + [-1])):

@@ -192,6 +192,8 @@ def test_grid_segments_follow_the_teachers_runs_and_the_target_lands_on_the_segm
     with_negative = [i for i, n in enumerate(segments.negatives) if n]
     assert sorted(segments.pairs[segments.pairs[:, 0] == 2][:, 1].tolist()) == with_negative  # 374 < 500: runs with a negative only
     assert len(segments.pairs[segments.pairs[:, 0] == 0]) == 3
+    repeated = grid_segments(pool, teacher, grid, unguided_below=500, repeats=[3, 0, 1])
+    assert [int((repeated.pairs[:, 0] == i).sum()) for i in range(3)] == [9, 0, len(with_negative)]
 
     negative = encode_negatives(pipe, segments.negatives, encode_negative(pipe, "cpu", 16), "cpu", 16).prompt_embeds
     embeds = encode_prompts(pipe, segments.prompts, "cpu", 16).prompt_embeds
@@ -230,6 +232,7 @@ def test_a_student_timestep_off_the_teachers_grid_is_refused_before_the_teachers
     (dict(student_timesteps=[999, 499], first_teacher="guide"), "first-teacher"),
     (dict(student_timesteps=[999, 499], unguided_below=1200), "unguided_below"),
     (dict(unguided_below=500), "go with --student-timesteps"),
+    (dict(student_timesteps=[999, 499], segment_repeats=[1]), "segment_repeats"),
 ])
 def test_grid_settings_are_checked_before_anything_loads(overrides, message):
     with pytest.raises(ValueError, match=message):

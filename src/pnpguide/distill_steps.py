@@ -68,6 +68,7 @@ class StepDistillConfig(SourceConfig):
     negative_rate: float = 0.5  # a guide that reads negative prompts: the share of samples with a non-empty negative
     student_timesteps: list[int] | None = None  # an explicit student grid instead of halvings: descending timesteps, one per UNet call, all on the teacher's DDIM grid at --teacher-steps; one round, taught by CFG's own runs (--trajectories of them)
     unguided_below: int | None = None  # with --student-timesteps: without a negative prompt the student guides only at t >= this (its default_guidance_interval); the segments from below it are learnt on runs with a negative only
+    segment_repeats: list[int] | None = None  # with --student-timesteps: how many times each segment's rows are drawn per pass (one per grid timestep; default: once each), to spend more of training where the images need it
     teacher_runs: str | None = None  # with --student-timesteps: folder for the teacher's runs (default: OUTPUT_DIR/teacher-runs); students of the same teacher, prompts, w range, seed and negatives can share it
 
     def __post_init__(self):
@@ -81,10 +82,13 @@ class StepDistillConfig(SourceConfig):
                 raise ValueError("--student-timesteps learns from the CFG teacher's runs over --prompts (or the shapes captions), not from --images")
             if self.unguided_below is not None and not 0 < self.unguided_below <= max(self.student_timesteps):
                 raise ValueError(f"unguided_below must be in (0, {max(self.student_timesteps)}] (the grid's first timestep), got {self.unguided_below}")
+            if self.segment_repeats is not None and (len(self.segment_repeats) != len(self.student_timesteps) or min(self.segment_repeats) < 0
+                                                     or max(self.segment_repeats) < 1):
+                raise ValueError(f"segment_repeats needs one count >= 0 per student timestep ({len(self.student_timesteps)}), some > 0; got {self.segment_repeats}")
             check_guidance_range(self.w_min, self.w_max)
             return
-        if self.unguided_below is not None or self.teacher_runs is not None:
-            raise ValueError("--unguided-below and --teacher-runs go with --student-timesteps")
+        if self.unguided_below is not None or self.teacher_runs is not None or self.segment_repeats is not None:
+            raise ValueError("--unguided-below, --segment-repeats and --teacher-runs go with --student-timesteps")
         n = self.teacher_steps
         while n > self.student_steps:
             n //= 2
@@ -214,10 +218,12 @@ class GridSegments:
         return torch.tensor(self.grid[1:] + [-1])
 
 
-def grid_segments(pool, teacher: DDIMScheduler, grid: list[int], unguided_below: int | None = None) -> GridSegments:
+def grid_segments(pool, teacher: DDIMScheduler, grid: list[int], unguided_below: int | None = None,
+                  repeats: list[int] | None = None) -> GridSegments:
     """`pool`: the teacher's runs (`teacher_trajectories(record="states")` on `teacher`'s grid, every step), read once into
     memory at the grid's timesteps only. The end of the last segment is the teacher's final step, from the recorded
-    outputs at its last state. Segments from below `unguided_below` keep only the runs with a negative prompt."""
+    outputs at its last state. Segments from below `unguided_below` keep only the runs with a negative prompt; segment i's
+    (segment, run) rows are listed `repeats[i]` times (default once)."""
     from safetensors.torch import load_file
 
     teacher_grid = teacher.timesteps.tolist()
@@ -249,7 +255,7 @@ def grid_segments(pool, teacher: DDIMScheduler, grid: list[int], unguided_below:
     pairs = []
     for segment, t in enumerate(grid):
         runs = torch.arange(len(prompts)) if unguided_below is None or t >= unguided_below else with_negative.nonzero().flatten()
-        pairs.append(torch.stack([torch.full_like(runs, segment), runs], dim=1))
+        pairs.append(torch.stack([torch.full_like(runs, segment), runs], dim=1).repeat(repeats[segment] if repeats else 1, 1))
     return GridSegments(list(grid), starts, torch.cat(parts["conditional"], dim=1), torch.cat(parts["unconditional"], dim=1), ends, prompts,
                         torch.cat(parts["w"]), negatives, torch.cat(pairs))
 
@@ -318,7 +324,7 @@ def _distill_grid(config: StepDistillConfig, accelerator, stage1: GuideModel, pi
     runs_config = dataclasses.replace(config, trajectory_steps=config.teacher_steps)
     folder = Path(config.teacher_runs) if config.teacher_runs else Path(config.output_dir) / "teacher-runs"
     pool = teacher_trajectories(pipe, prompts, folder, runs_config, accelerator, "states", None, negatives)
-    segments = grid_segments(pool, teacher, grid, config.unguided_below)
+    segments = grid_segments(pool, teacher, grid, config.unguided_below, config.segment_repeats)
     next_timesteps = segments.next_timesteps()
     schedule = {"alphas_cumprod": ddim.alphas_cumprod.float().to(accelerator.device)}
     final_alpha = float(ddim.final_alpha_cumprod)
