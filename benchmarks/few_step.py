@@ -200,7 +200,8 @@ def main(argv=None) -> dict:
                 is_reference = name in (f"cfg@{args.ref_steps}", f"none@{args.ref_steps}")
                 make = lambda kwargs=kwargs: sampler(w=1.0 if kwargs["mode"] == "none" else w, seed=seed, **kwargs)  # noqa: E731
                 if is_reference:
-                    key = f"{name.replace('@', '')}-w{w}-seed{seed}-n{args.images}{'' if name.startswith('none') else neg_key}"
+                    unguided = name.startswith("none")  # no guidance is the same at every w, and takes no negative
+                    key = f"{name.replace('@', '')}{'' if unguided else f'-w{w}'}-seed{seed}-n{args.images}{'' if unguided else neg_key}"
                     images, unet_calls, guide_calls = cached(cache, key, make)
                 else:
                     images, unet_calls, guide_calls = make()
