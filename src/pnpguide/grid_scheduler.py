@@ -16,9 +16,7 @@ class GridDDIMScheduler(DDIMScheduler):
         if timesteps is None:
             super().set_timesteps(num_inference_steps, device)
             timesteps = self.timesteps.tolist()
-        steps = [int(t) for t in timesteps]
-        if not steps or any(a <= b for a, b in zip(steps, steps[1:])) or steps[0] >= self.config.num_train_timesteps or steps[-1] < 0:
-            raise ValueError(f"timesteps must descend strictly within [0, {self.config.num_train_timesteps}), got {steps}")
+        steps = check_timestep_grid(timesteps, self.config.num_train_timesteps)
         self.num_inference_steps = len(steps)
         self.timesteps = torch.tensor(steps, dtype=torch.int64, device=device)
         self._next_timestep = dict(zip(steps, steps[1:] + [-1]))
@@ -28,6 +26,8 @@ class GridDDIMScheduler(DDIMScheduler):
         if eta != 0:
             raise ValueError(f"GridDDIMScheduler samples deterministic DDIM (eta = 0), got eta={eta}")
         t = int(timestep)
+        if t not in self._next_timestep:
+            raise ValueError(f"timestep {t} is not on this scheduler's grid {list(self._next_timestep)}: call set_timesteps first")
         t_next = self._next_timestep[t]
         alpha = self.alphas_cumprod[t].to(sample.device)
         alpha_next = self.alphas_cumprod[t_next].to(sample.device) if t_next >= 0 else self.final_alpha_cumprod.to(sample.device)
@@ -46,3 +46,15 @@ def prediction_to_x0_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha
     if prediction_type == "sample":
         return model_output, (sample - a * model_output) / s
     raise ValueError(f"unsupported prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
+
+
+def check_timestep_grid(timesteps, num_train_timesteps: int) -> list[int]:
+    """A grid as a list of ints: at least one timestep, strictly descending, each in [0, num_train_timesteps)."""
+    grid = [int(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+    if not grid:
+        raise ValueError("timesteps must list at least one timestep")
+    if any(a <= b for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"timesteps must be strictly descending, got {grid}")
+    if grid[0] >= num_train_timesteps or grid[-1] < 0:
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}), got {grid}")
+    return grid
