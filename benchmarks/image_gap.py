@@ -7,6 +7,7 @@ pooled over the images, on [0, 1] pixels.
 
     python benchmarks/image_gap.py --guide default --prompts 48 --scales 3 5 7.5 --out gap.json
     python benchmarks/image_gap.py --guide default --policies carry:5 ag:0.99 ag+carry:0.99   # and the training-free paths
+    python benchmarks/image_gap.py --guide 8-step 4-step --reference-steps 50   # few-step guides against 50-step CFG
 
 `--policies` adds CFG-mode rows with no guide: `carry:K` (CFG for K steps, then its correction carried, with a carry fitted on
 16 training captions as `pnpguide fit-carry` fits it), `ag:T` (Adaptive Guidance at cosine threshold T), `ag+carry:T`
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policies", nargs="*", default=[], help="training-free CFG-mode rows: carry:K, ag:T, ag+carry:T (default: none)")
     parser.add_argument("--steps", type=int, default=None, help="sample every row at this many steps instead of the guide's own "
                         "(a guide's carry is then read at these steps' timesteps) (default: the guide's own; 25 for --policies)")
+    parser.add_argument("--reference-steps", type=int, default=None, help="CFG and no guidance at this many steps as the "
+                        "reference (e.g. 50 for the few-step guides) (default: the row's own step count)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -83,17 +86,18 @@ def main(argv: list[str] | None = None) -> dict:
     references: dict = {}  # (steps, w) -> (CFG's images, no guidance's)
 
     def measure(label: str, pipe, steps: int, call_steps: int | None, **call) -> None:
-        start, gaps = time.perf_counter(), {}
+        start, gaps, reference = time.perf_counter(), {}, args.reference_steps or steps
         for w in args.scales:
-            if (steps, w) not in references:
-                references[(steps, w)] = (sample(diffusers_pipe, prompts, w, steps, args.batch_size, args.seed),
-                                          sample(diffusers_pipe, prompts, 1.0, steps, args.batch_size, args.seed))
-            cfg, unguided = references[(steps, w)]
+            if (reference, w) not in references:
+                references[(reference, w)] = (sample(diffusers_pipe, prompts, w, reference, args.batch_size, args.seed),
+                                              sample(diffusers_pipe, prompts, 1.0, reference, args.batch_size, args.seed))
+            cfg, unguided = references[(reference, w)]
             passes.clear()
             images = sample(pipe, prompts, w, call_steps, args.batch_size, args.seed, **call)
             gaps[w] = gap_closed(images, cfg, unguided)
             ratio = sum(passes) / (2 * steps * len(prompts))
-        results["rows"].append({"method": label, "steps": steps, "unet_passes_over_cfg": ratio, "image_gap_closed": gaps})
+        results["rows"].append({"method": label, "steps": steps, "reference_steps": reference, "unet_passes_over_cfg": ratio,
+                                "unet_passes_per_image": ratio * 2 * steps, "image_gap_closed": gaps})
         print(f"| {label} | {steps} | {ratio:.2f} | " + " | ".join(f"{gaps[w]:.3f}" for w in args.scales) + f" | {time.perf_counter() - start:.0f} |",
               flush=True)
 

@@ -44,9 +44,11 @@ def test_speed_without_a_gpu_says_so_and_exits_1(capsys):
 
 @pytest.mark.integration
 def test_image_gap_measures_a_shipped_guide_as_a_user_samples_it(one_thread):
-    result = script("image_gap").main(["--guide", "8-step", "--prompts", "2", "--scales", "7.5", "--policies", "carry:2", "ag+carry:0.99"])
+    result = script("image_gap").main(["--guide", "8-step", "--prompts", "2", "--scales", "7.5", "--policies", "carry:2", "ag+carry:0.99",
+                                          "--reference-steps", "10"])
     guide, carried, adaptive = result["rows"]
-    assert (guide["method"], guide["steps"]) == ("guide 8-step", 8) and 0.4 < guide["unet_passes_over_cfg"] <= 0.5
+    assert (guide["method"], guide["steps"], guide["reference_steps"]) == ("guide 8-step", 8, 10)
+    assert 0.4 < guide["unet_passes_over_cfg"] <= 0.5 and guide["unet_passes_per_image"] == pytest.approx(8)
     assert carried["unet_passes_over_cfg"] == pytest.approx(27 / 50)  # CFG for 2 of 25 steps, one pass after
     assert all(-2 < row["image_gap_closed"][7.5] < 1 for row in (guide, carried, adaptive))
 

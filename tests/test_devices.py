@@ -65,14 +65,14 @@ def test_devices_and_dtypes_resolve_or_fail_in_one_line():
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("name, design", [("default", OutputGuide), ("16-step", OutputGuide), ("8-step", OutputGuide), ("paper", ResidualGuide)])
+@pytest.mark.parametrize("name, design", [("default", OutputGuide), ("4-step", OutputGuide), ("8-step", OutputGuide), ("paper", ResidualGuide)])
 def test_guide_from_pretrained_takes_the_shipped_names(name, design):
     assert name in [p.name for p in shipped_guide_dirs()]
     assert type(GuideModel.from_pretrained(name)) is design
 
 
 def test_an_unknown_guide_name_lists_the_shipped_ones():
-    with pytest.raises(FileNotFoundError, match="no guide folder or shipped guide named 'defualt'.*16-step, 8-step, default, paper"):
+    with pytest.raises(FileNotFoundError, match="no guide folder or shipped guide named 'defualt'.*4-step, 8-step, default, paper"):
         GuideModel.from_pretrained("defualt")
 
 

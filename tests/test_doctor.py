@@ -150,3 +150,22 @@ def test_an_output_guide_passes_the_residual_check_and_one_for_another_output_wi
     guide.output_head.conv_out = torch.nn.Conv2d(guide.output_head.conv_out.in_channels, 3, 3, padding=1)
     check = doctor._residuals(guide, unet)
     assert not check.ok and "the guide corrects a 3-channel output, the UNet's has 4" in check.detail
+
+
+def test_lora_distance_is_zero_for_weights_that_change_nothing_and_grows_with_what_they_change(tiny_components):
+    """The reach check's measure: MSE(CFG with the LoRA, CFG without) / MSE(no guidance, CFG without), same seeds; it is
+    kept on the pipeline for the LoRA warning, with the adapters it was measured for."""
+    from peft import LoraConfig
+
+    from dropin import add_random_lora
+    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    pipe = PlugAndPlayPipeline(**tiny_components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))  # B starts at zero: the UNet is unchanged
+    prompts = ["a red circle on a black background", "a blue square on a white background"]
+    assert pipe.measure_lora_distance(prompts, num_inference_steps=3) == 0.0
+    assert pipe.lora_reach.adapters == ("default",) and pipe.lora_reach.scale == 1.0
+    pipe.unet.unload_lora()
+    add_random_lora(pipe.unet)
+    assert pipe.measure_lora_distance(prompts, num_inference_steps=3) > 0.01

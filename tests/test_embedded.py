@@ -22,7 +22,7 @@ def pipe():
 
 
 def test_shipped_guides_fit_the_embedded_base(pipe):
-    for name in ("default", "16-step", "8-step", "paper"):
+    for name in ("default", "8-step", "4-step", "paper"):
         assert (default_guide_dir(name) / "config.json").is_file()
     assert pipe.guide.config._name_or_path == str(default_guide_dir()) and pipe.guide.correction_carry is not None
     low, high = pipe.guide.config.trained_guidance_range
@@ -49,7 +49,7 @@ def test_demo_writes_a_grid_and_counts_unet_evaluations(tmp_path):
     evals = {t.label: t.unet_images_per_image for t in timings[:3]}
     assert evals == {"no guidance (w=1)": 4, "CFG": 8, "guide default": 4}  # the default guide's carry: one pass a step
     others = {t.label: (t.steps, t.unet_images_per_image) for t in timings[3:]}
-    assert others == {"guide 16-step": (16, 16), "guide 8-step": (8, 8), "guide paper": (4, 4)}  # distilled ones at their own counts
+    assert others == {"guide 8-step": (8, 8), "guide 4-step": (4, 4), "guide paper": (4, 4)}  # distilled ones at their own counts
 
 
 def test_a_guide_trains_on_the_mixed_source(tmp_path):

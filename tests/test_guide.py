@@ -113,7 +113,7 @@ def test_a_design_pnpguide_no_longer_has_is_refused_in_one_line(unet, tmp_path):
 
 
 def test_an_unknown_name_lists_the_shipped_guides():
-    with pytest.raises(FileNotFoundError, match="shipped guides: 16-step, 8-step, default, paper"):
+    with pytest.raises(FileNotFoundError, match="shipped guides: 4-step, 8-step, default, paper"):
         GuideModel.from_pretrained("tiny")
 
 

@@ -93,31 +93,45 @@ def test_the_pipeline_samples_with_an_output_guide_and_doctor_passes_it(tiny_com
                             generator=torch.Generator().manual_seed(0)).images
     assert images(4.0).shape[-1] == 3 and not (images(4.0) == images(1.0)).all()
     check = _residuals(guide, tiny_components["unet"])
-    assert check.ok and "output" in check.detail and "does not plug into fine-tunes or LoRAs" in check.detail
+    assert check.ok and "output" in check.detail
 
 
-@pytest.mark.parametrize("design, warned", [(OutputGuide, True), (ResidualGuide, False)])
-def test_an_output_guide_warns_that_it_does_not_plug_into_loaded_lora_weights(tiny_components, design, warned):
-    """Only an output guide adds its base's CFG correction after the UNet, which LoRA weights change; once the LoRA
-    is unloaded the warning goes too."""
+@pytest.mark.parametrize("design", [OutputGuide, ResidualGuide])
+def test_active_lora_weights_are_warned_about_until_measured_near_the_base_at_the_scale_used(tiny_components, design):
+    """A guide distilled on the base carries to a fine-tune only near it: unmeasured LoRA weights in use are warned
+    about with their scale; once measured, only a distance beyond REACH at the call's scale is; at scale 0 (set_adapters
+    or the call's cross_attention_kwargs) or once unloaded, nothing."""
     import copy
     import warnings
 
     from peft import LoraConfig
-    from pnpguide.pipeline import PlugAndPlayPipeline
+
+    from pnpguide.pipeline import REACH, LoraReach, PlugAndPlayPipeline
 
     unet = copy.deepcopy(tiny_components["unet"])
     pipe = PlugAndPlayPipeline(**(tiny_components | {"unet": unet}), guide=design.from_unet(unet))
 
-    def lora_warnings():
+    def lora_warnings(**call):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, output_type="latent")
-        return [w for w in caught if "LoRA weights are loaded" in str(w.message)]
+            pipe("a red circle", num_inference_steps=2, guidance_scale=4.0, output_type="latent", **call)
+        return [str(w.message) for w in caught if "LoRA weights are active" in str(w.message)]
 
     assert lora_warnings() == []
-    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
-    assert len(lora_warnings()) == warned
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]), adapter_name="style")
+    (message,) = lora_warnings()
+    assert "(scale 1)" in message and "not measured" in message and "pnpguide doctor --lora" in message
+    (message,) = lora_warnings(cross_attention_kwargs={"scale": 0.5})
+    assert "(scale 0.5)" in message
+    assert lora_warnings(cross_attention_kwargs={"scale": 0.0}) == []
+    pipe.lora_reach = LoraReach(1.2, ("style",), 1.0)  # measured at scale 1: beyond reach there, 0.3 at scale 0.5
+    (message,) = lora_warnings()
+    assert "distance 1.20" in message and f"reach ({REACH:g})" in message
+    assert lora_warnings(cross_attention_kwargs={"scale": 0.5}) == []
+    pipe.lora_reach = LoraReach(1.2, ("another",), 1.0)  # measured for other adapters: not this one's distance
+    assert "not measured" in lora_warnings()[0]
+    pipe.set_adapters(["style"], adapter_weights=[0.0])
+    assert lora_warnings() == []
     unet.unload_lora()
     assert lora_warnings() == []
 

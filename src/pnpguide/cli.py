@@ -63,6 +63,14 @@ def base_data(config):
     return ShapesData()
 
 
+def _check_lora(lora: str | None) -> None:
+    """A missing LoRA folder fails before any weights load."""
+    if lora is not None:
+        from .loading import lora_dir
+
+        lora_dir(lora)
+
+
 def cmd_generate(args) -> None:
     from .generate import GenerateRequest, check_request, generate
     from .loading import load_plug_and_play, warn_if_truncated
@@ -72,6 +80,7 @@ def cmd_generate(args) -> None:
         args.scheduler, args.seed, args.device, args.dtype, args.correction_carry, args.guidance_interval, args.adaptive_threshold,
     )
     device, dtype = check_request(request, args.base, args.guide)  # before the slow part
+    _check_lora(args.lora)
     pipe = load_plug_and_play(args.base, args.guide, args.lora, dtype, device)
     warn_if_truncated(pipe.tokenizer, [args.prompt])
     pipe.set_progress_bar_config(desc="sampling", delay=PROGRESS_DELAY_S)
@@ -116,6 +125,7 @@ def cmd_fit_carry(args) -> None:
     if args.scheduler is not None:
         check_scheduler_name(args.scheduler)
     device = resolve_device(args.device)
+    _check_lora(args.lora)
     prompts = read_prompt_file(args.prompts) if args.prompts else _embedded_fit_prompts()  # a bad file fails before the weights load
     pipe = load_plug_and_play(args.base, None, args.lora, resolve_dtype(args.dtype, device), device)
     if args.scheduler is not None:
@@ -126,6 +136,13 @@ def cmd_fit_carry(args) -> None:
     print(f"correction carry ({len(carry.factors)} model calls, CFG for the first {carry.full_steps} steps) written to {carry.save(args.out)}")
 
 
+def _embedded_prompts(count: int) -> list[str]:
+    """Held-out captions of the embedded model, half one-object and half two-object."""
+    from .embedded import shapes
+
+    return shapes.evaluation_captions(count)
+
+
 def _embedded_fit_prompts() -> list[str]:
     from .embedded import shapes
 
@@ -134,8 +151,11 @@ def _embedded_fit_prompts() -> list[str]:
 
 def cmd_doctor(args) -> int:
     from .doctor import check_pair, format_checks
+    from .sources import is_embedded, read_prompt_file
 
-    checks = check_pair(args.base, args.guide)
+    _check_lora(args.lora)
+    prompts = read_prompt_file(args.prompts) if args.prompts else (_embedded_prompts(8) if args.lora and is_embedded(args.base) else None)
+    checks = check_pair(args.base, args.guide, args.lora, prompts)
     print(format_checks(checks))
     return 0 if all(c.ok for c in checks) else 1
 
@@ -238,7 +258,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit-carry", help="fit a CorrectionCarry on a model (JSON for generate --correction-carry): training-free, any checkpoint")
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
-    p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base (the carry is the model's own)")
+    p.add_argument("--lora", default=None, help="LoRA weights to load into the base: a folder, or bar-lora / outline-lora (shipped for the embedded model) (the carry is the model's own)")
     p.add_argument("--prompts", default=None, help="text or JSONL file of prompts like the ones you will sample; CFG runs on "
                    f"the first {CARRY_FIT_PROMPTS} (default on the embedded model: {CARRY_FIT_PROMPTS} of its training captions)")
     p.add_argument("--full-steps", type=count, default=5, help="steps that run CFG before the correction is carried (default: 5)")
@@ -257,6 +277,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check that a base folder and a guide fit together, and how the guide samples (exit 1 if not)")
     _add_pipeline_flags(p, lora=False)
+    p.add_argument("--lora", default=None, help="LoRA weights for the base: also measure whether the guide reaches base + LoRA "
+                   "(its CFG images' distance from the base's, on 8 prompts)")
+    p.add_argument("--prompts", default=None, help="with --lora: a text or JSONL file of prompts like yours (default on the embedded model: its captions)")
     p.set_defaults(handler=cmd_doctor)
 
     p = sub.add_parser("embedded", help="build and inspect the embedded model, its fine-tunes, judge and FID features")
@@ -281,9 +304,9 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 def _add_pipeline_flags(p: argparse.ArgumentParser, lora: bool = True) -> None:
     p.add_argument("--base", default=None, help="Stable Diffusion folder (default: the embedded model)")
     p.add_argument("--guide", default=None, help="guide folder, or a guide shipped for the embedded model: default (25 steps), "
-                   "16-step, 8-step, paper (the paper's residual design) (default: default with the embedded model; with --base, none)")
+                   "8-step, 4-step, paper (the paper's residual design) (default: default with the embedded model; with --base, none)")
     if lora:
-        p.add_argument("--lora", default=None, help="folder with LoRA weights to load into the base")
+        p.add_argument("--lora", default=None, help="LoRA weights to load into the base: a folder, or bar-lora / outline-lora (shipped for the embedded model)")
 
 
 def _scheduler_names() -> list[str]:

@@ -39,14 +39,16 @@ class Check:
     detail: str
 
 
-def check_pair(base: str | Path | None = None, guide: str | Path | None = None) -> list[Check]:
+def check_pair(base: str | Path | None = None, guide: str | Path | None = None, lora: str | Path | None = None,
+               prompts: list[str] | None = None) -> list[Check]:
     """Validate a base SD folder (default: the embedded model) and a guide folder (default: the shipped default guide).
 
     Checks the base folder's structure, that it holds no pickle weights and loads offline, that the guide
     folder is safe and readable, the scheduler's prediction type, the guide's trained guidance range, and
     that the guide fits the UNet (conditioning kind, architecture and residuals) and the text encoders (SDXL:
     both). Checks that need a folder that failed are left out; when the two config.json files already show that
-    the guide was built for another kind of UNet (SDXL vs SD 1.x/2.x, other widths), nothing is loaded.
+    the guide was built for another kind of UNet (SDXL vs SD 1.x/2.x, other widths), nothing is loaded. With `lora`
+    (LoRA weights for the base) and `prompts`, also whether the guide reaches that fine-tune (its distance from the base).
     """
     base_dir = Path(base) if base is not None else default_base_dir()
     guide_dir = Path(guide) if guide is not None else default_guide_dir()
@@ -59,6 +61,8 @@ def check_pair(base: str | Path | None = None, guide: str | Path | None = None) 
         checks += [_text_encoders(pipe), _prediction_type(pipe.scheduler)]
     if guide_model is not None:
         checks += [_guidance_range(guide_model), _policy(guide_model)]
+    if pipe is not None and guide_model is not None and lora is not None:
+        checks.append(_reach(base_dir, lora, prompts or []))
     if pipe is not None and guide_model is not None:
         checks += [_conditioning(guide_model, pipe.unet), _compatibility(guide_model, pipe.unet),
                    _text_encoder(guide_model, pipe), _residuals(guide_model, pipe.unet)]
@@ -161,6 +165,23 @@ def _policy(guide: GuideModel) -> Check:
     return Check("sampling policy", True, guide.policy.describe())
 
 
+def _reach(base_dir: Path, lora, prompts: list[str]) -> Check:
+    """Whether a guide distilled on the base carries to base + these LoRA weights: `measure_lora_distance`."""
+    from .loading import plug_and_play_from
+    from .pipeline import REACH
+
+    if not prompts:
+        return Check("guide reaches the LoRA", False, "give --prompts FILE (a few prompts like yours) to measure it")
+    try:
+        distance = plug_and_play_from(load_pipeline(base_dir, lora)).measure_lora_distance(prompts)
+    except CHECK_ERRORS as error:
+        return Check("guide reaches the LoRA", False, _one_line(error))
+    if distance <= REACH:
+        return Check("guide reaches the LoRA", True, f"distance {distance:.2f} <= {REACH:g}: its CFG images stay near the base's")
+    return Check("guide reaches the LoRA", False, f"distance {distance:.2f} > {REACH:g}: the guide will not carry to it; sample it with "
+                 "--mode cfg and a policy fitted on it (pnpguide fit-carry --lora, --adaptive-threshold 0.995)")
+
+
 def _compatibility(guide: GuideModel, unet) -> Check:
     try:
         guide.check_compatible(unet)
@@ -188,8 +209,7 @@ def _residuals(guide: GuideModel, unet) -> Check:
         emitted, expected = guide.output_head.conv_out.out_channels, unet.config.out_channels
         if emitted != expected:
             return Check("residuals", False, f"the guide corrects a {emitted}-channel output, the UNet's has {expected}; retrain the guide")
-        return Check("residuals", True, f"none: the guide corrects the UNet's {expected}-channel output with the CFG correction of the "
-                     "UNet it was distilled on, so it does not plug into fine-tunes or LoRAs (docs/guides.md)")
+        return Check("residuals", True, f"none: the guide corrects the UNet's {expected}-channel output")
     expected = residual_channels(unet.config.block_out_channels, unet.config.layers_per_block)
     emitted, mid_emitted = guide.residual_widths()
     mid_expected = unet.config.block_out_channels[-1]

@@ -17,7 +17,7 @@ from .config_checks import check_base_configs, check_guide_config, read_json_obj
 from .guides import GuideModel, unet_mismatch
 from .guides.base import DEFAULT_GUIDE, SHIPPED_GUIDES_DIR, design_class, shipped_guides
 from .pipeline import PlugAndPlayPipeline
-from .quiet import quiet_component_types
+from .quiet import quiet_component_types, quiet_text_encoder_lora
 from .pipeline_xl import PlugAndPlayXLPipeline
 
 logger = logging.getLogger(__name__)
@@ -107,11 +107,24 @@ def load_pipeline(
     except (OSError, ValueError, RuntimeError) as error:
         raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
     if lora is not None:
-        if not Path(lora).is_dir():
-            raise FileNotFoundError(f"LoRA folder {str(lora)!r} does not exist")
-        pipe.load_lora_weights(str(lora))
+        with quiet_text_encoder_lora():
+            pipe.load_lora_weights(str(lora_dir(lora)))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if torch.device(device) != torch.device("cpu") else pipe
+
+
+def shipped_lora_dirs() -> list[Path]:
+    return sorted(p for p in (ASSETS_DIR / "finetunes").glob("*") if (p / "pytorch_lora_weights.safetensors").is_file())
+
+
+def lora_dir(lora: str | Path) -> Path:
+    """A LoRA folder, or the name of a LoRA shipped for the embedded model (bar-lora, outline-lora)."""
+    if Path(lora).is_dir():
+        return Path(lora)
+    shipped = {p.name: p for p in shipped_lora_dirs()}
+    if str(lora) in shipped:
+        return shipped[str(lora)]
+    raise FileNotFoundError(f"LoRA folder {str(lora)!r} does not exist (LoRAs shipped for the embedded model: {', '.join(shipped)})")
 
 
 def assemble_pipeline(unet, vae, tokenizer, text_encoder, scheduler) -> StableDiffusionPipeline:
@@ -178,7 +191,7 @@ def shipped_guide_dirs() -> list[Path]:
 
 
 def load_guide(path: str | Path) -> GuideModel:
-    """Load a guide folder (or a shipped guide by name: default, 16-step, 8-step, paper) after :func:`check_guide_dir`."""
+    """Load a guide folder (or a shipped guide by name: default, 8-step, 4-step, paper) after :func:`check_guide_dir`."""
     return GuideModel.from_pretrained(str(check_guide_dir(path)), use_safetensors=True)
 
 

@@ -75,6 +75,7 @@ class GuidedSamplingMixin:
     only `__call__` (prompt encoding, latents, decoding: the inherited diffusers helpers)."""
 
     _model_output_observer: Callable[[ObservedStep], None] | None = None
+    lora_reach: LoraReach | None = None  # set by measure_lora_distance; read by the LoRA warning
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -96,6 +97,29 @@ class GuidedSamplingMixin:
     def to(self, *args, **kwargs):
         with quiet_casts():
             return super().to(*args, **kwargs)
+
+    @torch.no_grad()
+    def measure_lora_distance(self, prompts: list[str], guidance_scale: float = 7.5, num_inference_steps: int = 25, seed: int = 0) -> float:
+        """How far the active LoRA weights move this model from its base, as a guide sees it: MSE(CFG with them, CFG
+        without) / MSE(no guidance without, CFG without) on the images of `prompts` (at most 8), same seeds; 0 for
+        weights that change nothing. The result is kept for the LoRA warning (at most REACH: no warning)."""
+        prompts = prompts[:8]
+
+        def sample(w: float):
+            generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+            return self(prompts, guidance_scale=w, num_inference_steps=num_inference_steps, generator=generators, mode="cfg",
+                        output_type="np").images
+
+        adapters, scale = active_lora_adapters(self.unet), active_lora_scale(self.unet)
+        finetuned = sample(guidance_scale)
+        self.disable_lora()
+        try:
+            base, unguided = sample(guidance_scale), sample(1.0)
+        finally:
+            self.enable_lora()
+        distance = float(((finetuned - base) ** 2).mean() / ((unguided - base) ** 2).mean())
+        self.lora_reach = LoraReach(distance, adapters, scale)
+        return distance
 
     @contextlib.contextmanager
     def model_output_observer(self, observer: Callable[[ObservedStep], None]):
@@ -158,7 +182,7 @@ class GuidedSamplingMixin:
                  for i, t in enumerate(calls)]
         if mode == "guide":
             self.warn_untrained(policy, carry)
-            warn_output_guide_with_lora(self.guide, self.unet)
+            warn_lora_reach(self.unet, getattr(self, "_cross_attention_kwargs", None), self.lora_reach)
         return StepPlan(scheduler, timesteps, steps, kinds, carry, policy.adaptive_threshold)
 
     def warn_untrained(self, policy: GuidancePolicy, carry: CorrectionCarry | None) -> None:
@@ -527,15 +551,60 @@ def check_image_size(height: int, width: int, multiple: int) -> None:
         raise ValueError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
 
 
-def warn_output_guide_with_lora(guide: GuideModel, unet) -> None:
-    """An output guide adds, after the UNet, the CFG correction of the UNet it was distilled on; LoRA weights change
-    that correction, so such a guide is not plug-and-play (docs/guides.md: even the base's exact correction closed none
-    of a LoRA's own CFG gap). Residual guides go through the LoRA's own layers and are not warned about."""
-    if is_output_guide(guide) and getattr(unet, "peft_config", None):
-        warnings.warn("LoRA weights are loaded and this is an output guide: it adds the CFG correction of the UNet it was "
-                      "distilled on, which LoRA weights change, so its images can be further from this model's CFG than "
-                      "unguided ones; use mode='cfg' with a policy carrying a correction fitted on this model "
-                      "(pnpguide fit-carry --lora)", stacklevel=5)
+REACH = 0.8  # a guide carries to a fine-tune whose distance from its base (measure_lora_distance) is at most this, as measured
+
+
+@dataclass(frozen=True)
+class LoraReach:
+    """A LoRA's measured distance from the base (`measure_lora_distance`), for the adapters and scale it was measured at.
+    Away from that scale it is read as growing with the square of the scale: the distance is a ratio of image MSEs,
+    and a LoRA's change of the images is about proportional to its scale (docs/findings.md)."""
+
+    distance: float
+    adapters: tuple[str, ...]
+    scale: float
+
+    def at(self, adapters: tuple[str, ...], scale: float) -> float | None:
+        if adapters != self.adapters or self.scale == 0:
+            return None
+        return self.distance * (scale / self.scale) ** 2
+
+
+def active_lora_adapters(unet) -> tuple[str, ...]:
+    return tuple(sorted({name for module in unet.modules() if hasattr(module, "lora_A") and not getattr(module, "disable_adapters", False)
+                         for name in module.active_adapters}))
+
+
+def active_lora_scale(unet, cross_attention_kwargs: dict | None = None) -> float:
+    """The largest weight any active LoRA adapter of the UNet has in this call (set_adapters' weights times the call's
+    `cross_attention_kwargs["scale"]`); 0 without LoRA weights, or with them disabled or at weight 0."""
+    if not getattr(unet, "peft_config", None):
+        return 0.0
+    weights = [module.scaling[name] / (module.lora_alpha[name] / module.r[name]) for module in unet.modules()
+               if hasattr(module, "lora_A") and not getattr(module, "disable_adapters", False)
+               for name in module.active_adapters if name in module.scaling and module.r.get(name)]
+    scale = (cross_attention_kwargs or {}).get("scale", 1.0)
+    return float(max((abs(w) for w in weights), default=0.0) * scale)
+
+
+def warn_lora_reach(unet, cross_attention_kwargs: dict | None, reach: LoraReach | None) -> None:
+    """A guide distilled on the base carries to a fine-tune only while the fine-tune's CFG images stay near the base's:
+    on the embedded model it closed 0.72-0.75 of a LoRA's own CFG gap at distance 0.4-0.5 and 0.2-0.6 at distance
+    1.1-2.4 (docs/findings.md). Warns when the measured distance at this call's scale is beyond REACH, or when no
+    distance has been measured for the active adapters; LoRA weights at scale 0 change nothing and are not warned about."""
+    scale = active_lora_scale(unet, cross_attention_kwargs)
+    if scale == 0:
+        return
+    distance = reach.at(active_lora_adapters(unet), scale) if reach is not None else None
+    beyond = ("use mode='cfg' with a policy fitted on this model (pnpguide fit-carry --lora DIR; Adaptive Guidance 0.995 + "
+              "carry)")
+    if distance is None:
+        warnings.warn(f"LoRA weights are active (scale {scale:g}) and their distance from the base is not measured: a guide "
+                      f"distilled on the base carries to a fine-tune only near it (distance <= {REACH:g}); measure it with "
+                      f"pipe.measure_lora_distance(prompts) or pnpguide doctor --lora DIR, and beyond that {beyond}", stacklevel=5)
+    elif distance > REACH:
+        warnings.warn(f"LoRA weights are active (scale {scale:g}) at distance {distance:.2f} from the base, beyond the guide's "
+                      f"reach ({REACH:g}): its images will stay far from this model's CFG; {beyond}", stacklevel=5)
 
 
 def gives_negative(negatives: tuple) -> bool:

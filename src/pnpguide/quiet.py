@@ -28,3 +28,11 @@ def quiet_component_types():
     """diffusers warns when a component is not of the class its pipeline names ("Expected types for text_encoder: CLIPTextModel,
     got BertModel"): the embedded base's text encoder is a BERT by design, and the pipeline runs it as it should."""
     return quieted("diffusers.pipelines.pipeline_utils")
+
+
+@contextlib.contextmanager
+def quiet_text_encoder_lora():
+    """diffusers warns "No LoRA keys associated to <text encoder> found" when LoRA weights train the UNet alone, as most do
+    (and every LoRA of the embedded model): the warning itself says it is safe to ignore."""
+    with quieted("diffusers.loaders.lora_base"), quieted("diffusers.loaders.lora_pipeline"), quieted("diffusers.loaders.peft"):
+        yield

@@ -50,7 +50,7 @@ class GuideModel(ModelMixin, AttentionMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "GuideModel":
-        """ModelMixin's `from_pretrained` for a folder, a shipped guide's name (default, 16-step, 8-step, paper) or a Hub
+        """ModelMixin's `from_pretrained` for a folder, a shipped guide's name (default, 8-step, 4-step, paper) or a Hub
         id; on the base class, the design comes from the folder's config. The folder's correction carry is loaded."""
         folder = resolve_guide_folder(pretrained_model_name_or_path) / (kwargs.pop("subfolder", None) or "")
         design = cls if cls is not GuideModel else design_class(json.loads((folder / "config.json").read_text()))
