@@ -301,3 +301,25 @@ def test_timestep_weighting_resumes_to_the_uninterrupted_weights(tiny_base_dir, 
     resumed = train_guide(_config(tiny_base_dir, prompt_file, tmp_path / "parts", **settings, resume="latest"))
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_a_guide_adapts_to_base_plus_lora_weights_on_the_fine_tunes_own_teacher(tiny_base_dir, prompt_file, tmp_path):
+    """`--lora`: the LoRA weights are fused into the base for the teacher and the guide's UNet, so the guide and its
+    carry are the fine-tune's; the base folder is left as it was."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from dropin import add_random_lora
+
+    pipe = load_pipeline(tiny_base_dir)
+    add_random_lora(pipe.unet)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    before = {k: v.clone() for k, v in load_pipeline(tiny_base_dir).unet.state_dict().items()}
+    plain = train_guide(_config(tiny_base_dir, prompt_file, tmp_path / "plain", max_steps=1))
+    adapted = train_guide(_config(tiny_base_dir, prompt_file, tmp_path / "adapted", max_steps=1, lora=str(tmp_path / "lora")))
+    assert adapted.correction_carry.factors != plain.correction_carry.factors  # fitted on the fine-tune's CFG
+    assert all(torch.equal(before[k], v) for k, v in load_pipeline(tiny_base_dir).unet.state_dict().items())
+    card = (tmp_path / "adapted" / "run" / "guide" / "README.md").read_text()
+    assert f"with the LoRA weights {tmp_path / 'lora'}" in card and f",lora={tmp_path / 'lora'}" in card
+    with pytest.raises(FileNotFoundError, match="LoRA folder 'no-such-lora' does not exist"):
+        _config(tiny_base_dir, prompt_file, tmp_path, lora="no-such-lora")

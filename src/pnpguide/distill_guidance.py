@@ -30,7 +30,7 @@ from .conditioning import Conditioning, cfg_added_cond_kwargs, encode_negative, 
 from .carry import CorrectionCarry
 from .guides import GuideModel, OutputGuide, ResidualGuide, text_encoder_signature
 from .model_card import write_model_card
-from .loading import load_guide, load_pipeline
+from .loading import load_guide, load_pipeline, lora_dir
 from .negatives import NegativeSampler, check_negative_settings
 from .shards import Rows
 from .sources import BaseData, SourceConfig, training_pools, training_resolution, validation_pool
@@ -54,6 +54,7 @@ class GuidanceDistillConfig(SourceConfig):
 
     output_dir: str = "runs/guide"
     base: str | None = None  # SD folder whose UNet the guide serves (default: the embedded model)
+    lora: str | None = None  # LoRA weights fused into the base: distil (or, with --init-guide, adapt) a guide for that fine-tune, on its own teacher's runs
     design: str = "output"  # "output" (after the UNet, predicts cond - uncond: the recommended design) or "residual" (the paper's: residuals into the UNet's skip connections)
     init_guide: str | None = None  # start from this trained guide (train it further) instead of a new one
     w_min: float = 2.0  # guidance scales are drawn uniformly from [w_min, w_max]
@@ -72,6 +73,8 @@ class GuidanceDistillConfig(SourceConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.lora is not None:
+            lora_dir(self.lora)  # a missing folder fails before anything loads
         if self.design not in DESIGNS:
             raise ValueError(f"design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -263,7 +266,9 @@ def train_guide(config: GuidanceDistillConfig, base_data: BaseData | None = None
     the training states, all read the same pools, and :func:`shard_rows` gives them disjoint rows at each step.
     """
     accelerator = make_accelerator(config)
-    pipe = load_pipeline(config.base)
+    pipe = load_pipeline(config.base, config.lora)
+    if config.lora is not None:
+        pipe.fuse_lora()  # the teacher and the guide's UNet are the fine-tune's, one set of weights
     freeze(pipe)
     pipe.to(accelerator.device)  # the text encoders run per batch; the VAE encodes image folders up front
     guide = _initial_guide(pipe, config)

@@ -15,6 +15,8 @@ def write_model_card(folder: str | Path, guide, config=None, command: str = "dis
     table of measured figures (None: not measured)."""
     folder = Path(folder)
     base = getattr(config, "base", None) or "pnpguide's embedded base"
+    if getattr(config, "lora", None):
+        base = f"{base} with the LoRA weights {config.lora}"
     design = type(guide).__name__
     lines = [
         "---",
@@ -53,12 +55,19 @@ def write_model_card(folder: str | Path, guide, config=None, command: str = "dis
         "",
         "## Measured",
         "",
-        measured or f"Not measured yet: `pnpguide eval --base {base if config is not None and config.base else 'embedded'} --guide {folder.name}`.",
+        measured or f"Not measured yet: `pnpguide eval --base {eval_base(config)} --guide {folder.name}`.",
         "",
     ]
     path = folder / CARD
     path.write_text("\n".join(lines))
     return path
+
+
+def eval_base(config) -> str:
+    """The model as `pnpguide eval --base` names it: a folder (or the embedded one), with its LoRA weights."""
+    base = (getattr(config, "base", None) or "embedded") if config is not None else "embedded"
+    lora = getattr(config, "lora", None)
+    return f"{base},lora={lora}" if lora else base
 
 
 def command_line(command: str, config) -> str:
