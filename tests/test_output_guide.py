@@ -124,10 +124,13 @@ def test_active_lora_weights_are_warned_about_until_measured_near_the_base_at_th
     (message,) = lora_warnings(cross_attention_kwargs={"scale": 0.5})
     assert "(scale 0.5)" in message
     assert lora_warnings(cross_attention_kwargs={"scale": 0.0}) == []
-    pipe.lora_reach = LoraReach(1.2, ("style",), 1.0)  # measured at scale 1: beyond reach there, 0.3 at scale 0.5
+    pipe.lora_reach = LoraReach(1.2, ("style",), 1.0)  # measured at scale 1: beyond reach there, 1.2 * 0.5^1.5 = 0.42 at 0.5
     (message,) = lora_warnings()
     assert "distance 1.20" in message and f"reach ({REACH:g})" in message
     assert lora_warnings(cross_attention_kwargs={"scale": 0.5}) == []
+    assert pipe.lora_reach.at(("style",), 0.5) == pytest.approx(1.2 * 0.5**1.5)
+    pipe.lora_reach = LoraReach(0.3, ("style",), 0.5)  # measured at 0.5: 0.3 * 2^2 = 1.2 at scale 1
+    assert "distance 1.20" in lora_warnings()[0]
     pipe.lora_reach = LoraReach(1.2, ("another",), 1.0)  # measured for other adapters: not this one's distance
     assert "not measured" in lora_warnings()[0]
     pipe.set_adapters(["style"], adapter_weights=[0.0])
