@@ -77,6 +77,7 @@ def test_eval_transfer_flag_writes_the_curve(transfer_setup, capsys):
     assert report["kind"] == "transfer" and [r["scale"] for r in report["rows"]] == [0.5, 1.0]
     assert "image gap closed: guide:first / guide:first + ft carry / cfg + carry 2" in (out / "report.md").read_text()
     assert (out / "command.txt").read_text().startswith("pnpguide --threads 1 eval --transfer")
+    assert (out / "curve.png").stat().st_size > 10_000 and "![image gap closed against distance](curve.png)" in (out / "report.md").read_text()
 
 
 def test_transfer_takes_one_step_count(transfer_setup):

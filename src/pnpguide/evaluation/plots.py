@@ -32,3 +32,29 @@ def captioned_grid(rows: dict[str, list[Image.Image]], captions: list[str], path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def transfer_curve_plot(points: dict[str, list[tuple[float, float]]], path: str | Path, reach: float, title: str = "") -> Path:
+    """Image gap closed against a fine-tune's distance from the base, one series per method, the library's reach marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, series in points.items():
+        xs, ys = zip(*sorted(series))
+        ax.plot(xs, ys, marker="o", linestyle=":", label=label)  # points of several fine-tunes, in order of distance
+    ax.axvline(reach, color="gray", linestyle="--", linewidth=1)
+    ax.text(reach, ax.get_ylim()[0], f" reach {reach:g}", color="gray", fontsize=8, va="bottom")
+    ax.set_xscale("log")
+    ticks = [v for v in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20) if min(x for s in points.values() for x, _ in s) / 1.5 <= v
+             <= max(x for s in points.values() for x, _ in s) * 1.5]
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("distance from the base: MSE(CFG_ft, CFG_base) / MSE(none_base, CFG_base)")
+    ax.set_ylabel("image gap to the fine-tune's CFG closed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

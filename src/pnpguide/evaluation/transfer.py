@@ -324,5 +324,22 @@ def run_transfer(config) -> dict:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1))
-    (out / "report.md").write_text(f"# Transfer curve ({config.steps[0]} steps, {config.images} prompts per group, seed {config.seeds[0]})\n\n{table}")
+    (out / "report.md").write_text(f"# Transfer curve ({config.steps[0]} steps, {config.images} prompts per group, seed {config.seeds[0]})\n\n"
+                                   f"![image gap closed against distance](curve.png)\n\n{table}")
+    write_curve_plots(rows, out)
     return result
+
+
+def write_curve_plots(rows: list[TransferRow], out: Path) -> None:
+    """curve.png (one w: the first) and curve-w{w}.png for each other w: every method's image gap against distance."""
+    from ..pipeline import REACH
+    from .plots import transfer_curve_plot
+
+    for i, w in enumerate(dict.fromkeys(row.guidance_scale for row in rows)):
+        points: dict[str, list[tuple[float, float]]] = {}
+        for row in (r for r in rows if r.guidance_scale == w):
+            for method, gap in row.image_gap_closed.items():
+                if gap is not None and row.distance > 0:
+                    points.setdefault(method, []).append((row.distance, gap))
+        name = "curve.png" if i == 0 else f"curve-w{w:g}.png"
+        transfer_curve_plot(points, out / name, REACH, f"how far a guide distilled on the base carries, w = {w:g}")
