@@ -55,13 +55,33 @@ pnpguide --threads 2 distill "${NEG[@]}" --trajectories 24576 --trajectory-first
     --init-guide runs/first5-neg5/guide --output-dir runs/first5-neg
 python scripts/ship_guide.py runs/first5-neg/guide default
 
-# 7. the 16-step guide: stage 2 from the default guide, 32 -> 16 -> 8 DDIM steps, true CFG at 32 steps as the first teacher,
-#    half the samples with a negative; 1,200 steps of batch 64 a round (63 min on 2 CPU threads). It guides only at t >= 500
-#    without a negative prompt: below that, its guidance cost FID and adherence and brought the images no closer to CFG's.
+# 7. the few-step guides (docs/results/few-step/command.txt).
+#  7a. the uniform 16-step student, not shipped, the grid students' starting point: stage 2 from the default guide,
+#      32 -> 16 -> 8 DDIM steps, true CFG at 32 steps as the first teacher, half the samples with a negative; 1,200 steps
+#      of batch 64 a round (63 min on 2 CPU threads)
 pnpguide --threads 2 distill-steps --guide runs/first5-neg5/guide --output-dir runs/steps --teacher-steps 32 --student-steps 8 \
     --max-steps 1200 --batch-size 64 --num-samples 20000 --learning-rate 5e-4 --lr-warmup-steps 50 --use-ema --negative-rate 0.5
-python scripts/ship_guide.py runs/steps/guide-16 16-step --default-guidance-interval 500 1000
-python scripts/ship_guide.py runs/steps/guide-8 8-step --default-guidance-interval 500 1000
+#  7b. the 8-step guide, a grid student: grid 999 939 879 819 759 639 | 499 259 on the 50-step DDIM grid, each segment
+#      learnt from 2,048 runs of true CFG at 50 steps over shapes captions (half with a negative; written once into
+#      runs/teacher-runs-50 and shared, ~64 min on one thread); without a negative prompt it guides only at t >= 500
+#      (--unguided-below 500), its two segments below are learnt on the runs with a negative. 1,200 steps of batch 64 with
+#      EMA in two runs: g8, every segment alike (24 min), then g8b from it, the first segment drawn 4x and the second 2x,
+#      where the image error was (20 min)
+GRID8=(--teacher-steps 50 --student-timesteps 999 939 879 819 759 639 499 259 --unguided-below 500 --teacher-runs runs/teacher-runs-50
+       --trajectories 2048 --num-samples 20000 --negative-rate 0.5 --max-steps 1200 --batch-size 64 --use-ema --log-every 25
+       --checkpointing-steps 200)
+pnpguide --threads 1 distill-steps "${GRID8[@]}" --guide runs/steps/guide-16 --output-dir runs/g8 --learning-rate 3e-4 \
+    --lr-warmup-steps 50 --max-minutes 75
+pnpguide --threads 1 distill-steps "${GRID8[@]}" --guide runs/g8/guide-8 --output-dir runs/g8b --segment-repeats 4 2 1 1 1 1 1 1 \
+    --learning-rate 2e-4 --lr-warmup-steps 20 --max-minutes 40
+python scripts/ship_guide.py runs/g8b/guide-8 8-step
+#  7c. the 4-step guide from it: grid 999 939 799 | 499 (guided at the first three, one plain step from 499 to the end),
+#      the first segment drawn 2x, on the same teacher runs
+pnpguide --threads 1 distill-steps --guide runs/g8b/guide-8 --output-dir runs/g4 --teacher-steps 50 --student-timesteps 999 939 799 499 \
+    --unguided-below 500 --segment-repeats 2 1 1 1 --teacher-runs runs/teacher-runs-50 --trajectories 2048 --num-samples 20000 \
+    --negative-rate 0.5 --max-steps 1200 --batch-size 64 --learning-rate 3e-4 --lr-warmup-steps 20 --use-ema --log-every 25 \
+    --checkpointing-steps 200 --max-minutes 30
+python scripts/ship_guide.py runs/g4/guide-4 4-step
 
 # 8. a LoRA that teaches the base a new shape, DreamBooth-style: the bar (shapes.NEW_SHAPES, never in the base's data).
 #    4,000 rendered flat images that each show a bar, and half of every batch from 2,048 of the base's own samples

@@ -2,10 +2,11 @@
 and a model card with what was measured.
 
     python scripts/ship_guide.py runs/first5-neg/guide default --measured docs/results/default-guide/card.md
-    python scripts/ship_guide.py runs/steps/guide-16 16-step --default-guidance-interval 500 1000
+    python scripts/ship_guide.py runs/g8b/guide-8 8-step
 
 --default-guidance-interval T_LOW T_HIGH records where the guide's guidance was measured to pay: its policy guides only
-inside it when the call has no negative prompt (docs/sampling.md).
+inside it when the call has no negative prompt (docs/sampling.md). A grid student (distill-steps --student-timesteps
+--unguided-below T) records its interval already; a student of the halving rounds does not.
 """
 
 import argparse

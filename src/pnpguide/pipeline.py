@@ -591,8 +591,8 @@ def active_lora_scale(unet, cross_attention_kwargs: dict | None = None) -> float
 
 def warn_lora_reach(unet, cross_attention_kwargs: dict | None, reach: LoraReach | None) -> None:
     """A guide distilled on the base carries to a fine-tune only while the fine-tune's CFG images stay near the base's:
-    on the embedded model it closed 0.72-0.75 of a LoRA's own CFG gap at distance 0.4-0.5 and 0.2-0.6 at distance
-    1.1-2.4 (docs/findings.md). Warns when the measured distance at this call's scale is beyond REACH, or when no
+    on the embedded model the default guide closed 0.62-0.81 of a fine-tune's own CFG gap up to distance 0.41 and
+    0.19-0.43 from 1.1 on (docs/findings.md). Warns when the measured distance at this call's scale is beyond REACH, or when no
     distance has been measured for the active adapters; LoRA weights at scale 0 change nothing and are not warned about."""
     scale = active_lora_scale(unet, cross_attention_kwargs)
     if scale == 0:
