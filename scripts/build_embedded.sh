@@ -34,7 +34,7 @@ GPU=(--design residual --source mix --batch-size 256 --num-samples 20000 --traje
 pnpguide distill "${GPU[@]}" --learning-rate 1e-3 --lr-scheduler constant_with_warmup --lr-warmup-steps 100 --max-steps 1749 --output-dir runs/paper-1
 pnpguide distill "${GPU[@]}" --init-guide runs/paper-1/guide --learning-rate 5e-4 --lr-scheduler cosine --lr-warmup-steps 50 \
     --max-steps 772 --output-dir runs/paper
-python scripts/ship_guide.py runs/paper/guide paper
+python scripts/ship_guide.py runs/paper/guide paper --measured scripts/cards/paper.md
 
 # 6. the default guide: an output guide on the teacher's first 5 of 25 steps (the recipe `pnpguide distill` defaults to),
 #    trained in four runs on 1,536, 8,192 and twice 32,768 stored teacher trajectories, 27,000 steps of batch 64 in all
@@ -53,7 +53,7 @@ pnpguide --threads 2 distill "${NEG[@]}" --trajectories 16384 --trajectory-first
     --init-guide runs/first5/guide --output-dir runs/first5-neg5
 pnpguide --threads 2 distill "${NEG[@]}" --trajectories 24576 --trajectory-first-steps 8 --seed 3 --learning-rate 3e-4 --max-steps 7500 \
     --init-guide runs/first5-neg5/guide --output-dir runs/first5-neg
-python scripts/ship_guide.py runs/first5-neg/guide default
+python scripts/ship_guide.py runs/first5-neg/guide default --measured scripts/cards/default.md
 
 # 7. the few-step guides (docs/results/few-step/command.txt).
 #  7a. the uniform 16-step student, not shipped, the grid students' starting point: stage 2 from the default guide,
@@ -74,14 +74,14 @@ pnpguide --threads 1 distill-steps "${GRID8[@]}" --guide runs/steps/guide-16 --o
     --lr-warmup-steps 50 --max-minutes 75
 pnpguide --threads 1 distill-steps "${GRID8[@]}" --guide runs/g8/guide-8 --output-dir runs/g8b --segment-repeats 4 2 1 1 1 1 1 1 \
     --learning-rate 2e-4 --lr-warmup-steps 20 --max-minutes 40
-python scripts/ship_guide.py runs/g8b/guide-8 8-step
+python scripts/ship_guide.py runs/g8b/guide-8 8-step --measured scripts/cards/8-step.md
 #  7c. the 4-step guide from it: grid 999 939 799 | 499 (guided at the first three, one plain step from 499 to the end),
 #      the first segment drawn 2x, on the same teacher runs
 pnpguide --threads 1 distill-steps --guide runs/g8b/guide-8 --output-dir runs/g4 --teacher-steps 50 --student-timesteps 999 939 799 499 \
     --unguided-below 500 --segment-repeats 2 1 1 1 --teacher-runs runs/teacher-runs-50 --trajectories 2048 --num-samples 20000 \
     --negative-rate 0.5 --max-steps 1200 --batch-size 64 --learning-rate 3e-4 --lr-warmup-steps 20 --use-ema --log-every 25 \
     --checkpointing-steps 200 --max-minutes 30
-python scripts/ship_guide.py runs/g4/guide-4 4-step
+python scripts/ship_guide.py runs/g4/guide-4 4-step --measured scripts/cards/4-step.md
 
 # 8. a LoRA that teaches the base a new shape, DreamBooth-style: the bar (shapes.NEW_SHAPES, never in the base's data).
 #    4,000 rendered flat images that each show a bar, and half of every batch from 2,048 of the base's own samples

@@ -1,7 +1,7 @@
 """Copy a trained guide into the package as a shipped guide: fp16 safetensors (it loads back as fp32), its correction carry,
 and a model card with what was measured.
 
-    python scripts/ship_guide.py runs/first5-neg/guide default --measured docs/results/default-guide/card.md
+    python scripts/ship_guide.py runs/first5-neg/guide default --measured scripts/cards/default.md
     python scripts/ship_guide.py runs/g8b/guide-8 8-step
 
 --default-guidance-interval T_LOW T_HIGH records where the guide's guidance was measured to pay: its policy guides only

@@ -24,6 +24,8 @@ def pipe():
 def test_shipped_guides_fit_the_embedded_base(pipe):
     for name in ("default", "8-step", "4-step", "paper"):
         assert (default_guide_dir(name) / "config.json").is_file()
+        card = (default_guide_dir(name) / "README.md").read_text()  # a model card, with what was measured
+        assert f"# {name}\n" in card and "## Measured" in card and "Not measured yet" not in card and "```bash\npnpguide" in card
     assert pipe.guide.config._name_or_path == str(default_guide_dir()) and pipe.guide.correction_carry is not None
     low, high = pipe.guide.config.trained_guidance_range
     assert low <= 7.5 <= high
