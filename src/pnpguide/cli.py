@@ -250,7 +250,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     for name, help_text, handler in (
         ("distill", "stage 1: train a guide so one UNet pass matches CFG (the base stays frozen)", cmd_distill),
-        ("distill-steps", "stage 2: progressive step distillation of a guide (32 -> 16 -> 8 steps)", cmd_distill_steps),
+        ("distill-steps", "stage 2: step distillation of a guide to few steps (an explicit grid: --student-timesteps; or halving rounds 32 -> 16 -> 8)", cmd_distill_steps),
     ):
         p = sub.add_parser(name, help=help_text)
         add_flags(p, name)
