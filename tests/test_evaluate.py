@@ -9,6 +9,7 @@ from PIL import Image
 
 from pnpguide.embedded import shapes
 from pnpguide.cli import main
+from pnpguide.embedded import features
 from pnpguide.evaluation import fid
 from pnpguide.evaluation.evaluate import EvalConfig, parse_model_spec, run_eval
 from pnpguide.embedded.features import ShapesFeatureNet
@@ -20,7 +21,7 @@ def eval_setup(tiny_base_dir, tiny_components, tmp_path, monkeypatch):
     """A tiny base, an untrained and a 'trained' (random) guide, a 16x16 feature network and a reference folder."""
     torch.manual_seed(0)
     ShapesFeatureNet(channels=(8, 16), num_features=8, image_size=16).save_pretrained(tmp_path / "features")
-    monkeypatch.setattr(fid, "default_features_dir", lambda: tmp_path / "features")
+    monkeypatch.setattr(features, "default_features_dir", lambda: tmp_path / "features")
     untrained = ResidualGuide.from_unet(tiny_components["unet"])
     untrained.save_pretrained(tmp_path / "untrained")
     trained = ResidualGuide.from_unet(tiny_components["unet"])

@@ -10,7 +10,7 @@ from pnpguide.cli import main
 from pnpguide.embedded.finetune import FinetuneConfig, finetune
 from pnpguide.evaluation.evaluate import EvalConfig, parse_model_spec, run_eval
 from pnpguide.evaluation.sampling import as_plug_and_play
-from pnpguide.evaluation.transfer import markdown, transfer_curve
+from pnpguide.embedded.transfer import markdown, transfer_curve
 from pnpguide import OutputGuide, ResidualGuide
 from pnpguide.loading import load_pipeline, save_pipeline
 

@@ -9,7 +9,6 @@ networks are never comparable: every report names the network and a digest of it
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,14 +73,6 @@ class ShapesFeatureNet(ModelMixin, ConfigMixin):
     def attribute_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = F.silu(self(images))
         return {name: head(features) for name, head in self.heads.items()}
-
-
-def weights_id(model: nn.Module) -> str:
-    """A short digest of the weights, printed next to every FID: numbers from different networks never mix."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 def scene_labels(scene: shapes.Scene, style: str) -> dict[str, int]:

@@ -22,8 +22,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..conditioning import encode_negative, encode_negatives
-from ..embedded import shapes
-from ..embedded.adherence import judge, parse_caption
 from ..devices import resolve_device, resolve_dtype
 from ..loading import ASSETS_DIR, check_guide_fits_base, default_base_dir, load_guide, load_pipeline, shipped_guide_dirs
 from ..sources import read_prompt_file
@@ -75,9 +73,12 @@ def parse_model_spec(text: str) -> ModelSpec:
         values[key] = value
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model folder {path!r} does not exist (shipped models: {', '.join(SHIPPED_MODELS)})")
-    shapes.check_style(values["style"])
-    if "concept" in values:
-        shapes.check_concept(values["concept"])
+    if any(option.startswith(("style=", "concept=")) for option in options):  # the shapes world's styles and shapes
+        from ..embedded import shapes
+
+        shapes.check_style(values["style"])
+        if "concept" in values:
+            shapes.check_concept(values["concept"])
     return ModelSpec(**values)
 
 
@@ -104,7 +105,7 @@ class EvalConfig:
     device: str = "auto"  # cpu, cuda, cuda:N, mps; auto: cuda when available, else cpu
     dtype: str = "float32"  # float32, float16 or bfloat16: base and guides are loaded in it
     out_dir: str = "pnpguide-eval"  # where report.json, report.md, plots and grids go
-    transfer: bool = False  # instead: the transfer curve of each --base fine-tune (evaluation/transfer.py): distance from the base, cosine of the CFG corrections, image gap closed by the guides and the training-free carry
+    transfer: bool = False  # instead: the transfer curve of each --base fine-tune (embedded/transfer.py): distance from the base, cosine of the CFG corrections, image gap closed by the guides and the training-free carry
     lora_scales: list[float] = field(default_factory=lambda: [1.0])  # with --transfer: LoRA weights (a full fine-tune: share of the way from the base)
     transfer_base: str | None = None  # with --transfer: the base the guides were trained on (default: a LoRA's own base, else the embedded model)
 
@@ -164,10 +165,15 @@ def eval_prompts(config: EvalConfig) -> list[str]:
     if config.prompts is not None:
         prompts = read_prompt_file(config.prompts)
         return [prompts[i % len(prompts)] for i in range(config.images)]
+    from ..embedded import shapes
+
     return [shapes.sample_scene(i, seed=777, split="heldout").caption for i in range(config.images)]
 
 
 def _judgeable(prompts: list[str]) -> bool:
+    """Whether the shapes judge can read every prompt (the embedded world's captions)."""
+    from ..embedded.adherence import parse_caption
+
     try:
         for prompt in set(prompts):
             parse_caption(prompt)
@@ -208,6 +214,8 @@ class Row:
 
 
 def _adherence_split(images, prompts, style, new_shapes: tuple[str, ...] = ()) -> tuple[float, float | None, float | None]:
+    from ..embedded.adherence import judge, parse_caption
+
     verdicts = [judge(im, p, style, new_shapes).ok for im, p in zip(images, prompts)]
     counts = [len(parse_caption(p).objects) for p in prompts]
     by = {n: [v for v, c in zip(verdicts, counts) if c == n] for n in (1, 2)}
@@ -429,7 +437,7 @@ def run_eval(config: EvalConfig) -> dict:
     from . import report as report_module
 
     if config.transfer:
-        from .transfer import run_transfer
+        from ..embedded.transfer import run_transfer
 
         return run_transfer(config)
 

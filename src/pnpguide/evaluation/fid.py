@@ -7,19 +7,26 @@ dependency). The real reference is the held-out shapes images of the model's sty
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..embedded import shapes
-from ..embedded.features import ShapesFeatureNet, default_features_dir, weights_id
 
 FEATURES = ("shapes", "inception", "none")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REFERENCE_SEED = 31337  # the real images: held-out scenes, not the ones whose captions prompt the models
 MIN_REFERENCE = 1000
+
+
+def weights_id(model: torch.nn.Module) -> str:
+    """A short digest of the weights, printed next to every FID: numbers from different networks never mix."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -60,6 +67,8 @@ class FidScorer:
     def _reference_images(self, style: str, count: int) -> list[Image.Image]:
         if self.reference_dir is not None:
             return read_image_folder(self.reference_dir, self.image_size)
+        from ..embedded import shapes  # the shapes FID's real images: the embedded world's held-out scenes
+
         dataset = shapes.ShapesDataset(count, style=style, split="heldout", seed=REFERENCE_SEED)
         return [shapes.render(dataset.scene(i), style, noise_seed=i) for i in range(count)]
 
@@ -97,6 +106,8 @@ def make_fid_scorer(kind: str, inception_weights: str | None = None, reference_d
     if kind == "none":
         return None
     if kind == "shapes":
+        from ..embedded.features import ShapesFeatureNet, default_features_dir
+
         folder = default_features_dir()
         network = ShapesFeatureNet.from_pretrained(str(folder), use_safetensors=True).eval()
         return FidScorer(network, "shapes-features", network.config.image_size, reference_dir)

@@ -8,14 +8,16 @@ how often the thing a negative names still appears (the analytic judge can see c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from ..conditioning import Conditioning
-from ..embedded import shapes
-from ..embedded.adherence import DetectedObject, detect, parse_caption
 from ..sources import read_prompt_file
+
+if TYPE_CHECKING:
+    from ..embedded.adherence import DetectedObject
 
 CAPTION_ATTRIBUTES = "caption-attributes"  # built-in negatives: an attribute of each caption's first object
 
@@ -37,6 +39,8 @@ def eval_negatives(spec: str | None, prompts: list[str]) -> list[str] | None:
 def caption_attribute_negatives(prompts: list[str]) -> list[str]:
     """For prompt i, its first object's colour, shape or coloured shape in turns (i % 3): negatives that contradict
     the prompt, so whether a method obeys them shows in every image."""
+    from ..embedded.adherence import parse_caption
+
     negatives = []
     for i, prompt in enumerate(prompts):
         try:
@@ -61,6 +65,8 @@ class NegatedAttribute:
 
 def parse_negative(text: str) -> NegatedAttribute | None:
     """'red', 'circle(s)', '(a) red circle(s)'; None for any other phrase (not measurable)."""
+    from ..embedded import shapes
+
     words = text.strip().lower().split()
     words = words[1:] if words[:1] in (["a"], ["an"]) else words
     if words and words[-1].endswith("s") and words[-1][:-1] in shapes.SHAPES:
@@ -81,6 +87,8 @@ def measurable(negatives: list[str]) -> int:
 def avoidance_rate(images: list[Image.Image], negatives: list[str], style: str = "flat") -> float | None:
     """Share of images in which no detected object shows what the image's negative names, over the images whose
     negative is measurable; None if none is."""
+    from ..embedded.adherence import detect
+
     avoided = [
         not attribute.appears_in(detect(image, style)[1])
         for image, attribute in zip(images, map(parse_negative, negatives))

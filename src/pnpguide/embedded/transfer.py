@@ -31,13 +31,13 @@ import torch
 from PIL import Image
 
 from ..carry import CorrectionCarry
-from ..embedded import shapes
-from ..embedded.adherence import judge
+from ..evaluation.gap import gap_closed, image_mse
+from ..evaluation.sampling import as_plug_and_play
 from ..loading import check_guide_dir, load_guide, load_pipeline
 from ..pipeline import Branches
 from ..policy import GuidancePolicy
-from .gap import gap_closed, image_mse
-from .sampling import as_plug_and_play
+from . import shapes
+from .adherence import judge
 
 CARRY_FIT_PROMPTS = 16  # training captions CorrectionCarry.fit samples CFG on (half of them naming the new shape, if any)
 FID_REFERENCE_IMAGES = 1000
@@ -185,7 +185,7 @@ class _Fid:
     """FID with the shipped shapes feature network, against real held-out images of one style and prompt group."""
 
     def __init__(self):
-        from .fid import make_fid_scorer
+        from ..evaluation.fid import make_fid_scorer
 
         self.scorer = make_fid_scorer("shapes")
         self.key = None
@@ -194,7 +194,7 @@ class _Fid:
         key = (style, concept)
         if key == self.key:
             return
-        from .fid import to_tensor
+        from ..evaluation.fid import to_tensor
 
         metric = self.scorer.metric
         metric.reset_real_features = True
@@ -310,7 +310,7 @@ def run_transfer(config) -> dict:
     --correction-carry K (default: 5) and --adaptive-thresholds T for the training-free paths. Writes report.json and report.md to out_dir."""
     import json
 
-    from .evaluate import parse_model_spec
+    from ..evaluation.evaluate import parse_model_spec
 
     if len(config.steps) != 1:
         raise ValueError(f"--transfer samples at one step count (pass e.g. --steps 25), got {config.steps}")
@@ -333,7 +333,7 @@ def run_transfer(config) -> dict:
 def write_curve_plots(rows: list[TransferRow], out: Path) -> None:
     """curve.png (one w: the first) and curve-w{w}.png for each other w: every method's image gap against distance."""
     from ..pipeline import REACH
-    from .plots import transfer_curve_plot
+    from ..evaluation.plots import transfer_curve_plot
 
     for i, w in enumerate(dict.fromkeys(row.guidance_scale for row in rows)):
         points: dict[str, list[tuple[float, float]]] = {}
