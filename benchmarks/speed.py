@@ -34,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from pnpguide import CorrectionCarry, GuidancePolicy, OutputGuide, PlugAndPlayPipeline, PlugAndPlayXLPipeline, ResidualGuide
 from pnpguide.evaluation.speed import SD15, SDXL
+from pnpguide.guides.base import text_encoder_signature
 
 STEPS, FULL_STEPS, W = 25, 5, 7.5  # the recommended guide's policy: 25 steps, the first 5 guided
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -88,8 +89,9 @@ def build(model: str, tiny: bool, device, dtype, workdir: Path):
     return pipe.to(device=device, dtype=dtype)
 
 
-def guides(unet, timesteps: list[int], scheduler_config: dict) -> dict:
-    """The guides, random, with the policies the shipped ones record (a carry with plausible factors, an 8-step grid)."""
+def guides(unet, timesteps: list[int], scheduler_config: dict, text_encoders: str | None = None) -> dict:
+    """The guides, random, with the policies the shipped ones record (a carry with plausible factors, an 8-step grid),
+    recorded as trained with this pipeline's text encoders (`text_encoders`: their signature) as a distilled guide is."""
     torch.manual_seed(0)
     full_steps = min(FULL_STEPS, len(timesteps))
     default = OutputGuide.from_unet(unet)
@@ -102,6 +104,7 @@ def guides(unet, timesteps: list[int], scheduler_config: dict) -> dict:
                              default_guidance_interval=(500, 1000), trained_guidance_range=(2.0, 9.0))
     paper = ResidualGuide.from_unet(unet)
     for guide in (default, eight, paper):
+        guide.register_to_config(trained_text_encoder=text_encoders)
         for p in guide.parameters():
             torch.nn.init.normal_(p, std=0.02)
     return {"default": default, "8-step": eight, "paper": paper}
@@ -113,7 +116,7 @@ def methods(sd, device, dtype, steps: int = STEPS) -> dict:
     sd.scheduler.set_timesteps(steps)
     timesteps = [int(t) for t in sd.scheduler.timesteps]
     config = {k: v for k, v in sd.scheduler.config.items() if not k.startswith("_")}
-    made = {name: guide.to(device=device, dtype=dtype) for name, guide in guides(sd.unet, timesteps, config).items()}
+    made = {name: guide.to(device=device, dtype=dtype) for name, guide in guides(sd.unet, timesteps, config, text_encoder_signature(sd.text_encoder, getattr(sd, "text_encoder_2", None))).items()}
     pipes = {name: twin.from_pipe(sd, guide=guide) for name, guide in made.items()}
     plain = twin.from_pipe(sd)
     for pipe in (*pipes.values(), plain):

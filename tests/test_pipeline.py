@@ -168,7 +168,10 @@ def test_guide_mode_hands_callbacks_the_prompt_embeddings_alone(tiny_components)
 def test_guide_mode_takes_a_lora_scale(tiny_components):
     add_random_lora(tiny_components["unet"])
     pipe = _pipe(tiny_components, trained=True)
-    full, half = _run(pipe, guidance_scale=6.0), _run(pipe, guidance_scale=6.0, cross_attention_kwargs={"scale": 0.5})
+    with pytest.warns(UserWarning, match=r"LoRA weights are active \(scale 1\) and their distance from the base is not measured"):
+        full = _run(pipe, guidance_scale=6.0)
+    with pytest.warns(UserWarning, match=r"\(scale 0.5\)"):
+        half = _run(pipe, guidance_scale=6.0, cross_attention_kwargs={"scale": 0.5})
     assert not np.allclose(full, half, atol=1e-4)
 
 
