@@ -27,11 +27,7 @@ def captioned_grid(rows: dict[str, list[Image.Image]], captions: list[str], path
                 ax.set_ylabel(textwrap.fill(label, 16), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def transfer_curve_plot(points: dict[str, list[tuple[float, float]]], path: str | Path, reach: float, title: str = "") -> Path:
@@ -53,6 +49,10 @@ def transfer_curve_plot(points: dict[str, list[tuple[float, float]]], path: str 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
