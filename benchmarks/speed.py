@@ -12,8 +12,10 @@ prompts are padded to 77 tokens as always). The guides are random too, with the 
 - `cfg`: diffusers' own StableDiffusion(XL)Pipeline, 25 steps, guidance_scale 7.5 (two UNet passes per step, batched);
 - `default guide`: the recommended output guide, the guide at the first 5 of 25 steps and its correction carried after;
 - `paper guide`: the paper's residual guide at every step;
-- `cfg + carry`: the training-free path, CFG for 5 steps then its correction carried (no guide);
-- `8-step guide`: a step-distilled output guide on its 8-step grid, guiding only at t >= 500;
+- `cfg + carry`: the training-free path, CFG for 5 steps then its correction carried (no guide); it stands for Adaptive
+  Guidance 0.995 + carry too, whose stopping step depends on the model's outputs (random weights have none to give)
+  and which measured 31 of CFG's 50 passes on the embedded model, carry 5-6's cost;
+- `8-step guide`, `4-step guide`: step-distilled output guides on their own grids, guiding only at t >= 500;
 - `single pass`: the UNet alone at w = 1, 25 steps: the ceiling of any one-pass method.
 Printed per row: ms per image, speed-up = CFG's time / the row's, and the share of the ceiling = speed-up / (CFG / single pass).
 """
@@ -97,17 +99,23 @@ def guides(unet, timesteps: list[int], scheduler_config: dict, text_encoders: st
     default = OutputGuide.from_unet(unet)
     default.register_to_config(trained_first_steps=full_steps, trained_guidance_range=(2.0, 9.0))
     default.correction_carry = CorrectionCarry(full_steps, [float(t) for t in timesteps], [1.0] + [0.95] * (len(timesteps) - 1))
-    eight = OutputGuide.from_unet(unet)
-    grid = DDIMScheduler.from_config(scheduler_config)
-    grid.set_timesteps(8)
-    eight.register_to_config(trained_timesteps=tuple(int(t) for t in grid.timesteps), trained_schedule=dict(scheduler_config),
-                             default_guidance_interval=(500, 1000), trained_guidance_range=(2.0, 9.0))
+    eight, four = few_step_guide(unet, 8, scheduler_config), few_step_guide(unet, 4, scheduler_config)
     paper = ResidualGuide.from_unet(unet)
-    for guide in (default, eight, paper):
+    for guide in (default, eight, four, paper):
         guide.register_to_config(trained_text_encoder=text_encoders)
         for p in guide.parameters():
             torch.nn.init.normal_(p, std=0.02)
-    return {"default": default, "8-step": eight, "paper": paper}
+    return {"default": default, "8-step": eight, "4-step": four, "paper": paper}
+
+
+def few_step_guide(unet, steps: int, scheduler_config: dict) -> OutputGuide:
+    """A step-distilled guide's policy: its own DDIM grid of `steps` calls, guidance at t >= 500 (what its cost depends on)."""
+    guide = OutputGuide.from_unet(unet)
+    grid = DDIMScheduler.from_config(scheduler_config)
+    grid.set_timesteps(steps)
+    guide.register_to_config(trained_timesteps=tuple(int(t) for t in grid.timesteps), trained_schedule=dict(scheduler_config),
+                             default_guidance_interval=(500, 1000), trained_guidance_range=(2.0, 9.0))
+    return guide
 
 
 def methods(sd, device, dtype, steps: int = STEPS) -> dict:
@@ -128,6 +136,7 @@ def methods(sd, device, dtype, steps: int = STEPS) -> dict:
         "paper guide": lambda prompts: pipes["paper"](prompts, num_inference_steps=steps, guidance_scale=W, output_type="np"),
         "cfg + carry": lambda prompts: plain(prompts, num_inference_steps=steps, guidance_scale=W, mode="cfg", policy=carry, output_type="np"),
         "8-step guide": lambda prompts: pipes["8-step"](prompts, guidance_scale=W, output_type="np"),
+        "4-step guide": lambda prompts: pipes["4-step"](prompts, guidance_scale=W, output_type="np"),
         "single pass": lambda prompts: sd(prompts, num_inference_steps=steps, guidance_scale=1.0, output_type="np"),
     }
 

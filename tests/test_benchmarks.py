@@ -30,7 +30,7 @@ def test_speed_smoke_run_times_every_method_on_both_layouts(one_thread, capsys, 
     assert script("speed").main(["--device", "cpu", "--tiny", "--dtype", "float32", "--steps", "2", "--batch-sizes", "2",
                                  "--sdxl-batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--no-compile", "--training", "--out", str(out)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| (sd15|sdxl) \|", line)]
-    methods = ("cfg", "default guide", "paper guide", "cfg + carry", "8-step guide", "single pass")
+    methods = ("cfg", "default guide", "paper guide", "cfg + carry", "8-step guide", "4-step guide", "single pass")
     assert [row.split("|")[4].strip() for row in rows] == list(methods) * 2  # SD1.5 at batch 2, then SDXL at batch 1
     assert all(float(row.split("|")[5]) > 0 for row in rows)
     assert '"teacher trajectories per minute"' in out.read_text()
