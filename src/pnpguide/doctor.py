@@ -62,7 +62,7 @@ def check_pair(base: str | Path | None = None, guide: str | Path | None = None, 
     if guide_model is not None:
         checks += [_guidance_range(guide_model), _policy(guide_model)]
     if pipe is not None and guide_model is not None and lora is not None:
-        checks.append(_reach(base_dir, lora, prompts or []))
+        checks.append(_reach(pipe, lora, prompts or []))
     if pipe is not None and guide_model is not None:
         checks += [_conditioning(guide_model, pipe.unet), _compatibility(guide_model, pipe.unet),
                    _text_encoder(guide_model, pipe), _residuals(guide_model, pipe.unet)]
@@ -165,17 +165,21 @@ def _policy(guide: GuideModel) -> Check:
     return Check("sampling policy", True, guide.policy.describe())
 
 
-def _reach(base_dir: Path, lora, prompts: list[str]) -> Check:
-    """Whether a guide distilled on the base carries to base + these LoRA weights: `measure_lora_distance`."""
-    from .loading import plug_and_play_from
+def _reach(pipe, lora, prompts: list[str]) -> Check:
+    """Whether a guide distilled on the base carries to base + these LoRA weights: `measure_lora_distance`, with them
+    loaded into the base's pipeline for the measurement and unloaded after it (the other checks read the base)."""
+    from .loading import load_lora, plug_and_play_from
     from .pipeline import REACH
 
     if not prompts:
         return Check("guide reaches the LoRA", False, "give --prompts FILE (a few prompts like yours) to measure it")
     try:
-        distance = plug_and_play_from(load_pipeline(base_dir, lora)).measure_lora_distance(prompts)
+        load_lora(pipe, lora)
+        distance = plug_and_play_from(pipe).measure_lora_distance(prompts)
     except CHECK_ERRORS as error:
         return Check("guide reaches the LoRA", False, _one_line(error))
+    finally:
+        pipe.unload_lora_weights()
     if distance <= REACH:
         return Check("guide reaches the LoRA", True, f"distance {distance:.2f} <= {REACH:g}: its CFG images stay near the base's")
     return Check("guide reaches the LoRA", False, f"distance {distance:.2f} > {REACH:g}: the guide will not carry to it; sample it with "

@@ -107,10 +107,15 @@ def load_pipeline(
     except (OSError, ValueError, RuntimeError) as error:
         raise RuntimeError(f"could not load the pipeline in {path}: {error}") from error
     if lora is not None:
-        with quiet_text_encoder_lora():
-            pipe.load_lora_weights(str(lora_dir(lora)))
+        load_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if torch.device(device) != torch.device("cpu") else pipe
+
+
+def load_lora(pipe, lora: str | Path) -> None:
+    """LoRA weights (a folder or a shipped LoRA's name) into a loaded pipeline, through diffusers' `load_lora_weights`."""
+    with quiet_text_encoder_lora():
+        pipe.load_lora_weights(str(lora_dir(lora)))
 
 
 def shipped_lora_dirs() -> list[Path]:

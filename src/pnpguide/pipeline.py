@@ -572,9 +572,14 @@ class LoraReach:
         return self.distance * ratio ** (1.5 if ratio < 1 else 2.0)
 
 
+def _active_lora_layers(unet):
+    """(peft LoRA layer, adapter name) for every adapter active in the UNet's enabled LoRA layers."""
+    return [(module, name) for module in unet.modules() if hasattr(module, "lora_A") and not getattr(module, "disable_adapters", False)
+            for name in module.active_adapters]
+
+
 def active_lora_adapters(unet) -> tuple[str, ...]:
-    return tuple(sorted({name for module in unet.modules() if hasattr(module, "lora_A") and not getattr(module, "disable_adapters", False)
-                         for name in module.active_adapters}))
+    return tuple(sorted({name for _, name in _active_lora_layers(unet)}))
 
 
 def active_lora_scale(unet, cross_attention_kwargs: dict | None = None) -> float:
@@ -582,9 +587,8 @@ def active_lora_scale(unet, cross_attention_kwargs: dict | None = None) -> float
     `cross_attention_kwargs["scale"]`); 0 without LoRA weights, or with them disabled or at weight 0."""
     if not getattr(unet, "peft_config", None):
         return 0.0
-    weights = [module.scaling[name] / (module.lora_alpha[name] / module.r[name]) for module in unet.modules()
-               if hasattr(module, "lora_A") and not getattr(module, "disable_adapters", False)
-               for name in module.active_adapters if name in module.scaling and module.r.get(name)]
+    weights = [module.scaling[name] / (module.lora_alpha[name] / module.r[name]) for module, name in _active_lora_layers(unet)
+               if name in module.scaling and module.r.get(name)]
     scale = (cross_attention_kwargs or {}).get("scale", 1.0)
     return float(max((abs(w) for w in weights), default=0.0) * scale)
 
