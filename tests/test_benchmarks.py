@@ -54,6 +54,18 @@ def test_image_gap_measures_a_shipped_guide_as_a_user_samples_it(one_thread):
 
 
 @pytest.mark.integration
+def test_guide_errors_probes_each_guided_step_and_cfgs_correction_in_their_place(one_thread):
+    result = script("guide_errors").main(["--prompts", "2", "--scales", "7.5", "--exact", "4", "0-4"])
+    fit = result["fit"]
+    assert set(fit) == {"its own states, w = 7.5", "CFG's states, w = 7.5"} and all(len(row) == 5 for row in fit.values())
+    assert all(0 < value <= 1 for row in fit.values() for value in row)
+    gaps = result["image_gap_closed"]
+    assert list(gaps) == ["none", "4", "0-4"]
+    assert gaps["0-4"][7.5] != gaps["none"][7.5]  # CFG's correction in the guide's place changes the images
+    assert script("guide_errors").step_set("0-2,4") == {0, 1, 2, 4}
+
+
+@pytest.mark.integration
 def test_residual_oracle_smoke_run(one_thread):
     result = script("residual_oracle").main(["--prompts", "2", "--steps", "4", "--at", "0", "2", "--adam-steps", "3", "--scales", "5"])
     assert [(row["step"], row["t"]) for row in result["rows"]] == [(0, 999), (2, 499)]

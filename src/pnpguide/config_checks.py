@@ -109,6 +109,7 @@ GUIDE_FIELDS = {  # both designs' fields, and those older pnpguide versions wrot
     "reads_negative": BOOL,
     "negative_head": BOOL,
     "negative_first_steps": optional(POSITIVE_INT),
+    "step_heads": optional(list_of(INT)),
     "default_guidance_interval": optional(TIMESTEP_RANGE),
 }
 GUIDE_PER_BLOCK = ("block_out_channels", "unet_block_out_channels", "down_block_types", "transformer_layers_per_block", "num_attention_heads")

@@ -15,7 +15,9 @@ step is tens of times larger than at the others and would otherwise take the who
 text embeddings and size time ids through `added_cond_kwargs`, in the teacher's 2B call and the student's B call alike.
 With `negative_head`, a trained output guide gets a second head for the negative prompt and only that head trains,
 on teacher runs that each sample CFG with a negative drawn for them (:mod:`pnpguide.negatives`): without a negative
-the guide stays exactly what it was.
+the guide stays exactly what it was. With `step_heads`, a trained output guide gets a prompt head of its own for each of
+those timesteps, and only those heads train, each on the teacher states at its timestep: the `default` recipe gives the
+first guided step (t = 999, the largest correction) and the last (whose correction is carried to the end) one each.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class GuidanceDistillConfig(SourceConfig):
     loss_weighting: str = "timestep"  # "timestep" (each sample's error over the mean CFG gap at its t) or "none" (plain MSE)
     negative_head: bool = False  # with --init-guide (an output guide): add a head that reads the negative prompt and train only it, on teacher runs with negatives, so the guide without a negative is unchanged
     negative_prompts: str | None = None  # with --negative-head: a text or JSONL file of negative prompts to draw from as well
+    step_heads: list[int] | None = None  # with --init-guide (an output guide trained on the first steps): give these of the teacher's steps (0: the first) a head of their own each, started as a copy of the shared one, and train only those heads, each on the states at its step (the default guide's: 0 4)
     negative_rate: float = 0.5  # with --negative-head: the share of teacher runs with a non-empty negative (the others: the empty prompt)
     trajectory_first_steps: int | None = None  # source trajectories: train on the first N states of each teacher run, for an output guide that samples those steps and then carries its correction on (default: 5 for an output guide, else every state)
     validation_trajectories: int | None = None  # source trajectories only: this many teacher runs (the same prompts, other noise) held out of training; the loss on their states goes to log.jsonl at every checkpoint, beside the training loss, to show whether more --trajectories would help (default: none)
@@ -89,6 +92,16 @@ class GuidanceDistillConfig(SourceConfig):
         if self.negative_head and self.init_guide is None:
             raise ValueError("negative_head adds a head for the negative prompt to a trained output guide: give --init-guide DIR "
                          "(train one first with pnpguide distill)")
+        if self.step_heads is not None:
+            if self.init_guide is None or self.design != "output" or self.source != "trajectories":
+                raise ValueError("--step-heads gives a trained output guide heads of its own for some of the teacher's steps: give --init-guide DIR "
+                                 "(an output guide) and train on teacher trajectories")
+            if self.negative_head:
+                raise ValueError("--step-heads and --negative-head train different heads: run them one after the other")
+            outside = [step for step in self.step_heads if not 0 <= step < self.trajectory_first_steps]
+            if outside:
+                raise ValueError(f"--step-heads {outside}: the teacher runs record steps 0 to {self.trajectory_first_steps - 1} "
+                                 "(--trajectory-first-steps): choose from those")
         if self.negative_prompts is not None and not self.negative_head:
             raise ValueError("--negative-prompts are drawn for a negative head: pass --negative-head (with --init-guide)")
 
@@ -249,7 +262,22 @@ def _initial_guide(pipe, config: GuidanceDistillConfig) -> GuideModel:
         guide = guide.with_negative_head().train().requires_grad_(False)
         guide.negative_output_head.requires_grad_(True)
         return guide
+    if config.step_heads is not None:  # the rest of the guide stays as it is; only the new heads learn
+        if not isinstance(guide, OutputGuide):
+            raise ValueError(f"--step-heads adds heads to an output guide; the guide in {config.init_guide} is a {type(guide).__name__}")
+        guide = guide.with_step_heads(step_head_timesteps(pipe, config)).train().requires_grad_(False)
+        guide.step_output_heads.requires_grad_(True)
+        return guide
     return guide.train().requires_grad_(True)
+
+
+def step_head_timesteps(pipe, config: GuidanceDistillConfig) -> list[int]:
+    """The teacher's timesteps at the steps `--step-heads` names (its DDIM grid of `trajectory_steps`)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(config.trajectory_steps)
+    return [int(scheduler.timesteps[step]) for step in config.step_heads]
 
 
 def _split(batch_size: int, parts: int) -> list[int]:
@@ -276,6 +304,8 @@ def train_guide(config: GuidanceDistillConfig, base_data: BaseData | None = None
     pools = training_pools(pipe, config, accelerator, record="states", data_seed=config.seed + 7, base_data=base_data,
                            first_steps=config.trajectory_first_steps,
                            negatives=negatives)
+    if config.step_heads is not None:
+        pools = [pool.at_timesteps(guide.config.step_heads) for pool in pools]
     resolution = training_resolution(pipe, config)
     negative = encode_negative(pipe, accelerator.device, resolution)
 
@@ -319,6 +349,8 @@ def train_guide(config: GuidanceDistillConfig, base_data: BaseData | None = None
     if config.validation_trajectories is not None:
         held_out = validation_pool(pipe, pools[0].prompts, config, accelerator, config.validation_trajectories, config.trajectory_first_steps,
                                    negatives)
+        if config.step_heads is not None:
+            held_out = held_out.at_timesteps(guide.config.step_heads)
 
     def validate(model) -> float:
         """The loss over every held-out state, with the same negatives drawn at each checkpoint."""
@@ -335,7 +367,7 @@ def train_guide(config: GuidanceDistillConfig, base_data: BaseData | None = None
     guide = copy_ema_into(guide, ema).eval()
     # a negative head records the steps it learnt apart: the rest of the guide was trained on its own steps
     first_steps = {"negative_first_steps": config.trajectory_first_steps} if config.negative_head else {"trained_first_steps": config.trajectory_first_steps}
-    first_steps = first_steps if isinstance(guide, OutputGuide) else {}  # a residual guide's config has no such field
+    first_steps = first_steps if isinstance(guide, OutputGuide) and config.step_heads is None else {}  # step heads: the guide's steps stay its own
     guide.register_to_config(trained_guidance_range=(config.w_min, config.w_max), **first_steps,
                              trained_text_encoder=text_encoder_signature(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)))
     if config.trajectory_first_steps and guide.correction_carry is None and isinstance(guide, OutputGuide):

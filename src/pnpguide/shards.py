@@ -82,6 +82,33 @@ class ShardPool:
         return Rows(stacked["latents"], prompts, stacked["timesteps"], stacked["guidance"], stacked["unconditional"], stacked["conditional"],
                     negatives)
 
+    def at_timesteps(self, timesteps: list[int]) -> "RowSubset":
+        """The rows of teacher states at these timesteps only (a guide's step heads learn at their own steps)."""
+        chosen = []
+        for file, start in zip(self.files, self.starts.tolist()):
+            with safe_open(str(file), framework="pt") as f:
+                if "timesteps" not in f.keys():
+                    raise ValueError(f"{self.folder} holds no teacher states with timesteps to choose from")
+                at = torch.isin(f.get_tensor("timesteps").round().long(), torch.tensor(timesteps)).nonzero().flatten()
+            chosen.append(at + start)
+        index = torch.cat(chosen)
+        if len(index) == 0:
+            raise ValueError(f"the teacher states in {self.folder} have none at t = {timesteps}")
+        return RowSubset(self, index)
+
+
+class RowSubset:
+    """Some rows of a pool, read as a pool of their own."""
+
+    def __init__(self, pool, index: torch.Tensor):
+        self.pool, self.index, self.prompts = pool, index, pool.prompts
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, index: torch.Tensor) -> Rows:
+        return self.pool.rows(self.index[index])
+
 
 def shard_path(folder: Path, number: int) -> Path:
     return folder / f"shard-{number:05d}.safetensors"

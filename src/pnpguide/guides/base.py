@@ -14,6 +14,7 @@ What a guide records of its training (each design's config takes these fields):
 - `default_guidance_interval`: (t_low, t_high) where its guidance was measured to pay, used without a negative prompt.
 - (output guides) `trained_first_steps`: it learnt the first N steps of a 25-step run, its correction carried after;
   `negative_first_steps`: its negative head learnt more of them, run with a negative prompt.
+  `step_heads`: timesteps with a prompt head of their own, trained at those steps alone.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ changes in CFG's term. CFG with a negative n is `n + w * (cond - n)` = `cond + (
 the prompt's head keeps predicting `cond - uncond` as it was trained to, and the negative head adds `uncond - n`, which is
 exactly zero for the empty negative. So the head is skipped on rows without a negative (`negative_rows`), and the guide
 without a negative is the one it was made from, to the bit.
+
+`step_heads` gives some timesteps a prompt head of their own (the rest share `output_head`). The image gap is not lost
+evenly over a first-steps guide's steps: the first step's correction (t = 999) is tens of times larger than the others', so
+a small relative error there costs as much in the image as a large one later, and the last guided step's correction is
+the one carried to the end (docs/findings.md). A head that serves one timestep spends all its capacity there, at the
+same cost per call.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class OutputGuide(GuideModel):
         default_guidance_interval: tuple[float, float] | None = None,
         trained_first_steps: int | None = None,
         negative_first_steps: int | None = None,
+        step_heads: tuple[int, ...] | None = None,
     ):
         super().__init__()
         if width % norm_num_groups or width % HEAD_DIM:
@@ -75,6 +82,8 @@ class OutputGuide(GuideModel):
         head = lambda: OutputHead(unet_in_channels + out_channels, out_channels, width, time_embed_dim,  # noqa: E731
                                   unet_cross_attention_dim, norm_num_groups, norm_eps)
         self.output_head = head()
+        if step_heads:
+            self.step_output_heads = nn.ModuleList([head() for _ in step_heads])
         if negative_head:
             self.negative_output_head = head()
 
@@ -115,6 +124,43 @@ class OutputGuide(GuideModel):
         guide.correction_carry = self.correction_carry
         return guide.to(device=self.device, dtype=self.dtype)
 
+    def with_step_heads(self, timesteps: list[int]) -> "OutputGuide":
+        """This guide plus a prompt head of its own for each of `timesteps`, each a copy of the shared head: the guide
+        computes what it did until they are trained."""
+        timesteps = tuple(sorted({int(t) for t in timesteps}, reverse=True))
+        if self.config.step_heads:
+            if tuple(self.config.step_heads) == timesteps:
+                return self
+            raise ValueError(f"this guide already has step heads for t = {list(self.config.step_heads)}; start from a guide without them")
+        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
+        guide = type(self).from_config({**config, "step_heads": timesteps})
+        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(not name.startswith("step_output_heads.") for name in missing):
+            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
+        for head in guide.step_output_heads:
+            head.load_state_dict(self.output_head.state_dict())
+        guide.correction_carry = self.correction_carry
+        return guide.to(device=self.device, dtype=self.dtype)
+
+    def prompt_difference(self, inputs: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep) -> torch.Tensor:
+        """The prompt's head's `cond - uncond`, each row from the head of its timestep (the shared one where it has none)."""
+        if not self.config.step_heads:
+            return self.output_head(inputs, emb, encoder_hidden_states)
+        heads = [self.output_head, *self.step_output_heads]
+        timesteps = per_sample(timestep, len(inputs), inputs.device).round().long()
+        owner = (timesteps[:, None] == torch.tensor(self.config.step_heads, device=inputs.device)).long()
+        which = (owner * torch.arange(1, len(heads), device=inputs.device)).sum(1)  # 0: the shared head
+        chosen = which.unique().tolist()
+        if len(chosen) == 1:  # sampling: one timestep per call
+            return heads[chosen[0]](inputs, emb, encoder_hidden_states)
+        difference = None
+        for index in chosen:
+            rows = (which == index).nonzero().flatten()
+            part = heads[index](inputs[rows], emb[rows], encoder_hidden_states.expand(len(inputs), -1, -1)[rows])
+            difference = part.new_zeros(len(inputs), *part.shape[1:]) if difference is None else difference
+            difference = difference.index_copy(0, rows, part)
+        return difference
+
     @property
     def reads_negative_prompt(self) -> bool:
         """Whether a negative prompt changes what this guide does (it has a negative head)."""
@@ -138,7 +184,7 @@ class OutputGuide(GuideModel):
         w = per_sample(guidance_scale, batch, sample.device, torch.float32)
         emb = self.time_embedding_of(timestep, batch, sample.dtype)
         inputs = torch.cat([sample, unet_output.to(sample.dtype)], dim=1)
-        difference = self.output_head(inputs, emb, encoder_hidden_states)
+        difference = self.prompt_difference(inputs, emb, encoder_hidden_states, timestep)
         if self.config.negative_head and negative_encoder_hidden_states is not None:  # rows without one add exact zeros
             negative = negative_encoder_hidden_states.expand(batch, *negative_encoder_hidden_states.shape[1:]).to(sample.dtype)
             shift = self.negative_output_head(inputs, emb, negative)  # uncond - n: CFG's term with the negative

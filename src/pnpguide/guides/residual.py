@@ -128,7 +128,7 @@ class ResidualGuide(GuideModel):
     def translated_config(cls, config: dict) -> dict:
         """An older pnpguide's latent-reading guide: the same fields, less those of other designs."""
         config = super().translated_config(config)
-        for other in ("size", "reads", "unet_out_channels", "negative_head", "trained_first_steps", "negative_first_steps"):
+        for other in ("size", "reads", "unet_out_channels", "negative_head", "trained_first_steps", "negative_first_steps", "step_heads"):
             config.pop(other, None)
         return config
 
