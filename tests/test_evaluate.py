@@ -276,3 +276,9 @@ def test_rows_in_fewer_steps_also_report_their_image_gap_against_cfg_at_the_most
     assert guided["reference_image_gap_closed"] == pytest.approx(none2["reference_image_gap_closed"])
     assert cfg2["reference_image_gap_closed"] is not None and cfg2["reference_image_gap_closed"] < 1
     assert "| image gap closed | image gap vs CFG@4 | step gap closed |" in (eval_setup / "out" / "report.md").read_text()
+
+
+def test_a_run_without_cfg_says_its_gap_was_not_measured(eval_setup):
+    run_eval(_config(eval_setup, scales=[4.0], guide=[str(eval_setup / "trained")], methods=["guide"], grid_prompts=0))
+    report = (eval_setup / "out" / "report.md").read_text()
+    assert "Gap closed: not measured, since this run sampled no CFG" in report and "on the first 0 images" not in report

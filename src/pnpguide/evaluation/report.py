@@ -91,9 +91,13 @@ def markdown(result: dict) -> str:
     if config.get("negative_prompts"):
         lines.append(f"Negative prompts: `{config['negative_prompts']}`; *avoids negative* is the share of images in which the analytic "
                      "judge finds nothing of the colour, shape or coloured shape the image's negative prompt names.")
-    lines.append("Gap closed (1 = CFG's result, 0 = no closer than no guidance): *image* on the final images, pooled MSE against CFG's "
-                 "relative to no guidance's (*vs CFG@N*: against CFG and no guidance at N steps, for rows sampled in fewer); *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
-                 f"the conditional output, on the first {_step_gap_images(result['rows'])} images of each seed (per step: `step_gap_closed_per_timestep` in report.json).")
+    step_gap_images = _step_gap_images(result["rows"])
+    if step_gap_images == "0":  # a run without CFG (e.g. --methods guide) has nothing to measure a gap against
+        lines.append("Gap closed: not measured, since this run sampled no CFG to compare with (add cfg to --methods).")
+    else:
+        lines.append("Gap closed (1 = CFG's result, 0 = no closer than no guidance): *image* on the final images, pooled MSE against CFG's "
+                     "relative to no guidance's (*vs CFG@N*: against CFG and no guidance at N steps, for rows sampled in fewer); *step* on the model outputs at the CFG teacher's own states, summed over steps, relative to "
+                     f"the conditional output, on the first {step_gap_images} images of each seed (per step: `step_gap_closed_per_timestep` in report.json).")
     lines.append("Speed: whole pipeline calls (text encoder, sampling, VAE), median of 3 after a warm-up, on the first model only.")
     lines += [f"Note: {note}" for note in result.get("notes", [])]
     table = columns(config, result["rows"])
