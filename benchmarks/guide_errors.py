@@ -44,13 +44,17 @@ class ProbedPipeline(PlugAndPlayPipeline):
         step = self.scheduler.timesteps.tolist().index(int(t))
         if step >= self.guide.policy.carry.full_steps:
             return super().model_output(kind, sample, t, branches, guidance_scale, timestep_cond)
-        unconditional = dataclasses.replace(branches, negative_prompt_embeds=self.empty_embeds.expand(len(sample), -1, -1))
-        exact = super().model_output("cfg", sample, t, unconditional, guidance_scale, timestep_cond)
-        guided = super().model_output("guide", sample, t, branches, guidance_scale, timestep_cond)
+        use_exact = kind == "cfg" or step in self.exact_steps
+        exact = guided = None  # each pass only where it is returned or measured
+        if use_exact or self.fit is not None:
+            unconditional = dataclasses.replace(branches, negative_prompt_embeds=self.empty_embeds.expand(len(sample), -1, -1))
+            exact = super().model_output("cfg", sample, t, unconditional, guidance_scale, timestep_cond)
+        if not use_exact or self.fit is not None:
+            guided = super().model_output("guide", sample, t, branches, guidance_scale, timestep_cond)
         if self.fit is not None:
             error, size = self.fit.get(step, (0.0, 0.0))
             self.fit[step] = (error + (guided[2] - exact[2]).pow(2).sum().item(), size + exact[2].pow(2).sum().item())
-        return exact if kind == "cfg" or step in self.exact_steps else guided
+        return exact if use_exact else guided
 
 
 def step_set(spec: str) -> frozenset:

@@ -31,8 +31,8 @@ if __name__ == "__main__":
         guide.register_to_config(default_guidance_interval=tuple(args.default_guidance_interval))
     target = SHIPPED_GUIDES_DIR / args.name
     shutil.rmtree(target, ignore_errors=True)
+    guide.register_to_config(_name_or_path=args.name)  # before saving: the folder names itself, not the run it came from
     guide.save_pretrained(target, safe_serialization=True)
-    guide.register_to_config(_name_or_path=args.name)
     card = (args.source / "README.md").read_text() if (args.source / "README.md").is_file() else None
     write_model_card(target, guide, measured=args.measured.read_text() if args.measured else None,
                      command=card.split("```bash\n")[1].split("\n```")[0] if card and "```bash\n" in card else "pnpguide distill")

@@ -114,15 +114,10 @@ class OutputGuide(GuideModel):
         computes what it did until training moves that convolution."""
         if self.config.negative_head:
             return self
-        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
-        guide = type(self).from_config({**config, "negative_head": True})
-        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(not name.startswith("negative_output_head.") for name in missing):
-            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
+        guide = self._grown("negative_output_head.", negative_head=True)
         guide.negative_output_head.load_state_dict(self.output_head.state_dict())
         zero_module(guide.negative_output_head.conv_out)
-        guide.correction_carry = self.correction_carry
-        return guide.to(device=self.device, dtype=self.dtype)
+        return guide
 
     def with_step_heads(self, timesteps: list[int]) -> "OutputGuide":
         """This guide plus a prompt head of its own for each of `timesteps`, each a copy of the shared head: the guide
@@ -132,13 +127,19 @@ class OutputGuide(GuideModel):
             if tuple(self.config.step_heads) == timesteps:
                 return self
             raise ValueError(f"this guide already has step heads for t = {list(self.config.step_heads)}; start from a guide without them")
-        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
-        guide = type(self).from_config({**config, "step_heads": timesteps})
-        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(not name.startswith("step_output_heads.") for name in missing):
-            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
+        guide = self._grown("step_output_heads.", step_heads=timesteps)
         for head in guide.step_output_heads:
             head.load_state_dict(self.output_head.state_dict())
+        return guide
+
+    def _grown(self, new_modules: str, **config_changes) -> "OutputGuide":
+        """This guide with `config_changes`, its weights and carry carried over; only the modules named `new_modules...`
+        are new (left as built, for the caller to fill)."""
+        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
+        guide = type(self).from_config({**config, **config_changes})
+        missing, unexpected = guide.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(not name.startswith(new_modules) for name in missing):
+            raise RuntimeError(f"could not carry the guide's weights over: missing {missing}, unexpected {unexpected}")
         guide.correction_carry = self.correction_carry
         return guide.to(device=self.device, dtype=self.dtype)
 
