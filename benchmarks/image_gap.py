@@ -3,7 +3,8 @@
 The guide is loaded with `GuideModel.from_pretrained(name)` and sampled by `PlugAndPlayPipeline` with no argument but the
 prompt, the seed and w: its folder's own policy and step count. CFG and no guidance are diffusers' own
 `StableDiffusionPipeline` at the same steps and seeds. Image gap closed = 1 - MSE(guide, CFG) / MSE(no guidance, CFG),
-pooled over the images, on [0, 1] pixels.
+pooled over the images, on [0, 1] pixels; the JSON also gives it apart for the one-object and the two-object half of the
+captions (a guide can fit one kind of prompt worse than the other).
 
     python benchmarks/image_gap.py --guide default --prompts 48 --scales 3 5 7.5 --out gap.json
     python benchmarks/image_gap.py --guide default --policies carry:5 ag:0.99 ag+carry:0.99   # and the training-free paths
@@ -71,10 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--plot", default=None, help="PNG file: each row's image gap per w, for one- and two-object captions")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = shapes.evaluation_captions(args.prompts)
+    prompts = shapes.evaluation_captions(args.prompts)  # the one-object half first
+    kinds = {"one object": slice(0, args.prompts // 2), "two objects": slice(args.prompts // 2, None)}
     with quiet_component_types():
         diffusers_pipe = StableDiffusionPipeline.from_pretrained(default_base_dir())
     diffusers_pipe.set_progress_bar_config(disable=True)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     references: dict = {}  # (steps, w) -> (CFG's images, no guidance's)
 
     def measure(label: str, pipe, steps: int, call_steps: int | None, **call) -> None:
-        start, gaps, reference = time.perf_counter(), {}, args.reference_steps or steps
+        start, gaps, by_kind, reference = time.perf_counter(), {}, {}, args.reference_steps or steps
         for w in args.scales:
             if (reference, w) not in references:
                 references[(reference, w)] = (sample(diffusers_pipe, prompts, w, reference, args.batch_size, args.seed),
@@ -95,9 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
             passes.clear()
             images = sample(pipe, prompts, w, call_steps, args.batch_size, args.seed, **call)
             gaps[w] = gap_closed(images, cfg, unguided)
+            by_kind[w] = {kind: gap_closed(images[rows], cfg[rows], unguided[rows]) for kind, rows in kinds.items()}
             ratio = sum(passes) / (2 * steps * len(prompts))
         results["rows"].append({"method": label, "steps": steps, "reference_steps": reference, "unet_passes_over_cfg": ratio,
-                                "unet_passes_per_image": ratio * 2 * steps, "image_gap_closed": gaps})
+                                "unet_passes_per_image": ratio * 2 * steps, "image_gap_closed": gaps,
+                                "image_gap_closed_by_kind": by_kind})
         print(f"| {label} | {steps} | {ratio:.2f} | " + " | ".join(f"{gaps[w]:.3f}" for w in args.scales) + f" | {time.perf_counter() - start:.0f} |",
               flush=True)
 
@@ -116,7 +121,36 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         with open(args.out, "w") as file:
             json.dump(results, file, indent=1)
+    if args.plot:
+        plot_by_kind(results["rows"], args.scales, args.plot)
     return results
+
+
+def plot_by_kind(rows: list[dict], scales: list[float], path: str) -> None:
+    """One panel per kind of caption: each row's image gap closed at each w, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(rows[0]["image_gap_closed_by_kind"][scales[0]])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.6), sharey=True)
+    width = 0.8 / len(rows)
+    for axis, kind in zip(axes, kinds):
+        for i, row in enumerate(rows):
+            values = [row["image_gap_closed_by_kind"][w][kind] for w in scales]
+            axis.bar(np.arange(len(scales)) + (i - (len(rows) - 1) / 2) * width, values, width, label=row["method"])
+        axis.set_xticks(np.arange(len(scales)), [f"w = {w:g}" for w in scales])
+        axis.set_title(f"captions with {kind}")
+        axis.axhline(1.0, color="gray", linewidth=0.8)
+    lowest = min(gaps[kind] for row in rows for gaps in row["image_gap_closed_by_kind"].values() for kind in kinds)
+    axes[0].set_ylim(max(0.0, np.floor(lowest * 10 - 1) / 10), 1.02)  # the differences, not the distance from 0
+    axes[0].set_ylabel("image gap to CFG closed")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(rows), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

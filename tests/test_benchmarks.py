@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -43,14 +44,17 @@ def test_speed_without_a_gpu_says_so_and_exits_1(capsys):
 
 
 @pytest.mark.integration
-def test_image_gap_measures_a_shipped_guide_as_a_user_samples_it(one_thread):
+def test_image_gap_measures_a_shipped_guide_as_a_user_samples_it(one_thread, tmp_path):
     result = script("image_gap").main(["--guide", "8-step", "--prompts", "2", "--scales", "7.5", "--policies", "carry:2", "ag+carry:0.99",
-                                          "--reference-steps", "10"])
+                                          "--reference-steps", "10", "--plot", str(tmp_path / "gap.png")])
     guide, carried, adaptive = result["rows"]
     assert (guide["method"], guide["steps"], guide["reference_steps"]) == ("guide 8-step", 8, 10)
     assert 0.4 < guide["unet_passes_over_cfg"] <= 0.5 and guide["unet_passes_per_image"] == pytest.approx(8)
     assert carried["unet_passes_over_cfg"] == pytest.approx(27 / 50)  # CFG for 2 of 25 steps, one pass after
     assert all(-2 < row["image_gap_closed"][7.5] < 1 for row in (guide, carried, adaptive))
+    one, two = guide["image_gap_closed_by_kind"][7.5].values()  # pooled over both halves: a weighted mean of the two
+    assert min(one, two) - 1e-6 <= guide["image_gap_closed"][7.5] <= max(one, two) + 1e-6 and one != two
+    assert Image.open(tmp_path / "gap.png").size[0] > 500
 
 
 @pytest.mark.integration

@@ -85,3 +85,15 @@ def test_split_captions_come_from_their_split():
     assert not set(train) & set(shapes.heldout_captions(200, objects=2))
     with pytest.raises(ValueError, match="split"):
         shapes.split_captions(3, "test")
+
+
+def test_teacher_run_captions_keep_each_kind_of_scene_at_its_share():
+    """Teacher runs draw uniformly from this list: deduplicated, one-object scenes (half of them, few distinct captions)
+    would be a few percent of the runs, and the guide fitted them worst."""
+    from pnpguide.embedded.adherence import parse_caption
+    from pnpguide.embedded.source import ShapesData
+
+    captions = ShapesData().captions(2000, seed=11)
+    assert len(captions) == 2000 and len(set(captions)) < 2000
+    one_object = sum(len(parse_caption(c).objects) == 1 for c in captions) / len(captions)
+    assert 0.4 < one_object < 0.6

@@ -17,7 +17,8 @@ With `negative_head`, a trained output guide gets a second head for the negative
 on teacher runs that each sample CFG with a negative drawn for them (:mod:`pnpguide.negatives`): without a negative
 the guide stays exactly what it was. With `step_heads`, a trained output guide gets a prompt head of its own for each of
 those timesteps, and only those heads train, each on the teacher states at its timestep: the `default` recipe gives the
-first guided step (t = 999, the largest correction) and the last (whose correction is carried to the end) one each.
+first guided step (t = 999, the largest correction), the second (whose error costs the image as much) and the last
+(whose correction is carried to the end) one each.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class GuidanceDistillConfig(SourceConfig):
     loss_weighting: str = "timestep"  # "timestep" (each sample's error over the mean CFG gap at its t) or "none" (plain MSE)
     negative_head: bool = False  # with --init-guide (an output guide): add a head that reads the negative prompt and train only it, on teacher runs with negatives, so the guide without a negative is unchanged
     negative_prompts: str | None = None  # with --negative-head: a text or JSONL file of negative prompts to draw from as well
-    step_heads: list[int] | None = None  # with --init-guide (an output guide trained on the first steps): give these of the teacher's steps (0: the first) a head of their own each, started as a copy of the shared one, and train only those heads, each on the states at its step (the default guide's: 0 4)
+    step_heads: list[int] | None = None  # with --init-guide (an output guide trained on the first steps): give these of the teacher's steps (0: the first) a head of their own each, started as a copy of the shared one, and train only those heads, each on the states at its step (the default guide's: 0 1 4)
     negative_rate: float = 0.5  # with --negative-head: the share of teacher runs with a non-empty negative (the others: the empty prompt)
     trajectory_first_steps: int | None = None  # source trajectories: train on the first N states of each teacher run, for an output guide that samples those steps and then carries its correction on (default: 5 for an output guide, else every state)
     validation_trajectories: int | None = None  # source trajectories only: this many teacher runs (the same prompts, other noise) held out of training; the loss on their states goes to log.jsonl at every checkpoint, beside the training loss, to show whether more --trajectories would help (default: none)

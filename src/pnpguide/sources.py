@@ -178,7 +178,8 @@ class BaseData(Protocol):
     supplies one (`pnpguide.embedded.source.ShapesData`), which the CLI hands to the stages on the embedded base."""
 
     def captions(self, count: int, seed: int) -> list[str]:
-        """Distinct captions of `count` images drawn with `seed`: the prompts of teacher trajectories."""
+        """Captions of `count` images drawn with `seed`, repeats kept (each kind of image keeps its share of the teacher's
+        runs, which draw from the list uniformly): the prompts of teacher trajectories."""
 
     def pool(self, pipe, count: int, seed: int) -> TensorPool:
         """`count` images encoded by the pipeline's VAE, with their captions."""
