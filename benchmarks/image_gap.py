@@ -27,6 +27,7 @@ from diffusers import StableDiffusionPipeline
 
 from pnpguide import CorrectionCarry, GuidancePolicy, GuideModel, PlugAndPlayPipeline
 from pnpguide.embedded import shapes
+from pnpguide.embedded.adherence import parse_caption
 from pnpguide.loading import default_base_dir
 from pnpguide.quiet import quiet_component_types
 
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = shapes.evaluation_captions(args.prompts)  # the one-object half first
-    kinds = {"one object": slice(0, args.prompts // 2), "two objects": slice(args.prompts // 2, None)}
+    prompts = shapes.evaluation_captions(args.prompts)
+    objects = np.array([len(parse_caption(prompt).objects) for prompt in prompts])
+    kinds = {"one object": objects == 1, "two objects": objects == 2}
     with quiet_component_types():
         diffusers_pipe = StableDiffusionPipeline.from_pretrained(default_base_dir())
     diffusers_pipe.set_progress_bar_config(disable=True)
